@@ -1,0 +1,40 @@
+# bioplaus — the commands a researcher runs. `make test` and `make sweep` each set up
+# everything they need on a fresh clone (they depend on the venv stamp).
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+ARGS   ?=
+SWEEP_DIR ?= runs/sweep
+
+.PHONY: setup test train sweep report bench lint clean
+
+setup: $(STAMP)
+
+# Re-install only when the project metadata changes; an editable install picks up code edits.
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q $(ARGS)
+
+train: $(STAMP)
+	$(BIN)/bioplaus train $(ARGS)
+
+sweep: $(STAMP)
+	$(BIN)/bioplaus sweep $(ARGS)
+
+report: $(STAMP)
+	$(BIN)/bioplaus report $(SWEEP_DIR) $(ARGS)
+
+bench: $(STAMP)
+	$(BIN)/bioplaus bench $(ARGS)
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+
+clean:
+	rm -rf $(VENV) *.egg-info .pytest_cache

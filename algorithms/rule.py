@@ -1,0 +1,189 @@
+"""The rule contract: what every learning rule declares and does.
+
+A rule is one file in ``algorithms/rules/`` holding one subclass of :class:`Rule`, registered by
+name with :func:`algorithms.registry.register`. The orchestrator only ever talks to this base
+class, so adding a rule touches nothing else.
+
+A rule is an ``nn.Module`` that owns the network plus whatever extra state the rule needs
+(feedback matrices, auxiliary heads, optimizers): ``state_dict()`` therefore captures everything
+needed to reproduce its predictions, and ``.to(device)`` moves all of it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from algorithms.arch import Network
+
+# The plausibility criteria. Each rule states, for every criterion, whether it holds and which
+# test proves the statement (see algorithms/probes.py for the measuring instruments).
+CRITERIA: dict[str, str] = {
+    "C1": "asymmetric forward/backward weights: no weight transport; the learning signal never reads "
+    "the transpose (or any copy) of a later block's forward weights",
+    "C2": "local error representation: each block learns from quantities present at that block (its "
+    "input, its output, a signal delivered to it); no error is chained through later blocks' weights",
+    "C3": "single-phase training: each block is evaluated once per step and no second pass sweeps "
+    "the network (no backward sweep, clamped/nudged relaxation or negative-data pass) before updating",
+    "C4": "unsupervised hidden blocks: hidden blocks learn without labels or any label-derived error",
+    "C5": "spiking communication: blocks exchange binary spike trains, not real-valued activations",
+}
+
+
+@dataclass(frozen=True)
+class Claim:
+    """One criterion as a rule declares it, with the test that proves the declaration."""
+
+    holds: bool
+    """True if the rule satisfies the criterion."""
+    why: str
+    """One sentence: the mechanism that makes it hold or fail."""
+    test: str
+    """pytest node id of the test that proves this claim (and fails for a rule where it is false)."""
+
+
+@dataclass
+class OptimHParams:
+    """Optimiser hyperparameters shared by rules that update weights with a torch optimiser."""
+
+    lr: float = 1e-3
+    """Learning rate."""
+    optimizer: str = "adam"
+    """One of adam, adamw, sgd."""
+    momentum: float = 0.9
+    """SGD momentum (ignored by adam/adamw)."""
+    weight_decay: float = 0.0
+    """L2 weight decay (decoupled for adamw)."""
+    schedule: str = "constant"
+    """Learning-rate schedule over the whole run: constant or cosine (to zero at the last step)."""
+
+
+@dataclass
+class RunInfo:
+    """What a rule may know about the run it is trained in (sizes, budget, device, seed)."""
+
+    num_classes: int
+    input_shape: tuple[int, ...]
+    epochs: int
+    steps_per_epoch: int
+    device: torch.device
+    seed: int
+
+
+class Rule(nn.Module):
+    """Base class of all learning rules.
+
+    Subclasses set the class attributes below and implement :meth:`train_step`. Rules whose block
+    update needs nothing from later blocks set ``block_local = True`` and implement
+    :meth:`block_step`; the layer-parallel pipeline drives them block by block.
+    """
+
+    name: ClassVar[str]
+    """Registry name, e.g. "bp"."""
+    summary: ClassVar[str]
+    """One line: what the rule is, with its reference."""
+    HParams: ClassVar[type] = OptimHParams
+    """Dataclass of the rule's hyperparameters; every field has a default and a docstring."""
+    archs: ClassVar[dict[str, str | None]] = {}
+    """Architecture name -> None if supported, else the reason it is not."""
+    criteria: ClassVar[dict[str, Claim]] = {}
+    """Criterion code (see CRITERIA) -> the rule's claim about it."""
+    block_local: ClassVar[bool] = False
+    """True if :meth:`block_step` is implemented (the update of a block needs nothing from later blocks)."""
+
+    def __init__(self, net: Network, hp: Any, info: RunInfo):
+        super().__init__()
+        self.net = net
+        self.hp = hp
+        self.info = info
+
+    # --- training -------------------------------------------------------------------------------
+    def train_step(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
+        """Update the weights on one batch; return scalar metrics.
+
+        Values are floats or 0-d tensors (tensors avoid a device sync per step). ``loss`` (the batch
+        mean of the rule's training objective) is required; ``correct`` (how many of the batch the
+        rule classified right while training) is optional and gives the train accuracy.
+        """
+        raise NotImplementedError
+
+    def block_step(self, index: int, h_in: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Block-local rules: update block ``index`` from its input alone, return its (detached) output.
+
+        ``index`` runs over ``range(len(self.net.stages))``: the hidden blocks, then the head.
+        Calling it for every index in order must be equivalent to :meth:`train_step`.
+        """
+        raise NotImplementedError(f"rule {self.name!r} is not block-local")
+
+    # --- inference ------------------------------------------------------------------------------
+    @torch.no_grad()
+    def predict(self, x: torch.Tensor) -> torch.Tensor:
+        """Class scores (logits or any monotone score) for a batch."""
+        return self.net(x)
+
+    # --- helpers for subclasses ----------------------------------------------------------------
+    @classmethod
+    def supports(cls, arch: str) -> tuple[bool, str | None]:
+        """(supported, reason-if-not) for an architecture name."""
+        if arch not in cls.archs:
+            return False, f"rule {cls.name!r} does not declare architecture {arch!r}"
+        reason = cls.archs[arch]
+        return reason is None, reason
+
+    @classmethod
+    def describe(cls) -> dict[str, Any]:
+        """JSON-able declaration: criteria, architectures, hyperparameters with defaults."""
+        return {
+            "name": cls.name,
+            "summary": cls.summary,
+            "block_local": cls.block_local,
+            "archs": dict(cls.archs),
+            "criteria": {k: dataclasses.asdict(v) for k, v in cls.criteria.items()},
+            "hparams": {f.name: _default_of(f) for f in dataclasses.fields(cls.HParams)},
+        }
+
+
+def _default_of(f: dataclasses.Field) -> Any:
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+        return f.default_factory()  # type: ignore[misc]
+    return None
+
+
+def make_optimizer(params, hp: OptimHParams, total_steps: int):
+    """A torch optimiser and a per-step LR scheduler from :class:`OptimHParams`."""
+    params = [p for p in params if p.requires_grad]
+    if hp.optimizer == "adam":
+        opt = torch.optim.Adam(params, lr=hp.lr, weight_decay=hp.weight_decay)
+    elif hp.optimizer == "adamw":
+        opt = torch.optim.AdamW(params, lr=hp.lr, weight_decay=hp.weight_decay)
+    elif hp.optimizer == "sgd":
+        opt = torch.optim.SGD(params, lr=hp.lr, momentum=hp.momentum, weight_decay=hp.weight_decay)
+    else:
+        raise ValueError(f"unknown optimizer {hp.optimizer!r}; use adam, adamw or sgd")
+    if hp.schedule == "constant":
+        sched = None
+    elif hp.schedule == "cosine":
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, total_steps))
+    else:
+        raise ValueError(f"unknown schedule {hp.schedule!r}; use constant or cosine")
+    return opt, sched
+
+
+def validate_hparams(rule_cls: type[Rule], hp: Any) -> None:
+    """Checks shared by all rules' hyperparameters (raise ValueError naming the field)."""
+    if isinstance(hp, OptimHParams):
+        if hp.optimizer not in ("adam", "adamw", "sgd"):
+            raise ValueError(f"hp.optimizer={hp.optimizer!r} is not one of adam, adamw, sgd")
+        if hp.schedule not in ("constant", "cosine"):
+            raise ValueError(f"hp.schedule={hp.schedule!r} is not one of constant, cosine")
+        if not hp.lr > 0:
+            raise ValueError(f"hp.lr={hp.lr} must be > 0")
+
+
+__all__ = ["CRITERIA", "Claim", "OptimHParams", "RunInfo", "Rule", "make_optimizer", "validate_hparams"]

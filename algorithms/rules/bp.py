@@ -1,0 +1,57 @@
+"""Backpropagation: the reference every other rule is compared with.
+
+Cross-entropy on the output block, exact gradients for every weight by reverse-mode autograd
+(Rumelhart, Hinton & Williams 1986), one optimiser over all parameters.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from algorithms.registry import register
+from algorithms.rule import Claim, OptimHParams, Rule, RunInfo, make_optimizer
+from algorithms.arch import Network
+
+_PROOF = "tests/test_criteria.py::test_claims_match_probes[bp]"
+
+
+@dataclass
+class BPHParams(OptimHParams):
+    """Backprop: optimiser settings only (shared fields documented in OptimHParams)."""
+
+    label_smoothing: float = 0.0
+    """Cross-entropy label smoothing in [0, 1)."""
+
+
+@register
+class Backprop(Rule):
+    name = "bp"
+    summary = "backpropagation of the output cross-entropy by reverse-mode autograd (reference)"
+    HParams = BPHParams
+    archs = {"mlp": None, "cnn": None, "deep_cnn": None}
+    criteria = {
+        "C1": Claim(False, "the backward pass sends errors through the transpose of the forward weights",
+                    _PROOF),
+        "C2": Claim(False, "a hidden block's error is the output error chained through all later blocks",
+                    _PROOF),
+        "C3": Claim(False, "a backward sweep through the blocks follows the forward pass before any update",
+                    _PROOF),
+        "C4": Claim(False, "hidden blocks learn from the label-derived output error", _PROOF),
+    }
+
+    def __init__(self, net: Network, hp: BPHParams, info: RunInfo):
+        super().__init__(net, hp, info)
+        self.opt, self.sched = make_optimizer(net.parameters(), hp, info.epochs * info.steps_per_epoch)
+
+    def train_step(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
+        logits = self.net(x)
+        loss = F.cross_entropy(logits, y, label_smoothing=self.hp.label_smoothing)
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt.step()
+        if self.sched is not None:
+            self.sched.step()
+        return {"loss": loss.detach(), "correct": (logits.argmax(1) == y).sum()}

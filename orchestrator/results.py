@@ -1,0 +1,143 @@
+"""Results as Parquet tables with one stable schema, hive-partitioned by rule/arch/dataset.
+
+Layout under a results folder::
+
+    runs/rule=bp/arch=mlp/dataset=digits/<run_id>.parquet     one row per trial
+    epochs/rule=bp/arch=mlp/dataset=digits/<run_id>.parquet   one row per trial and epoch
+
+The partition columns live in the paths only (hive style), so ``pl.scan_parquet(folder/"runs")``
+gives them back as columns. Every file is written to a temporary name in its final folder and
+renamed into place, so a reader never sees a half-written file and a crash leaves no partial table.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import tempfile
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+PARTITIONS = ("rule", "arch", "dataset")
+
+RUN_SCHEMA = pa.schema([
+    ("run_id", pa.string()),
+    ("seed", pa.int64()),
+    ("status", pa.string()),          # ok | diverged | failed
+    ("error", pa.string()),
+    ("epochs_planned", pa.int64()),
+    ("epochs_run", pa.int64()),
+    ("best_epoch", pa.int64()),
+    ("val_acc", pa.float64()),
+    ("val_loss", pa.float64()),
+    ("test_acc", pa.float64()),
+    ("test_loss", pa.float64()),
+    ("train_seconds", pa.float64()),
+    ("samples_per_second", pa.float64()),
+    ("peak_mem_mb", pa.float64()),
+    ("mem_kind", pa.string()),        # cuda_allocated | cpu_peak_rss
+    ("n_params", pa.int64()),
+    ("n_rule_params", pa.int64()),    # extra state the rule owns (feedback weights, heads, buffers)
+    ("n_train", pa.int64()),
+    ("n_val", pa.int64()),
+    ("n_test", pa.int64()),
+    ("device", pa.string()),
+    ("hp_json", pa.string()),
+    ("config_json", pa.string()),
+    ("started_at", pa.timestamp("ms", tz="UTC")),
+    ("finished_at", pa.timestamp("ms", tz="UTC")),
+    ("bioplaus_version", pa.string()),
+    ("git_commit", pa.string()),
+])
+
+EPOCH_SCHEMA = pa.schema([
+    ("run_id", pa.string()),
+    ("seed", pa.int64()),
+    ("epoch", pa.int64()),
+    ("train_loss", pa.float64()),
+    ("train_acc", pa.float64()),
+    ("val_acc", pa.float64()),
+    ("val_loss", pa.float64()),
+    ("epoch_seconds", pa.float64()),
+    ("samples_per_second", pa.float64()),
+])
+
+
+def write_table(table: pa.Table, path: Path) -> Path:
+    """Write ``table`` to ``path`` atomically (temp file in the same folder, then rename)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        pq.write_table(table, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def partition_dir(root: Path, table: str, record: dict[str, Any]) -> Path:
+    return root.joinpath(table, *(f"{k}={record[k]}" for k in PARTITIONS))
+
+
+def write_run(root: str | Path, record: dict[str, Any], run_id: str | None = None) -> str:
+    """Write a trial's run row and its epoch rows; returns the run id."""
+    root = Path(root)
+    run_id = run_id or new_run_id()
+    row = {name: record.get(name) for name in RUN_SCHEMA.names}
+    row.update(run_id=run_id, hp_json=json.dumps(record.get("hp", {}), sort_keys=True, default=str),
+               config_json=json.dumps(record.get("config", {}), sort_keys=True, default=str),
+               started_at=_ms(record.get("started_at")), finished_at=_ms(record.get("finished_at")),
+               bioplaus_version=version(), git_commit=git_commit())
+    epochs = [{**{n: e.get(n) for n in EPOCH_SCHEMA.names}, "run_id": run_id, "seed": record["seed"]}
+              for e in record.get("epochs", [])]
+    # Epochs first: a run row is the commit point that says the trial's tables are complete.
+    write_table(pa.Table.from_pylist(epochs, schema=EPOCH_SCHEMA),
+                partition_dir(root, "epochs", record) / f"{run_id}.parquet")
+    write_table(pa.Table.from_pylist([row], schema=RUN_SCHEMA),
+                partition_dir(root, "runs", record) / f"{run_id}.parquet")
+    return run_id
+
+
+def new_run_id() -> str:
+    return uuid.uuid4().hex[:16]
+
+
+def _ms(ts: float | None):
+    import datetime as dt
+
+    return None if ts is None else dt.datetime.fromtimestamp(ts, tz=dt.timezone.utc)
+
+
+def version() -> str:
+    try:
+        from importlib.metadata import version as v
+
+        return v("bioplaus")
+    except Exception:
+        return "unknown"
+
+
+_COMMIT: list[str | None] = []
+
+
+def git_commit() -> str | None:
+    """The source tree's git commit (with ``-dirty`` when modified), or None outside a checkout."""
+    if not _COMMIT:
+        here = Path(__file__).resolve().parent.parent
+        try:
+            head = subprocess.run(["git", "rev-parse", "--verify", "-q", "HEAD"], cwd=here, capture_output=True,
+                                  text=True, timeout=5)
+            sha = head.stdout.strip() if head.returncode == 0 else ""
+            dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+                                   capture_output=True, text=True, timeout=5).stdout.strip()
+            _COMMIT.append(f"{sha}-dirty" if sha and dirty else (sha or None))
+        except (OSError, subprocess.SubprocessError):
+            _COMMIT.append(None)
+    return _COMMIT[0]

@@ -1,0 +1,294 @@
+"""A trial: train and evaluate one (rule, arch, dataset, hyperparameters, seed) configuration.
+
+``resolve`` checks everything a user can get wrong before any expensive work (names, cell support,
+hyperparameter keys and types). ``run_trial`` then loads the data once onto the device, trains
+epoch by epoch, reports each epoch's metrics through a callback (Ray Tune's ``report`` in a sweep),
+selects the model on the validation split and evaluates the test set once, at the end.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+import random
+import resource
+import time
+import traceback
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig
+
+from algorithms.arch import ARCHS, ArchSpec
+from algorithms.registry import load_rules
+from algorithms.rule import Rule, RunInfo, validate_hparams
+from orchestrator.config import to_plain, typed
+from orchestrator.data import DATASETS, DataSplits, load_raw, make_splits
+from orchestrator.errors import UsageError
+
+Report = Callable[[dict[str, Any]], None]
+
+
+@dataclass
+class TrialSpec:
+    """A config checked and typed: the rule class, its hyperparameters, the architecture's config."""
+
+    cfg: DictConfig
+    rule_cls: type[Rule]
+    hp: Any
+    arch: ArchSpec
+    model_cfg: Any
+
+
+def resolve(cfg: DictConfig) -> TrialSpec:
+    """Validate a config without touching data or devices; UsageError names the problem and the fix."""
+    rules = load_rules()
+    if cfg.rule not in rules:
+        raise UsageError(f"unknown rule {cfg.rule!r}; known rules: {', '.join(rules)} (see `bioplaus rules`)")
+    if cfg.arch not in ARCHS:
+        raise UsageError(f"unknown arch {cfg.arch!r}; known architectures: {', '.join(ARCHS)}")
+    if cfg.dataset not in DATASETS:
+        raise UsageError(f"unknown dataset {cfg.dataset!r}; known datasets: {', '.join(DATASETS)}")
+    rule_cls = rules[cfg.rule]
+    ok, why = rule_cls.supports(cfg.arch)
+    if not ok:
+        supported = [a for a, r in rule_cls.archs.items() if r is None]
+        raise UsageError(f"unsupported cell: rule {cfg.rule!r} on arch {cfg.arch!r} ({why}); "
+                         f"use arch={' or arch='.join(supported)}")
+    hp = typed(rule_cls.HParams, cfg.hp, "hp")
+    try:
+        validate_hparams(rule_cls, hp)
+        if hasattr(hp, "validate"):
+            hp.validate()
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    arch = ARCHS[cfg.arch]
+    model_cfg = typed(arch.config, cfg.model, "model")
+    t, d = cfg.train, cfg.data
+    checks = [
+        (t.epochs >= 1, f"train.epochs={t.epochs} must be >= 1"),
+        (t.batch_size >= 1, f"train.batch_size={t.batch_size} must be >= 1"),
+        (t.eval_batch_size >= 1, f"train.eval_batch_size={t.eval_batch_size} must be >= 1"),
+        (t.select in ("best_val", "last"), f"train.select={t.select!r} must be best_val or last"),
+        (t.device == "auto" or t.device == "cpu" or t.device.startswith("cuda"),
+         f"train.device={t.device!r} must be auto, cpu, cuda or cuda:N"),
+        (0 < d.val_fraction < 1, f"data.val_fraction={d.val_fraction} must be in (0, 1)"),
+        (d.train_limit is None or d.train_limit >= 2, f"data.train_limit={d.train_limit} must be >= 2"),
+        (d.test_limit is None or d.test_limit >= 1, f"data.test_limit={d.test_limit} must be >= 1"),
+        (d.image_size >= 4, f"data.image_size={d.image_size} must be >= 4"),
+    ]
+    for ok, msg in checks:
+        if not ok:
+            raise UsageError(msg)
+    if t.device.startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError(f"train.device={t.device} but CUDA is not available here; use train.device=auto or cpu")
+    return TrialSpec(cfg, rule_cls, hp, arch, model_cfg)
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def seed_everything(seed: int, deterministic: bool) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(deterministic, warn_only=True)
+    torch.backends.cudnn.deterministic = deterministic
+    torch.backends.cudnn.benchmark = not deterministic
+
+
+def augment_batch(x: torch.Tensor, gen: torch.Generator, pad: int = 4) -> torch.Tensor:
+    """Random crop after zero padding, and random horizontal flip, for a whole batch at once."""
+    n, c, h, w = x.shape
+    offsets = torch.randint(0, 2 * pad + 1, (2, n), generator=gen).to(x.device)
+    flip = (torch.rand(n, generator=gen) < 0.5).to(x.device)
+    padded = F.pad(x, (pad, pad, pad, pad))
+    rows = (offsets[0][:, None] + torch.arange(h, device=x.device))[:, None, :, None]
+    cols = (offsets[1][:, None] + torch.arange(w, device=x.device))[:, None, None, :]
+    out = padded[torch.arange(n, device=x.device)[:, None, None, None],
+                 torch.arange(c, device=x.device)[None, :, None, None], rows, cols]
+    return torch.where(flip[:, None, None, None], out.flip(3), out)
+
+
+@torch.no_grad()
+def evaluate(rule: Rule, splits: DataSplits, x: torch.Tensor, y: torch.Tensor, batch_size: int) -> tuple[float, float]:
+    """(accuracy, mean cross-entropy of the rule's class scores) on a split."""
+    was_training = rule.training
+    rule.eval()
+    correct = torch.zeros((), device=x.device)
+    loss = torch.zeros((), device=x.device)
+    for i in range(0, len(y), batch_size):
+        scores = rule.predict(splits.normalize(x[i:i + batch_size])).float()
+        yb = y[i:i + batch_size]
+        correct += (scores.argmax(1) == yb).sum()
+        loss += F.cross_entropy(scores, yb, reduction="sum")
+    rule.train(was_training)
+    n = max(1, len(y))
+    return correct.item() / n, loss.item() / n
+
+
+def _peak_memory_mb(device: torch.device) -> tuple[float, str]:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20, "cuda_allocated"
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "cpu_peak_rss"
+
+
+def run_trial(cfg: DictConfig | TrialSpec, report: Report | None = None, progress: bool = False,
+              splits: DataSplits | None = None) -> dict[str, Any]:
+    """Train and evaluate one configuration. Returns the run record with an ``epochs`` list."""
+    spec = cfg if isinstance(cfg, TrialSpec) else resolve(cfg)
+    cfg = spec.cfg
+    t, seed = cfg.train, int(cfg.seed)
+    device = pick_device(t.device)
+    if t.threads:
+        torch.set_num_threads(t.threads)
+    seed_everything(seed, t.deterministic)
+    started = time.time()
+    if splits is None:
+        splits = make_splits(load_raw(cfg.dataset, cfg.data), cfg.data, seed)
+    splits.to(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+    torch.manual_seed(seed)
+    try:
+        net = spec.arch.build(spec.model_cfg, splits.input_shape, splits.num_classes)
+    except ValueError as e:
+        raise UsageError(f"arch={cfg.arch} on dataset={cfg.dataset}: {e}") from None
+    n_train = len(splits.train_y)
+    batch = min(t.batch_size, n_train)
+    steps = n_train // batch  # full batches only: fixed shapes, no 1-sample batch-norm batches
+    info = RunInfo(splits.num_classes, splits.input_shape, t.epochs, steps, device, seed)
+    rule = spec.rule_cls(net.to(device), spec.hp, info).to(device)
+    n_params = sum(p.numel() for p in net.parameters())
+    n_rule_params = sum(p.numel() for p in rule.parameters()) - n_params + sum(b.numel() for b in rule.buffers())
+
+    order_gen = torch.Generator().manual_seed(seed)
+    aug_gen = torch.Generator().manual_seed(seed + 1)
+    record: dict[str, Any] = {
+        "rule": cfg.rule, "arch": cfg.arch, "dataset": cfg.dataset, "seed": seed, "status": "ok", "error": None,
+        "device": str(device), "n_params": n_params, "n_rule_params": n_rule_params,
+        "n_train": n_train, "n_val": len(splits.val_y), "n_test": len(splits.test_y),
+        "config": to_plain(cfg), "hp": dict(vars(spec.hp)), "started_at": started,
+    }
+    epochs: list[dict[str, Any]] = []
+    best_acc, best_state, best_epoch = -1.0, None, 0
+    train_seconds = 0.0
+    bar = _progress(progress, t.epochs, steps)
+    try:
+        for epoch in range(1, t.epochs + 1):
+            rule.train()
+            perm = torch.randperm(n_train, generator=order_gen).to(device)
+            loss_sum = torch.zeros((), device=device)
+            correct = torch.zeros((), device=device)
+            has_correct = False
+            tick = time.perf_counter()
+            for b in range(steps):
+                idx = perm[b * batch:(b + 1) * batch]
+                x = splits.normalize(splits.train_x[idx])
+                if cfg.data.augment:
+                    x = augment_batch(x, aug_gen)
+                y = splits.train_y[idx]
+                metrics = rule.train_step(x, y)
+                loss_sum += torch.as_tensor(metrics["loss"], device=device).detach().float() * len(y)
+                if "correct" in metrics:
+                    has_correct = True
+                    correct += torch.as_tensor(metrics["correct"], device=device)
+                bar.step(epoch, b + 1)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            seconds = time.perf_counter() - tick
+            train_seconds += seconds
+            seen = steps * batch
+            train_loss = loss_sum.item() / seen
+            row = {"epoch": epoch, "train_loss": train_loss,
+                   "train_acc": correct.item() / seen if has_correct else float("nan"),
+                   "epoch_seconds": seconds, "samples_per_second": seen / seconds if seconds > 0 else float("nan")}
+            if not math.isfinite(train_loss):
+                record["status"] = "diverged"
+                row.update(val_acc=float("nan"), val_loss=float("nan"))
+                epochs.append(row)
+                if report:
+                    report(dict(row))
+                break
+            row["val_acc"], row["val_loss"] = evaluate(rule, splits, splits.val_x, splits.val_y, t.eval_batch_size)
+            epochs.append(row)
+            bar.epoch_done(epoch, row)
+            if report:
+                report(dict(row))
+            if t.select == "last" or row["val_acc"] > best_acc:
+                best_acc, best_epoch = row["val_acc"], epoch
+                best_state = copy.deepcopy(rule.state_dict())
+    except Exception as e:  # a rule crashing is a result to record, not a reason to lose the run
+        record["status"] = "failed"
+        record["error"] = f"{type(e).__name__}: {e}"
+        record["traceback"] = traceback.format_exc()
+    finally:
+        bar.close()
+
+    if best_state is not None:
+        rule.load_state_dict(best_state)
+    if record["status"] != "failed":
+        test_acc, test_loss = evaluate(rule, splits, splits.test_x, splits.test_y, t.eval_batch_size)
+    else:
+        test_acc = test_loss = float("nan")
+    best_row = epochs[best_epoch - 1] if best_epoch else {}
+    peak, kind = _peak_memory_mb(device)
+    record.update(
+        epochs_run=len(epochs), best_epoch=best_epoch, val_acc=best_row.get("val_acc", float("nan")),
+        val_loss=best_row.get("val_loss", float("nan")), test_acc=test_acc, test_loss=test_loss,
+        train_seconds=train_seconds, samples_per_second=(sum(r["epoch_seconds"] * r["samples_per_second"]
+                                                              for r in epochs) / train_seconds
+                                                          if train_seconds > 0 else float("nan")),
+        peak_mem_mb=peak, mem_kind=kind, finished_at=time.time(), epochs=epochs,
+    )
+    record["epochs_planned"] = t.epochs
+    return record
+
+
+class _NoBar:
+    def step(self, epoch, b): pass
+    def epoch_done(self, epoch, row): pass
+    def close(self): pass
+
+
+class _Bar(_NoBar):
+    """Epoch progress bar (rich) on stderr, with loss and accuracy as they come."""
+
+    def __init__(self, epochs: int, steps: int):
+        from rich.console import Console
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self.progress = Progress(TextColumn("[bold]epoch {task.fields[epoch]}/" + str(epochs)), BarColumn(),
+                                 MofNCompleteColumn(), TimeRemainingColumn(), TextColumn("{task.fields[info]}"),
+                                 console=Console(stderr=True), transient=True)
+        self.steps, self.epochs = steps, epochs
+        self.progress.start()
+        self.task = self.progress.add_task("train", total=steps, epoch=1, info="")
+
+    def step(self, epoch, b):
+        if b % 10 == 0 or b == self.steps:
+            self.progress.update(self.task, completed=b, epoch=epoch)
+
+    def epoch_done(self, epoch, row):
+        info = f"loss {row['train_loss']:.4f}  val_acc {row['val_acc']:.4f}"
+        self.progress.update(self.task, completed=self.steps, info=info)
+        self.progress.console.print(f"epoch {epoch}: {info}  ({row['samples_per_second']:.0f} samples/s)")
+        if epoch < self.epochs:
+            self.progress.reset(self.task, total=self.steps, epoch=epoch + 1, info=info)
+
+    def close(self):
+        self.progress.stop()
+
+
+def _progress(enabled: bool, epochs: int, steps: int):
+    return _Bar(epochs, steps) if enabled else _NoBar()
