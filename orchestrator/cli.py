@@ -38,15 +38,16 @@ def summary(record: dict[str, Any]) -> dict[str, Any]:
 def cmd_train(args) -> int:
     from orchestrator.config import parse_overrides
     from orchestrator.results import write_run
-    from orchestrator.trial import resolve, run_trial
+    from orchestrator.trial import load_splits, resolve, run_trial
 
     spec = resolve(parse_overrides(args.overrides))
-    quiet = args.quiet or args.json
     cfg = spec.cfg
+    splits = load_splits(cfg)  # missing or corrupt data fails here, before any training
+    quiet = args.quiet or args.json
     if not quiet:
         print(f"training rule={cfg.rule} arch={cfg.arch} dataset={cfg.dataset} seed={cfg.seed} "
-              f"epochs={cfg.train.epochs}", file=sys.stderr)
-    record = run_trial(spec, progress=not quiet)
+              f"epochs={cfg.train.epochs} on {splits.sizes}", file=sys.stderr)
+    record = run_trial(spec, progress=not quiet, splits=splits)
     if cfg.out:
         record["run_id"] = write_run(cfg.out, record)
     result = summary(record)

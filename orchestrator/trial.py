@@ -89,6 +89,11 @@ def resolve(cfg: DictConfig) -> TrialSpec:
     return TrialSpec(cfg, rule_cls, hp, arch, model_cfg)
 
 
+def load_splits(cfg: DictConfig) -> DataSplits:
+    """The trial's train/val/test splits (downloading missing files); DataError names a bad file."""
+    return make_splits(load_raw(cfg.dataset, cfg.data), cfg.data, int(cfg.seed))
+
+
 def pick_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -154,7 +159,7 @@ def run_trial(cfg: DictConfig | TrialSpec, report: Report | None = None, progres
     seed_everything(seed, t.deterministic)
     started = time.time()
     if splits is None:
-        splits = make_splits(load_raw(cfg.dataset, cfg.data), cfg.data, seed)
+        splits = load_splits(cfg)
     splits.to(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)

@@ -1,0 +1,76 @@
+"""Shared fixtures: the read-only real data mirror, a loopback HTTP server, small rule builders."""
+
+from __future__ import annotations
+
+import functools
+import http.server
+import os
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+# The real data mirror beside the checkout (read-only); BIOPLAUS_TEST_DATA points elsewhere.
+SHARED_DATA = Path(os.environ.get("BIOPLAUS_TEST_DATA", REPO.parent / "shared" / "data"))
+
+
+@pytest.fixture(autouse=True)
+def _isolated_env(tmp_path, monkeypatch):
+    """No test reads the user's data cache or writes results into the checkout."""
+    monkeypatch.setenv("BIOPLAUS_DATA", str(tmp_path / "data-root"))
+    monkeypatch.chdir(tmp_path)
+    torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+@pytest.fixture
+def shared_data() -> Path:
+    if not (SHARED_DATA / "SHA256SUMS").is_file():
+        pytest.skip(f"real data mirror not found at {SHARED_DATA} (set BIOPLAUS_TEST_DATA to its path)")
+    return SHARED_DATA
+
+
+class _QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def http_serve():
+    """Start a loopback-only HTTP server for a folder: ``base_url = http_serve(folder)``."""
+    servers = []
+
+    def serve(folder: Path) -> str:
+        handler = functools.partial(_QuietHandler, directory=str(folder))
+        server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        servers.append(server)
+        return f"http://127.0.0.1:{server.server_address[1]}"
+
+    yield serve
+    for s in servers:
+        s.shutdown()
+        s.server_close()
+
+
+def small_rule(name: str, arch: str = "mlp", input_shape=(1, 8, 8), num_classes: int = 10, seed: int = 0,
+               hp: dict | None = None, model: dict | None = None, steps_per_epoch: int = 10, epochs: int = 1):
+    """A freshly built rule on a small network, for unit tests of rules and probes."""
+    from algorithms.arch import ARCHS
+    from algorithms.registry import get_rule
+    from algorithms.rule import RunInfo
+    from orchestrator.config import typed
+
+    torch.manual_seed(seed)
+    spec = ARCHS[arch]
+    small = {"mlp": {"widths": [16, 16]}, "cnn": {"channels": [4, 8]}, "deep_cnn": {"channels": [4, 4, 8, 8]}}[arch]
+    net = spec.build(typed(spec.config, {**small, **(model or {})}, "model"), input_shape, num_classes)
+    rule_cls = get_rule(name)
+    info = RunInfo(num_classes, tuple(input_shape), epochs, steps_per_epoch, torch.device("cpu"), seed)
+    return rule_cls(net, typed(rule_cls.HParams, hp or {}, "hp"), info)
+
+
+def batch(n: int = 32, input_shape=(1, 8, 8), num_classes: int = 10, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn((n, *input_shape), generator=g), torch.randint(0, num_classes, (n,), generator=g)
