@@ -46,6 +46,24 @@ class Claim:
     """pytest node id of the test that proves this claim (and fails for a rule where it is false)."""
 
 
+@dataclass(frozen=True)
+class Benchmark:
+    """An accuracy target a rule declares, run by ``bioplaus bench`` (long; never part of the tests)."""
+
+    arch: str
+    dataset: str
+    min_test_acc: float
+    """The test accuracy the run must reach."""
+    overrides: tuple[str, ...] = ()
+    """Config overrides of the run (epochs, hyperparameters, ...), e.g. ("train.epochs=5", "hp.lr=1e-3")."""
+    note: str = ""
+    """Where the target comes from (paper, library figure)."""
+
+    @property
+    def name(self) -> str:
+        return f"{self.arch}-{self.dataset}"
+
+
 @dataclass
 class OptimHParams:
     """Optimiser hyperparameters shared by rules that update weights with a torch optimiser."""
@@ -94,6 +112,8 @@ class Rule(nn.Module):
     """Criterion code (see CRITERIA) -> the rule's claim about it."""
     block_local: ClassVar[bool] = False
     """True if :meth:`block_step` is implemented (the update of a block needs nothing from later blocks)."""
+    benchmarks: ClassVar[tuple[Benchmark, ...]] = ()
+    """Accuracy targets on real data, run by ``bioplaus bench`` with the cost ratio against bp."""
 
     def __init__(self, net: Network, hp: Any, info: RunInfo):
         super().__init__()
@@ -186,4 +206,4 @@ def validate_hparams(rule_cls: type[Rule], hp: Any) -> None:
             raise ValueError(f"hp.lr={hp.lr} must be > 0")
 
 
-__all__ = ["CRITERIA", "Claim", "OptimHParams", "RunInfo", "Rule", "make_optimizer", "validate_hparams"]
+__all__ = ["CRITERIA", "Benchmark", "Claim", "OptimHParams", "RunInfo", "Rule", "make_optimizer", "validate_hparams"]

@@ -1,7 +1,9 @@
-"""Accuracy targets of the reference rule (``make bench``): long runs that are not tests.
+"""Accuracy targets (``make bench``): long runs on real data that are not tests.
 
-Each case is a full training run through the same entry point as ``bioplaus train``; the table at
-the end gives accuracy, target, epochs and minutes. Exit code 1 if any case misses its target.
+Every rule declares its targets (``Rule.benchmarks``) beside its code. Each case is a full training
+run through the same entry point as ``bioplaus train``; its cost is compared with backprop on the
+same cell *in the same bench run* (one epoch of bp with the case's data, train and model settings),
+as train seconds per sample, rule / bp. Exit code 1 if any case misses its target.
 """
 
 from __future__ import annotations
@@ -9,40 +11,62 @@ from __future__ import annotations
 import sys
 import time
 
+from algorithms.registry import load_rules
 from orchestrator.config import parse_overrides
+from orchestrator.errors import UsageError
 from orchestrator.results import write_run
 from orchestrator.trial import resolve, run_trial
 
-# name -> (overrides, minimum test accuracy)
-CASES: dict[str, tuple[list[str], float]] = {
-    "bp-mlp-fashion": (["rule=bp", "arch=mlp", "dataset=fashion_mnist", "train.epochs=5"], 0.88),
-    "bp-cnn-fashion": (["rule=bp", "arch=cnn", "dataset=fashion_mnist", "train.epochs=5"], 0.90),
-    "bp-mlp-mnist": (["rule=bp", "arch=mlp", "dataset=mnist", "train.epochs=5"], 0.965),
-    "bp-deep_cnn-cifar10": (["rule=bp", "arch=deep_cnn", "dataset=cifar10", "train.epochs=15", "data.augment=true",
-                             "hp.lr=2e-3", "hp.schedule=cosine", "hp.weight_decay=5e-4", "hp.optimizer=adamw"],
-                            0.75),
-}
 
-
-def run_bench(only: list[str] | None, overrides: list[str]) -> int:
-    unknown = set(only or []) - set(CASES)
+def cases(rules: list[str] | None, only: list[str] | None):
+    """(case name, rule, Benchmark) for the selected rules and case names."""
+    registry = load_rules()
+    unknown = set(rules or []) - set(registry)
     if unknown:
-        from orchestrator.errors import UsageError
+        raise UsageError(f"unknown rule(s) {sorted(unknown)} for bench; known: {', '.join(registry)}")
+    out = [(f"{name}-{b.name}", name, b) for name, cls in registry.items() if not rules or name in rules
+           for b in cls.benchmarks]
+    missing = set(only or []) - {c[0] for c in out}
+    if missing:
+        raise UsageError(f"unknown bench case(s) {sorted(missing)}; known: {', '.join(c[0] for c in out)}")
+    return [c for c in out if not only or c[0] in only]
 
-        raise UsageError(f"unknown bench case(s) {sorted(unknown)}; known: {', '.join(CASES)}")
-    names = only or list(CASES)
-    specs = {n: resolve(parse_overrides([*CASES[n][0], "out=runs/bench", *overrides])) for n in names}
+
+def run_bench(rules: list[str] | None, only: list[str] | None, overrides: list[str], markdown: str | None) -> int:
+    selected = cases(rules, only)
+    specs = {}
+    for name, rule, b in selected:  # every config is checked before the first long run starts
+        args = [f"rule={rule}", f"arch={b.arch}", f"dataset={b.dataset}", *b.overrides, "out=runs/bench", *overrides]
+        specs[name] = resolve(parse_overrides(args))
+    bp_speed: dict[tuple, float] = {}
     rows, failed = [], 0
-    for name in names:
+    for name, rule, b in selected:
+        spec = specs[name]
+        print(f"== {name}: {' '.join(b.overrides + tuple(overrides))}", file=sys.stderr, flush=True)
         tick = time.time()
-        print(f"== {name}: {' '.join(CASES[name][0] + overrides)}", file=sys.stderr, flush=True)
-        record = run_trial(specs[name], progress=True)
-        write_run(specs[name].cfg.out, record)
-        ok = record["status"] == "ok" and record["test_acc"] >= CASES[name][1]
+        record = run_trial(spec, progress=True)
+        write_run(spec.cfg.out, record)
+        minutes = (time.time() - tick) / 60
+        shared = tuple(o for o in (*b.overrides, *overrides) if not o.startswith(("hp.", "train.epochs=")))
+        key = (b.arch, b.dataset, shared)
+        if rule == "bp":
+            bp_speed.setdefault(key, record["samples_per_second"])
+        if key not in bp_speed:
+            ref = run_trial(resolve(parse_overrides(
+                ["rule=bp", f"arch={b.arch}", f"dataset={b.dataset}", *shared, "train.epochs=1", "out=null"])))
+            bp_speed[key] = ref["samples_per_second"]
+        ratio = bp_speed[key] / record["samples_per_second"] if record["samples_per_second"] else float("nan")
+        ok = record["status"] == "ok" and record["test_acc"] >= b.min_test_acc
         failed += not ok
-        rows.append((name, record["test_acc"], CASES[name][1], record["epochs_run"], (time.time() - tick) / 60,
+        rows.append((name, record["test_acc"], b.min_test_acc, record["epochs_run"], minutes, ratio,
                      "PASS" if ok else "FAIL"))
-    print(f"{'case':<22} {'test_acc':>8} {'target':>7} {'epochs':>6} {'minutes':>7}  result")
-    for r in rows:
-        print(f"{r[0]:<22} {r[1]:>8.4f} {r[2]:>7.3f} {r[3]:>6} {r[4]:>7.1f}  {r[5]}")
+        print(f"   {name}: test_acc {record['test_acc']:.4f} (target {b.min_test_acc}) in {minutes:.1f} min, "
+              f"cost x{ratio:.2f} of bp", file=sys.stderr, flush=True)
+    lines = ["| case | test acc | target | epochs | minutes | cost vs bp | result |", "|---|---|---|---|---|---|---|"]
+    lines += [f"| {r[0]} | {r[1]:.4f} | {r[2]:.3f} | {r[3]} | {r[4]:.1f} | {r[5]:.2f} | {r[6]} |" for r in rows]
+    print("\n".join(lines))
+    if markdown:
+        with open(markdown, "a") as f:
+            f.write(f"\n`bioplaus bench {' '.join(sys.argv[2:])}` on {time.strftime('%Y-%m-%d')}:\n\n")
+            f.write("\n".join(lines) + "\n")
     return 1 if failed else 0

@@ -104,7 +104,7 @@ def cmd_sweep(args) -> int:
 def cmd_bench(args) -> int:
     from orchestrator.bench import run_bench
 
-    return run_bench(args.only, args.overrides)
+    return run_bench(args.rule, args.only, args.overrides, args.markdown)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -129,9 +129,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--quiet", action="store_true")
     s.set_defaults(func=cmd_sweep)
 
-    b = sub.add_parser("bench", help="accuracy targets of the reference rule (long; not part of make test)")
+    b = sub.add_parser("bench", help="accuracy targets the rules declare (long; not part of make test)")
     b.add_argument("overrides", nargs="*", help="overrides applied to every bench run, e.g. data.root=DIR")
-    b.add_argument("--only", action="append", help="run only the named bench case(s)")
+    b.add_argument("--rule", action="append", help="only this rule's cases (repeatable)")
+    b.add_argument("--only", action="append", help="only the named case, e.g. bp-mlp-mnist (repeatable)")
+    b.add_argument("--markdown", help="append the result table to this markdown file")
     b.set_defaults(func=cmd_bench)
     return p
 

@@ -85,3 +85,9 @@ def test_failed_rule_step_is_a_recorded_result(monkeypatch):
     monkeypatch.setattr(Backprop, "train_step", boom)
     record = trial()
     assert record["status"] == "failed" and "kaboom" in record["error"] and math.isnan(record["test_acc"])
+
+
+@pytest.mark.parametrize("name", list(load_rules()))
+def test_every_declared_benchmark_is_a_valid_config(name):
+    for b in load_rules()[name].benchmarks:
+        resolve(parse_overrides([f"rule={name}", f"arch={b.arch}", f"dataset={b.dataset}", *b.overrides]))

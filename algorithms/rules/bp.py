@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from algorithms.registry import register
-from algorithms.rule import Claim, OptimHParams, Rule, RunInfo, make_optimizer
+from algorithms.rule import Benchmark, Claim, OptimHParams, Rule, RunInfo, make_optimizer
 from algorithms.arch import Network
 
 _PROOF = "tests/test_criteria.py::test_claims_match_probes[bp]"
@@ -41,6 +41,14 @@ class Backprop(Rule):
                     _PROOF),
         "C4": Claim(False, "hidden blocks learn from the label-derived output error", _PROOF),
     }
+
+    benchmarks = (
+        Benchmark("mlp", "fashion_mnist", 0.88, ("train.epochs=5",)),
+        Benchmark("cnn", "fashion_mnist", 0.90, ("train.epochs=5",)),
+        Benchmark("mlp", "mnist", 0.965, ("train.epochs=5",), "10,000 training images in ../shared/data"),
+        Benchmark("deep_cnn", "cifar10", 0.75, ("train.epochs=15", "data.augment=true", "hp.optimizer=adamw",
+                                               "hp.lr=2e-3", "hp.schedule=cosine", "hp.weight_decay=5e-4")),
+    )
 
     def __init__(self, net: Network, hp: BPHParams, info: RunInfo):
         super().__init__(net, hp, info)
