@@ -5,7 +5,14 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 ARGS   ?=
-SWEEP_DIR ?= runs/sweep
+SWEEP_DIR ?= runs/sweeps/local
+# In the development sandbox the real data mirror sits beside the checkout; elsewhere the data root
+# is $BIOPLAUS_DATA or ~/.cache/bioplaus/data (files are downloaded there).
+ifeq ($(BIOPLAUS_DATA),)
+ifneq ($(wildcard ../shared/data/SHA256SUMS),)
+export BIOPLAUS_DATA := $(abspath ../shared/data)
+endif
+endif
 
 .PHONY: setup test train sweep report bench lint clean
 

@@ -1,9 +1,13 @@
 """Name -> rule class registry. Rules register themselves on import; ``load_rules`` imports every
-module in ``algorithms/rules/`` so that dropping a file there is all it takes to add a rule."""
+module in ``algorithms/rules/`` so that dropping a file there is all it takes to add a rule.
+
+Rules living elsewhere (your own package, or the fault-injection rule of the tests) are loaded from
+the modules named in ``BIOPLAUS_RULE_MODULES`` (comma-separated); Ray workers inherit it."""
 
 from __future__ import annotations
 
 import importlib
+import os
 import pkgutil
 
 from algorithms.rule import CRITERIA, Rule
@@ -40,6 +44,8 @@ def load_rules() -> dict[str, type[Rule]]:
         for mod in sorted(pkgutil.iter_modules(pkg.__path__), key=lambda m: m.name):
             if not mod.name.startswith("_"):
                 importlib.import_module(f"{pkg.__name__}.{mod.name}")
+        for name in filter(None, (m.strip() for m in os.environ.get("BIOPLAUS_RULE_MODULES", "").split(","))):
+            importlib.import_module(name)
         _loaded = True
     return dict(sorted(_RULES.items()))
 

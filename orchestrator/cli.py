@@ -11,6 +11,7 @@ import argparse
 import json
 import math
 import sys
+import time
 from typing import Any
 
 from orchestrator.errors import UsageError
@@ -94,14 +95,43 @@ def cmd_archs(args) -> int:
 
 
 def cmd_sweep(args) -> int:
-    # Until the orchestrator lands, `make sweep` runs one small backprop trial and says so.
-    print("bioplaus sweep: the Ray/Optuna orchestrator is not built yet; running ONE backprop trial instead: "
-          "rule=bp arch=mlp dataset=digits train.epochs=3 " + " ".join(args.overrides), file=sys.stderr)
-    args.overrides = ["rule=bp", "arch=mlp", "dataset=digits", "train.epochs=3", "out=runs/sweep", *args.overrides]
-    return cmd_train(args)
+    from orchestrator.sweep import Sweep, parse_sweep
+
+    import polars as pl
+
+    sweep = Sweep(parse_sweep(args.overrides))  # everything is validated here, before Ray starts
+    tick = time.time()
+    folder = sweep.run()
+    table = sweep.summary()
+    with pl.Config(tbl_rows=200, tbl_cols=20, tbl_width_chars=160, float_precision=4):
+        print(table)
+    print(f"sweep {sweep.cfg.name}: {len(sweep.cells)} cells in {(time.time() - tick) / 60:.1f} min; results in "
+          f"{folder} (pl.scan_parquet('{folder}/finals'), '{folder}/trials', '{folder}/final_runs', '{folder}/epochs')")
+    return 0
+
+
+def cmd_cells(args) -> int:
+    from orchestrator.sweep import parse_sweep, plan_cells
+
+    cells, skipped = plan_cells(parse_sweep(args.overrides))
+    for c in cells:
+        print(f"{c.rule:<20} {c.arch:<10} {c.dataset}")
+    for c, why in skipped:
+        print(f"{c.rule:<20} {c.arch:<10} {c.dataset:<15} skipped: {why}")
+    print(f"{len(cells)} cells, {len(skipped)} unsupported", file=sys.stderr)
+    return 0
 
 
 def cmd_bench(args) -> int:
+    if args.orchestrator:
+        from orchestrator.efficiency import measure
+
+        result = measure()
+        print(json.dumps(result))
+        print(f"orchestrator busy fraction {result['busy_fraction']:.3f} ({result['trials']} trials x "
+              f"{result['work_s']:.0f}s CPU work, {result['concurrency']} concurrent, wall {result['wall_s']:.1f}s)",
+              file=sys.stderr)
+        return 0
     from orchestrator.bench import run_bench
 
     return run_bench(args.rule, args.only, args.overrides, args.markdown)
@@ -123,17 +153,21 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("datasets", help="list datasets").set_defaults(func=cmd_datasets)
     sub.add_parser("archs", help="list architectures").set_defaults(func=cmd_archs)
 
-    s = sub.add_parser("sweep", help="run the sweep (for now: one small backprop trial, said so)")
-    s.add_argument("overrides", nargs="*")
-    s.add_argument("--json", action="store_true")
-    s.add_argument("--quiet", action="store_true")
+    s = sub.add_parser("sweep", help="tune and compare every rule x arch x dataset cell (preset=local|paper|smoke)")
+    s.add_argument("overrides", nargs="*", help="e.g. preset=local rules=[bp,fa] budget.trials=8 ray.address=auto")
     s.set_defaults(func=cmd_sweep)
+
+    c = sub.add_parser("cells", help="list the cells a sweep would run, and the unsupported ones with the reason")
+    c.add_argument("overrides", nargs="*")
+    c.set_defaults(func=cmd_cells)
 
     b = sub.add_parser("bench", help="accuracy targets the rules declare (long; not part of make test)")
     b.add_argument("overrides", nargs="*", help="overrides applied to every bench run, e.g. data.root=DIR")
     b.add_argument("--rule", action="append", help="only this rule's cases (repeatable)")
     b.add_argument("--only", action="append", help="only the named case, e.g. bp-mlp-mnist (repeatable)")
     b.add_argument("--markdown", help="append the result table to this markdown file")
+    b.add_argument("--orchestrator", action="store_true",
+                   help="measure the orchestrator's busy fraction (fixed 5 s CPU trials, 2 concurrent) instead")
     b.set_defaults(func=cmd_bench)
     return p
 

@@ -34,8 +34,9 @@ class DataConfig:
     """Use only this many training images (before the validation split); None for all."""
     test_limit: Optional[int] = None
     """Use only the first this many test images; None for all."""
-    augment: bool = False
-    """Random crop (4-pixel padding) and horizontal flip of training batches, for natural images."""
+    augment: str = "none"
+    """Training-batch augmentation: none, shift (random shifts up to 2 pixels, for digits and
+    characters) or crop_flip (random 4-pixel-padded crop and horizontal flip, for natural images)."""
     image_size: int = 32
     """imagefolder: images are resized to image_size x image_size."""
     imagefolder: Optional[str] = None
@@ -96,7 +97,11 @@ SMOKE_MODEL = {"mlp": {"widths": [32]}, "cnn": {"channels": [4, 8]}, "deep_cnn":
 
 
 def parse_overrides(overrides: list[str], base: DictConfig | None = None) -> DictConfig:
-    """Merge ``key=value`` dotlist overrides into the structured config; UsageError on bad input."""
+    """Merge ``key=value`` dotlist overrides into a structured config (default: a trial's Config).
+
+    UsageError on malformed items, unknown keys or wrong types. A trial config with ``smoke=true``
+    is shrunk (see :func:`apply_smoke`).
+    """
     for item in overrides:
         if not _OVERRIDE.match(item):
             raise UsageError(f"malformed override {item!r}; write key=value, e.g. rule=bp or train.epochs=3")
@@ -105,15 +110,23 @@ def parse_overrides(overrides: list[str], base: DictConfig | None = None) -> Dic
         merged = OmegaConf.merge(cfg, OmegaConf.from_dotlist(overrides))
     except OmegaConfBaseException as e:
         raise UsageError(_omegaconf_message(e)) from None
-    if merged.smoke:
-        given = {item.split("=", 1)[0] for item in overrides}
-        for key, value in SMOKE.items():
-            if key not in given:
-                OmegaConf.update(merged, key, value)
-        for key, value in SMOKE_MODEL.get(merged.arch, {}).items():
-            if f"model.{key}" not in given and key not in merged.model:
-                merged.model[key] = value
+    if base is None:
+        apply_smoke(merged)
     return merged
+
+
+def apply_smoke(cfg: DictConfig) -> DictConfig:
+    """If ``cfg.smoke``: shrink every setting the user left at its default (epochs, data, widths)."""
+    if not cfg.smoke:
+        return cfg
+    default = OmegaConf.structured(Config)
+    for key, value in SMOKE.items():
+        if OmegaConf.select(cfg, key) == OmegaConf.select(default, key):
+            OmegaConf.update(cfg, key, value)
+    for key, value in SMOKE_MODEL.get(cfg.arch, {}).items():
+        if key not in cfg.model:
+            cfg.model[key] = value
+    return cfg
 
 
 def typed(schema: type, values: Dict[str, Any], prefix: str):

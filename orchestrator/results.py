@@ -27,8 +27,11 @@ PARTITIONS = ("rule", "arch", "dataset")
 
 RUN_SCHEMA = pa.schema([
     ("run_id", pa.string()),
+    ("phase", pa.string()),           # train (bioplaus train) | tune (a sweep's search) | final (a sweep's finals)
+    ("trial_number", pa.int64()),     # the Optuna trial number within its cell (tune), else null
+    ("node_id", pa.string()),         # the Ray node that ran it (sweeps), else null
     ("seed", pa.int64()),
-    ("status", pa.string()),          # ok | diverged | failed
+    ("status", pa.string()),          # ok | pruned | diverged | failed
     ("error", pa.string()),
     ("epochs_planned", pa.int64()),
     ("epochs_run", pa.int64()),
@@ -57,6 +60,7 @@ RUN_SCHEMA = pa.schema([
 
 EPOCH_SCHEMA = pa.schema([
     ("run_id", pa.string()),
+    ("phase", pa.string()),
     ("seed", pa.int64()),
     ("epoch", pa.int64()),
     ("train_loss", pa.float64()),
@@ -86,22 +90,23 @@ def partition_dir(root: Path, table: str, record: dict[str, Any]) -> Path:
     return root.joinpath(table, *(f"{k}={record[k]}" for k in PARTITIONS))
 
 
-def write_run(root: str | Path, record: dict[str, Any], run_id: str | None = None) -> str:
+def write_run(root: str | Path, record: dict[str, Any], run_id: str | None = None, runs_table: str = "runs",
+              epochs_table: str = "epochs") -> str:
     """Write a trial's run row and its epoch rows; returns the run id."""
     root = Path(root)
     run_id = run_id or new_run_id()
     row = {name: record.get(name) for name in RUN_SCHEMA.names}
-    row.update(run_id=run_id, hp_json=json.dumps(record.get("hp", {}), sort_keys=True, default=str),
+    row.update(run_id=run_id, phase=record.get("phase", "train"), hp_json=json.dumps(record.get("hp", {}), sort_keys=True, default=str),
                config_json=json.dumps(record.get("config", {}), sort_keys=True, default=str),
                started_at=_ms(record.get("started_at")), finished_at=_ms(record.get("finished_at")),
                bioplaus_version=version(), git_commit=git_commit())
-    epochs = [{**{n: e.get(n) for n in EPOCH_SCHEMA.names}, "run_id": run_id, "seed": record["seed"]}
-              for e in record.get("epochs", [])]
+    epochs = [{**{n: e.get(n) for n in EPOCH_SCHEMA.names}, "run_id": run_id, "seed": record["seed"],
+               "phase": row["phase"]} for e in record.get("epochs", [])]
     # Epochs first: a run row is the commit point that says the trial's tables are complete.
     write_table(pa.Table.from_pylist(epochs, schema=EPOCH_SCHEMA),
-                partition_dir(root, "epochs", record) / f"{run_id}.parquet")
+                partition_dir(root, epochs_table, record) / f"{run_id}.parquet")
     write_table(pa.Table.from_pylist([row], schema=RUN_SCHEMA),
-                partition_dir(root, "runs", record) / f"{run_id}.parquet")
+                partition_dir(root, runs_table, record) / f"{run_id}.parquet")
     return run_id
 
 

@@ -86,6 +86,15 @@ def load_search_space(rule_cls, path: Path | None = None) -> dict[str, Param]:
 
 
 def defaults_in_space(rule_cls, space: dict[str, Param]) -> dict[str, Any]:
-    """The rule's default value of every searched hyperparameter (a sweep's first trial)."""
+    """The rule's defaults as a point of the space (a sweep's first trial): numbers clipped to
+    [low, high], a categorical default that is not a choice replaced by the first choice."""
     hp = rule_cls.HParams()
-    return {name: getattr(hp, name) for name in space}
+    point = {}
+    for name, p in space.items():
+        value = getattr(hp, name)
+        if p.type == "categorical":
+            point[name] = value if value in p.choices else p.choices[0]
+        else:
+            value = min(max(value, p.low), p.high)
+            point[name] = int(round(value)) if p.type == "int" else float(value)
+    return point

@@ -80,6 +80,7 @@ def resolve(cfg: DictConfig) -> TrialSpec:
         (d.train_limit is None or d.train_limit >= 2, f"data.train_limit={d.train_limit} must be >= 2"),
         (d.test_limit is None or d.test_limit >= 1, f"data.test_limit={d.test_limit} must be >= 1"),
         (d.image_size >= 4, f"data.image_size={d.image_size} must be >= 4"),
+        (d.augment in AUGMENTS, f"data.augment={d.augment!r} must be one of {', '.join(AUGMENTS)}"),
     ]
     for ok, msg in checks:
         if not ok:
@@ -111,17 +112,21 @@ def seed_everything(seed: int, deterministic: bool) -> None:
     torch.backends.cudnn.benchmark = not deterministic
 
 
-def augment_batch(x: torch.Tensor, gen: torch.Generator, pad: int = 4) -> torch.Tensor:
-    """Random crop after zero padding, and random horizontal flip, for a whole batch at once."""
+AUGMENTS = {"none": None, "shift": (2, False), "crop_flip": (4, True)}
+
+
+def augment_batch(x: torch.Tensor, gen: torch.Generator, pad: int = 4, flip: bool = True) -> torch.Tensor:
+    """Random crop after zero padding (a random shift of up to ``pad`` pixels), and optionally a random
+    horizontal flip, for a whole batch at once (no per-sample Python)."""
     n, c, h, w = x.shape
     offsets = torch.randint(0, 2 * pad + 1, (2, n), generator=gen).to(x.device)
-    flip = (torch.rand(n, generator=gen) < 0.5).to(x.device)
+    flips = (torch.rand(n, generator=gen) < (0.5 if flip else 0.0)).to(x.device)
     padded = F.pad(x, (pad, pad, pad, pad))
     rows = (offsets[0][:, None] + torch.arange(h, device=x.device))[:, None, :, None]
     cols = (offsets[1][:, None] + torch.arange(w, device=x.device))[:, None, None, :]
     out = padded[torch.arange(n, device=x.device)[:, None, None, None],
                  torch.arange(c, device=x.device)[None, :, None, None], rows, cols]
-    return torch.where(flip[:, None, None, None], out.flip(3), out)
+    return torch.where(flips[:, None, None, None], out.flip(3), out)
 
 
 @torch.no_grad()
@@ -148,8 +153,14 @@ def _peak_memory_mb(device: torch.device) -> tuple[float, str]:
 
 
 def run_trial(cfg: DictConfig | TrialSpec, report: Report | None = None, progress: bool = False,
-              splits: DataSplits | None = None) -> dict[str, Any]:
-    """Train and evaluate one configuration. Returns the run record with an ``epochs`` list."""
+              splits: DataSplits | None = None, evaluate_test: bool = True) -> dict[str, Any]:
+    """Train and evaluate one configuration. Returns the run record with an ``epochs`` list.
+
+    ``report`` receives each epoch's row plus the running totals a scheduler or logger needs
+    (``status``, ``best_val_acc``, ``best_epoch``, ``train_seconds``, ...), so a trial stopped early
+    by a scheduler is still fully described by its last report. ``evaluate_test=False`` (tuning
+    trials) never touches the test set.
+    """
     spec = cfg if isinstance(cfg, TrialSpec) else resolve(cfg)
     cfg = spec.cfg
     t, seed = cfg.train, int(cfg.seed)
@@ -177,6 +188,7 @@ def run_trial(cfg: DictConfig | TrialSpec, report: Report | None = None, progres
     n_params = sum(p.numel() for p in net.parameters())
     n_rule_params = sum(p.numel() for p in rule.parameters()) - n_params + sum(b.numel() for b in rule.buffers())
 
+    augment = AUGMENTS[cfg.data.augment]
     order_gen = torch.Generator().manual_seed(seed)
     aug_gen = torch.Generator().manual_seed(seed + 1)
     record: dict[str, Any] = {
@@ -200,8 +212,8 @@ def run_trial(cfg: DictConfig | TrialSpec, report: Report | None = None, progres
             for b in range(steps):
                 idx = perm[b * batch:(b + 1) * batch]
                 x = splits.normalize(splits.train_x[idx])
-                if cfg.data.augment:
-                    x = augment_batch(x, aug_gen)
+                if augment:
+                    x = augment_batch(x, aug_gen, *augment)
                 y = splits.train_y[idx]
                 metrics = rule.train_step(x, y)
                 loss_sum += torch.as_tensor(metrics["loss"], device=device).detach().float() * len(y)
@@ -218,21 +230,24 @@ def run_trial(cfg: DictConfig | TrialSpec, report: Report | None = None, progres
             row = {"epoch": epoch, "train_loss": train_loss,
                    "train_acc": correct.item() / seen if has_correct else float("nan"),
                    "epoch_seconds": seconds, "samples_per_second": seen / seconds if seconds > 0 else float("nan")}
-            if not math.isfinite(train_loss):
+            diverged = not math.isfinite(train_loss)
+            if diverged:
                 record["status"] = "diverged"
                 row.update(val_acc=float("nan"), val_loss=float("nan"))
-                epochs.append(row)
-                if report:
-                    report(dict(row))
-                break
-            row["val_acc"], row["val_loss"] = evaluate(rule, splits, splits.val_x, splits.val_y, t.eval_batch_size)
+            else:
+                row["val_acc"], row["val_loss"] = evaluate(rule, splits, splits.val_x, splits.val_y,
+                                                           t.eval_batch_size)
+                if t.select == "last" or row["val_acc"] > best_acc:
+                    best_acc, best_epoch = row["val_acc"], epoch
+                    best_state = copy.deepcopy(rule.state_dict())
+                bar.epoch_done(epoch, row)
             epochs.append(row)
-            bar.epoch_done(epoch, row)
             if report:
-                report(dict(row))
-            if t.select == "last" or row["val_acc"] > best_acc:
-                best_acc, best_epoch = row["val_acc"], epoch
-                best_state = copy.deepcopy(rule.state_dict())
+                report({**row, "status": record["status"], "best_epoch": best_epoch,
+                        "best_val_acc": max(best_acc, 0.0), "train_seconds": train_seconds,
+                        "n_params": n_params, "peak_mem_mb": _peak_memory_mb(device)[0]})
+            if diverged:
+                break
     except Exception as e:  # a rule crashing is a result to record, not a reason to lose the run
         record["status"] = "failed"
         record["error"] = f"{type(e).__name__}: {e}"
@@ -242,7 +257,7 @@ def run_trial(cfg: DictConfig | TrialSpec, report: Report | None = None, progres
 
     if best_state is not None:
         rule.load_state_dict(best_state)
-    if record["status"] != "failed":
+    if record["status"] != "failed" and evaluate_test:
         test_acc, test_loss = evaluate(rule, splits, splits.test_x, splits.test_y, t.eval_batch_size)
     else:
         test_acc = test_loss = float("nan")

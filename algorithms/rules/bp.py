@@ -46,7 +46,7 @@ class Backprop(Rule):
         Benchmark("mlp", "fashion_mnist", 0.88, ("train.epochs=5",)),
         Benchmark("cnn", "fashion_mnist", 0.90, ("train.epochs=5",)),
         Benchmark("mlp", "mnist", 0.965, ("train.epochs=5",), "10,000 training images in ../shared/data"),
-        Benchmark("deep_cnn", "cifar10", 0.75, ("train.epochs=15", "data.augment=true", "hp.optimizer=adamw",
+        Benchmark("deep_cnn", "cifar10", 0.75, ("train.epochs=15", "data.augment=crop_flip", "hp.optimizer=adamw",
                                                "hp.lr=2e-3", "hp.schedule=cosine", "hp.weight_decay=5e-4")),
     )
 

@@ -1,0 +1,58 @@
+"""``faulty``: backprop with injectable faults, for the orchestrator's fault-injection tests.
+
+Not a learning rule of the comparison: it lives outside ``algorithms/rules/`` and is registered only
+when ``BIOPLAUS_RULE_MODULES=algorithms.faulty`` is set (the tests set it for their Ray workers).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from algorithms.registry import register
+from algorithms.rules.bp import Backprop, BPHParams
+
+
+@dataclass
+class FaultyHParams(BPHParams):
+    """Backprop's hyperparameters plus the faults to inject."""
+
+    nan_at_step: int = -1
+    """Return a NaN loss from this training step on (-1: never)."""
+    raise_at_step: int = -1
+    """Raise RuntimeError at this training step (-1: never)."""
+    die_once_marker: str = ""
+    """If set and this file does not exist: create it and kill the worker process (os._exit) at step 2."""
+    sleep_per_step_s: float = 0.0
+    """Sleep this long in every step (a slow or hanging trial)."""
+
+
+@register
+class Faulty(Backprop):
+    name = "faulty"
+    summary = "backprop with injectable faults (NaN, exception, worker death, slowness); tests only"
+    HParams = FaultyHParams
+    benchmarks = ()
+
+    def __init__(self, net, hp, info):
+        super().__init__(net, hp, info)
+        self.steps = 0
+
+    def train_step(self, x, y):
+        self.steps += 1
+        hp = self.hp
+        if hp.sleep_per_step_s:
+            time.sleep(hp.sleep_per_step_s)
+        if self.steps == hp.raise_at_step:
+            raise RuntimeError(f"injected failure at step {self.steps}")
+        if hp.die_once_marker and self.steps == 2 and not Path(hp.die_once_marker).exists():
+            Path(hp.die_once_marker).write_text(str(os.getpid()))
+            os._exit(17)
+        metrics = super().train_step(x, y)
+        if 0 <= hp.nan_at_step <= self.steps:
+            metrics["loss"] = torch.tensor(float("nan"))
+        return metrics

@@ -1,0 +1,130 @@
+"""Start and stop Ray safely: embedded local Ray stays on loopback from the very first ``ray.init``.
+
+Ray's dashboard/agent processes probe cloud-metadata and DNS addresses when
+``~/ray_bootstrap_config.yaml`` is missing, even with usage stats off. So the Ray processes get a
+``HOME`` of their own holding ``ray_bootstrap_config.yaml`` = ``{}`` (the driver's own ``HOME`` is
+restored right after start-up, so W&B credentials and the user's files are untouched), usage
+reporting goes to a closed loopback port, and no dashboard is started. A stale temp dir from a killed
+run can make ``ray.init`` hang, so each start uses a fresh session folder and is bounded in time.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import shutil
+import signal
+import tempfile
+import threading
+from pathlib import Path
+
+from orchestrator.errors import UsageError
+
+# Ray reads these when it is imported (ray_constants), so they are set when this module is
+# imported, before any ``import ray``: every Ray-using module of the project imports this one first.
+LOOPBACK_ENV = {
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "RAY_AUTH_MODE": "disabled",
+    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+    "RAY_USAGE_STATS_REPORT_URL": "http://127.0.0.1:9/",
+    "RAY_DEDUP_LOGS": "0",
+    "RAY_AIR_NEW_OUTPUT": "0",
+}
+for _k, _v in LOOPBACK_ENV.items():
+    os.environ.setdefault(_k, _v)
+# Unix socket paths are limited to ~107 bytes; Ray appends ~70 characters to its temp dir.
+_MAX_TEMP_DIR = 36
+
+
+def ray_home(base: Path) -> Path:
+    """A HOME for Ray's processes whose ray_bootstrap_config.yaml holds ``{}``."""
+    home = base / "ray-home"
+    home.mkdir(parents=True, exist_ok=True)
+    (home / "ray_bootstrap_config.yaml").write_text("{}\n")
+    return home
+
+
+def temp_dir_for(run_dir: Path) -> Path:
+    """Ray's temp dir inside the run's folder, or a short per-run folder when that path is too long."""
+    wanted = run_dir.resolve() / "ray"
+    if len(str(wanted)) <= _MAX_TEMP_DIR:
+        return wanted
+    digest = hashlib.sha1(str(wanted).encode()).hexdigest()[:10]
+    return Path(tempfile.gettempdir()) / f"bioplaus-ray-{digest}"
+
+
+def apply_run_env(run_dir: Path) -> None:
+    """Point W&B's and TorchInductor's files into the run's folder (unless the user set them)."""
+    os.environ.setdefault("WANDB_DIR", str(run_dir / "wandb"))
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(run_dir / "inductor"))
+    (run_dir / "wandb").mkdir(parents=True, exist_ok=True)
+
+
+def start(run_dir: Path, address: str | None = None, num_cpus: int | None = None, num_gpus: int | None = None,
+          timeout_s: float = 120.0) -> dict:
+    """``ray.init`` for a sweep: embedded local (loopback-only) when ``address`` is None, else connect.
+
+    Returns ``{"address", "temp_dir", "local"}``. Raises UsageError when Ray does not come up in time.
+    """
+    import ray
+
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    apply_run_env(run_dir)
+    if ray.is_initialized():  # someone else (a test fixture, a notebook) owns this Ray session
+        return {"address": None, "temp_dir": None, "local": False, "owned": False}
+    local = address in (None, "", "local")
+    kwargs: dict = {"include_dashboard": False, "log_to_driver": True, "configure_logging": False}
+    temp_dir = None
+    if local:
+        temp_dir = temp_dir_for(run_dir)
+        shutil.rmtree(temp_dir, ignore_errors=True)  # a stale session dir makes ray.init hang
+        temp_dir.mkdir(parents=True, exist_ok=True)
+        kwargs.update(address="local", _temp_dir=str(temp_dir), num_cpus=num_cpus, num_gpus=num_gpus)
+    else:
+        kwargs.update(address=address)
+    home = os.environ.get("HOME")
+    os.environ["HOME"] = str(ray_home(run_dir))
+    try:
+        info = _bounded(lambda: ray.init(**kwargs), timeout_s, f"ray.init(address={address or 'local'})")
+    finally:
+        if home is None:
+            os.environ.pop("HOME", None)
+        else:
+            os.environ["HOME"] = home
+    return {"address": getattr(info, "address_info", {}).get("gcs_address"), "temp_dir": temp_dir, "local": local,
+            "owned": True}
+
+
+def stop(started: dict | None = None, timeout_s: float = 60.0) -> None:
+    """``ray.shutdown`` (bounded) and remove the local temp dir, if ``start`` started Ray."""
+    import ray
+
+    if started is not None and not started.get("owned"):
+        return
+    if ray.is_initialized():
+        with contextlib.suppress(Exception):
+            _bounded(ray.shutdown, timeout_s, "ray.shutdown")
+    if started and started.get("local") and started.get("temp_dir"):
+        shutil.rmtree(started["temp_dir"], ignore_errors=True)
+
+
+def _bounded(fn, timeout_s: float, what: str):
+    """Run ``fn`` with a wall-clock bound (SIGALRM in the main thread; Ray wants its main thread)."""
+    if threading.current_thread() is not threading.main_thread():
+        return fn()
+
+    def expire(signum, frame):
+        raise TimeoutError
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, timeout_s)
+    try:
+        return fn()
+    except TimeoutError:
+        raise UsageError(f"{what} did not finish within {timeout_s:.0f}s; look for stale Ray processes "
+                         "(`ray stop`) or raise ray.timeout_s") from None
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)

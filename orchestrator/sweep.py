@@ -1,0 +1,738 @@
+"""Sweeps: Optuna-tuned, ASHA-pruned trials of every rule x arch x dataset cell on Ray, then finals.
+
+Data flows one way: sweep config -> cells -> tuning trials (Ray Tune) -> finals (Ray tasks) -> Parquet.
+
+* **Cells** are rules x archs x datasets minus what a rule declares unsupported (kept, with the reason,
+  in ``cells.parquet``). Everything is validated (names, search spaces, trial configs) before Ray starts.
+* **Tuning**: one Optuna study per cell (TPE, seeded), all in one persistent storage (a journal file in
+  the sweep folder, or an RDB URL), each wrapped in Ray Tune's ``OptunaSearch``. One Tuner runs every
+  cell: :class:`CellSearcher` hands out the next trial of the cell with the most budget left, so cells
+  interleave and the workers stay busy; :class:`CellASHA` prunes with one ASHA per cell, so trials are
+  only compared with trials of their own cell. Every cell gets the same trial and epoch budget.
+  Objective: the best validation accuracy so far (``best_val_acc``); the test set is not touched.
+* **Finals**: each cell's best configuration is re-run with ``budget.final_seeds`` seeds and evaluated
+  on the test set; ``finals`` holds mean, std and a 95 % t-interval per cell.
+* **Results** are written by the driver only, atomically, keyed by deterministic ids (cell + Optuna
+  trial number, cell + final seed), so a rerun after a crash neither repeats nor duplicates anything:
+  completed work is read back from the Parquet tables, Optuna trials left RUNNING by a dead driver
+  are closed, and only the missing trials and finals run.
+"""
+
+from __future__ import annotations
+
+from orchestrator import ray_local  # noqa: I001  (sets Ray's loopback environment before ray is imported)
+
+import json
+import math
+import platform
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import polars as pl
+import pyarrow as pa
+from omegaconf import DictConfig, OmegaConf
+from ray.tune import Callback
+
+from algorithms.arch import ARCHS
+from algorithms.registry import load_rules
+from orchestrator.config import Config, apply_smoke, parse_overrides, to_plain
+from orchestrator.data import DATASETS
+from orchestrator.data.datasets import data_root, ensure_files
+from orchestrator.errors import UsageError
+from orchestrator.results import git_commit, partition_dir, version, write_run, write_table
+from orchestrator.search_space import Param, defaults_in_space, load_search_space
+from orchestrator.trial import resolve, run_trial
+
+METRIC = "best_val_acc"
+
+
+# --- configuration -------------------------------------------------------------------------------
+@dataclass
+class BudgetConfig:
+    """The budget every cell gets (the same for every rule: fairness is the point)."""
+
+    trials: int = 6
+    """Optuna trials per cell."""
+    epochs: int = 3
+    """Maximum epochs of a tuning trial (ASHA's max_t)."""
+    grace_epochs: int = 1
+    """ASHA grace period: epochs before a trial can be stopped."""
+    reduction_factor: int = 3
+    """ASHA reduction factor."""
+    final_seeds: int = 3
+    """Seeds the best configuration of each cell is re-run with (test set evaluated)."""
+    final_epochs: Optional[int] = None
+    """Epochs of a final run (None: budget.epochs)."""
+
+
+@dataclass
+class ResourcesConfig:
+    """What one trial asks Ray for."""
+
+    cpus_per_trial: float = 1.0
+    """CPUs per trial (and per final run)."""
+    gpus_per_trial: float = 0.0
+    """GPUs per trial; fractional values pack several trials on one GPU."""
+    max_concurrent: Optional[int] = None
+    """Cap on trials running at once (None: as many as the resources allow)."""
+
+
+@dataclass
+class RayConfig:
+    """Where the sweep runs."""
+
+    address: Optional[str] = None
+    """None: embedded local Ray on loopback; "auto" or host:port: a running cluster."""
+    num_cpus: Optional[int] = None
+    """CPUs of the embedded local Ray (None: all)."""
+    num_gpus: Optional[int] = None
+    """GPUs of the embedded local Ray (None: all visible)."""
+    timeout_s: float = 180.0
+    """Give up if ray.init does not return within this many seconds."""
+
+
+@dataclass
+class WandbConfig:
+    """Weights & Biases logging: one run per trial, grouped by cell."""
+
+    mode: str = "offline"
+    """online, offline (no account needed; `wandb sync` uploads later) or disabled."""
+    project: str = "bioplaus"
+    """W&B project."""
+    entity: Optional[str] = None
+    """W&B entity (team or user); None for the default."""
+
+
+@dataclass
+class SweepConfig:
+    """A sweep: which cells, what budget, where it runs and where results go."""
+
+    preset: str = "local"
+    """Named defaults applied before the command line: local, paper or smoke."""
+    name: Optional[str] = None
+    """Sweep folder name under root (None: the preset name)."""
+    root: str = "runs/sweeps"
+    """Folder holding sweep folders."""
+    rules: List[str] = field(default_factory=list)
+    """Rules to compare (empty: every registered rule)."""
+    archs: List[str] = field(default_factory=lambda: ["mlp"])
+    """Architectures."""
+    datasets: List[str] = field(default_factory=lambda: ["digits"])
+    """Datasets."""
+    optional_datasets: List[str] = field(default_factory=list)
+    """Datasets included only when their files are already in the data root (no download)."""
+    seed: int = 0
+    """Seed of the samplers and of the tuning trials; finals use seeds 1000, 1001, ..."""
+    storage: Optional[str] = None
+    """Optuna storage: None for a journal file in the sweep folder, or an RDB URL (sqlite:///..., postgresql://...)."""
+    retries: int = 1
+    """Times a trial whose worker raised or died is retried before it is recorded as failed."""
+    budget: BudgetConfig = field(default_factory=BudgetConfig)
+    resources: ResourcesConfig = field(default_factory=ResourcesConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    trial: Config = field(default_factory=lambda: Config(out=None))
+    """Base trial config (data root, batch size, model settings...); cells set rule/arch/dataset/hp/seed."""
+    progress: bool = True
+    """Live progress view on stderr."""
+
+
+PRESETS: dict[str, list[str]] = {
+    # A complete comparison on a laptop in minutes: every rule x mlp x digits + a Fashion-MNIST slice.
+    "local": ["archs=[mlp]", "datasets=[digits,fashion_mnist]", "budget.trials=4", "budget.epochs=3",
+              "budget.final_seeds=3", "trial.data.train_limit=6000", "trial.data.test_limit=2000",
+              "trial.model.widths=[256,256]"],
+    # The paper's comparison, meant for a GPU cluster (ray.address=auto).
+    "paper": ["archs=[mlp,cnn,deep_cnn]", "datasets=[mnist,fashion_mnist,cifar10]",
+              "optional_datasets=[cifar100,svhn]", "budget.trials=32", "budget.epochs=30", "budget.grace_epochs=3",
+              "budget.final_seeds=5", "resources.gpus_per_trial=0.25", "wandb.mode=online"],
+    # Seconds-long end-to-end check (tests, CI).
+    "smoke": ["archs=[mlp]", "datasets=[digits]", "budget.trials=2", "budget.epochs=2", "budget.final_seeds=2",
+              "trial.smoke=true", "wandb.mode=disabled", "progress=false"],
+}
+
+
+def parse_sweep(overrides: list[str]) -> DictConfig:
+    """Sweep config = defaults <- preset <- command line; UsageError on bad input."""
+    preset = next((o.split("=", 1)[1] for o in reversed(overrides) if o.startswith("preset=")), "local")
+    if preset not in PRESETS:
+        raise UsageError(f"unknown preset {preset!r}; known presets: {', '.join(PRESETS)}")
+    base = OmegaConf.structured(SweepConfig)
+    cfg = parse_overrides([*PRESETS[preset], *overrides], base=base)
+    if cfg.name is None:
+        cfg.name = preset
+    checks = [
+        (cfg.budget.trials >= 1, f"budget.trials={cfg.budget.trials} must be >= 1"),
+        (cfg.budget.epochs >= 1, f"budget.epochs={cfg.budget.epochs} must be >= 1"),
+        (1 <= cfg.budget.grace_epochs <= cfg.budget.epochs,
+         f"budget.grace_epochs={cfg.budget.grace_epochs} must be in 1..budget.epochs={cfg.budget.epochs}"),
+        (cfg.budget.reduction_factor >= 2, f"budget.reduction_factor={cfg.budget.reduction_factor} must be >= 2"),
+        (cfg.budget.final_seeds >= 1, f"budget.final_seeds={cfg.budget.final_seeds} must be >= 1"),
+        (cfg.retries >= 0, f"retries={cfg.retries} must be >= 0"),
+        (cfg.resources.cpus_per_trial > 0, f"resources.cpus_per_trial={cfg.resources.cpus_per_trial} must be > 0"),
+        (cfg.resources.gpus_per_trial >= 0, f"resources.gpus_per_trial={cfg.resources.gpus_per_trial} must be >= 0"),
+        (cfg.wandb.mode in ("online", "offline", "disabled"),
+         f"wandb.mode={cfg.wandb.mode!r} must be online, offline or disabled"),
+        (bool(cfg.name) and "/" not in cfg.name and cfg.name not in (".", ".."),
+         f"name={cfg.name!r} must be a plain folder name"),
+    ]
+    for ok, msg in checks:
+        if not ok:
+            raise UsageError(msg)
+    return cfg
+
+
+# --- cells ---------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Cell:
+    rule: str
+    arch: str
+    dataset: str
+
+    @property
+    def key(self) -> str:
+        return f"{self.rule}.{self.arch}.{self.dataset}"
+
+    def record(self) -> dict[str, str]:
+        return {"rule": self.rule, "arch": self.arch, "dataset": self.dataset}
+
+
+def plan_cells(cfg: DictConfig) -> tuple[list[Cell], list[tuple[Cell, str]]]:
+    """(runnable cells, [(unsupported cell, reason)]); UsageError for unknown names or no cell at all."""
+    registry = load_rules()
+    rules = list(cfg.rules) or list(registry)
+    for kind, names, known in (("rule", rules, registry), ("arch", cfg.archs, ARCHS),
+                               ("dataset", [*cfg.datasets, *cfg.optional_datasets], DATASETS)):
+        bad = [n for n in names if n not in known]
+        if bad:
+            raise UsageError(f"unknown {kind}(s) {bad} in the sweep config; known: {', '.join(known)}")
+    root = data_root(cfg.trial.data)
+    datasets = list(cfg.datasets) + [d for d in cfg.optional_datasets if d not in cfg.datasets and all(
+        (root / DATASETS[d].dirname / f.name).is_file() for f in DATASETS[d].files)]
+    cells, skipped = [], []
+    for rule in rules:
+        for arch in cfg.archs:
+            ok, why = registry[rule].supports(arch)
+            for dataset in datasets:
+                (cells.append(Cell(rule, arch, dataset)) if ok else skipped.append((Cell(rule, arch, dataset), why)))
+    if not cells:
+        raise UsageError("the sweep has no runnable cell (check rules=, archs=, datasets=; `bioplaus cells` lists them)")
+    return cells, skipped
+
+
+def trial_config(cfg: DictConfig, cell: Cell, hp: dict, seed: int, epochs: int) -> dict:
+    """The plain-dict trial config of one run of a cell (what a Ray worker receives)."""
+    trial = OmegaConf.merge(cfg.trial, {"rule": cell.rule, "arch": cell.arch, "dataset": cell.dataset,
+                                        "seed": seed, "hp": hp, "out": None})
+    apply_smoke(trial)
+    trial.train.epochs = epochs  # the sweep's budget decides, smoke or not
+    return to_plain(trial)
+
+
+def _trial_spec(plain: dict):
+    return resolve(OmegaConf.merge(OmegaConf.structured(Config), plain))
+
+
+# --- what runs on the workers ---------------------------------------------------------------------
+def tune_trainable(config: dict) -> None:
+    """Ray Tune function trainable: one tuning trial, reporting every epoch (never touches the test set)."""
+    import ray
+    from ray import tune
+
+    node = ray.get_runtime_context().get_node_id()
+    record = run_trial(_trial_spec(config["trial"]), report=lambda row: tune.report({**row, "node_id": node}),
+                       evaluate_test=False)
+    if record["status"] == "failed":  # let Tune retry it, then record it as failed
+        raise RuntimeError(record["error"])
+
+
+def final_task(plain: dict) -> dict:
+    """One final run (test set evaluated); returns the run record."""
+    import ray
+
+    record = run_trial(_trial_spec(plain), evaluate_test=True)
+    record["node_id"] = ray.get_runtime_context().get_node_id()
+    record.pop("traceback", None)
+    return record
+
+
+# --- search and scheduling: one Optuna study and one ASHA per cell, one Tuner for all -----------------
+def optuna_space(space: dict[str, Param]) -> dict:
+    import optuna.distributions as d
+
+    out = {}
+    for p in space.values():
+        if p.type == "categorical":
+            out[p.name] = d.CategoricalDistribution(list(p.choices))
+        elif p.type == "int":
+            out[p.name] = d.IntDistribution(int(p.low), int(p.high), log=p.log, step=p.step or 1)
+        else:
+            out[p.name] = d.FloatDistribution(float(p.low), float(p.high), log=p.type == "loguniform")
+    return out
+
+
+def optuna_storage(cfg: DictConfig, sweep_dir: Path):
+    import optuna
+
+    if cfg.storage:
+        return optuna.storages.RDBStorage(cfg.storage)
+    from optuna.storages.journal import JournalFileBackend
+
+    return optuna.storages.JournalStorage(JournalFileBackend(str(sweep_dir / "optuna.journal")))
+
+
+def _make_searcher_classes():
+    from ray.tune.schedulers import AsyncHyperBandScheduler, FIFOScheduler
+    from ray.tune.search import Searcher
+
+    class CellSearcher(Searcher):
+        """Multiplexes one OptunaSearch per cell; the next trial goes to the cell with most budget left."""
+
+        def __init__(self, searchers: dict[str, Any], remaining: dict[str, int], configs: dict[str, Any]):
+            super().__init__(metric=METRIC, mode="max")
+            self.searchers, self.remaining, self.configs = searchers, dict(remaining), configs
+            self.order = list(searchers)
+            self.owner: dict[str, str] = {}
+
+        def set_search_properties(self, metric, mode, config, **spec):
+            return True
+
+        def save(self, checkpoint_path: str):  # resume state lives in Optuna's storage and the tables
+            pass
+
+        def restore(self, checkpoint_path: str):
+            pass
+
+        def suggest(self, trial_id: str):
+            open_cells = [k for k in self.order if self.remaining[k] > 0]
+            if not open_cells:
+                return Searcher.FINISHED
+            key = max(open_cells, key=lambda k: (self.remaining[k], -self.order.index(k)))
+            self.remaining[key] -= 1
+            searcher = self.searchers[key]
+            hp = searcher.suggest(trial_id)
+            self.owner[trial_id] = key
+            number = searcher._ot_trials[trial_id].number
+            return {"cell": key, "trial_number": number, "trial": self.configs[key](hp)}
+
+        def on_trial_result(self, trial_id: str, result: dict):
+            self.searchers[self.owner[trial_id]].on_trial_result(trial_id, result)
+
+        def on_trial_complete(self, trial_id: str, result: Optional[dict] = None, error: bool = False):
+            if trial_id in self.owner:
+                self.searchers[self.owner[trial_id]].on_trial_complete(trial_id, result=result, error=error)
+
+    class CellASHA(FIFOScheduler):
+        """ASHA per cell: a trial is only ever compared with trials of its own cell."""
+
+        def __init__(self, max_t: int, grace: int, reduction_factor: int):
+            super().__init__()
+            self.kwargs = dict(time_attr="training_iteration", metric=METRIC, mode="max", max_t=max_t,
+                               grace_period=grace, reduction_factor=reduction_factor)
+            self.by_cell: dict[str, AsyncHyperBandScheduler] = {}
+
+        def _of(self, trial):
+            key = trial.config["cell"]
+            if key not in self.by_cell:
+                self.by_cell[key] = AsyncHyperBandScheduler(**self.kwargs)
+            return self.by_cell[key]
+
+        def on_trial_add(self, tune_controller, trial):
+            self._of(trial).on_trial_add(tune_controller, trial)
+
+        def on_trial_result(self, tune_controller, trial, result):
+            return self._of(trial).on_trial_result(tune_controller, trial, result)
+
+        def on_trial_complete(self, tune_controller, trial, result):
+            self._of(trial).on_trial_complete(tune_controller, trial, result)
+
+        def on_trial_remove(self, tune_controller, trial):
+            self._of(trial).on_trial_remove(tune_controller, trial)
+
+    return CellSearcher, CellASHA
+
+
+# --- the driver -------------------------------------------------------------------------------------
+class Sweep:
+    """One sweep folder: plans cells, resumes from what its tables hold, runs the rest."""
+
+    def __init__(self, cfg: DictConfig):
+        self.cfg = cfg
+        self.dir = Path(cfg.root).expanduser() / cfg.name
+        self.cells, self.skipped = plan_cells(cfg)
+        self.rules = load_rules()
+        self.spaces = {c.rule: load_search_space(self.rules[c.rule]) for c in self.cells}
+        self.final_epochs = cfg.budget.final_epochs or cfg.budget.epochs
+        # Every trial config a sweep will build is checked now, before Ray starts.
+        for cell in self.cells:
+            point = defaults_in_space(self.rules[cell.rule], self.spaces[cell.rule])
+            _trial_spec(trial_config(cfg, cell, point, cfg.seed, cfg.budget.epochs))
+        # Data too: missing files are downloaded (or refused, naming the fix) here, not in every worker.
+        for name in sorted({c.dataset for c in self.cells}):
+            ensure_files(DATASETS[name], cfg.trial.data)
+
+    # tables ---------------------------------------------------------------------------------------
+    def table(self, name: str) -> pl.DataFrame:
+        path = self.dir / name
+        if not path.exists() or not any(path.rglob("*.parquet")):
+            return pl.DataFrame()
+        return pl.scan_parquet(path, hive_partitioning=True).collect()
+
+    def _done(self, table: str) -> dict[str, pl.DataFrame]:
+        df = self.table(table)
+        if df.is_empty():
+            return {}
+        df = df.with_columns(pl.concat_str(["rule", "arch", "dataset"], separator=".").alias("cell"))
+        return {k[0]: g for k, g in df.group_by("cell")}
+
+    def write_manifest(self, status: str, started: float, extra: dict | None = None) -> None:
+        import optuna
+        import ray
+        import torch
+
+        row = {"sweep": self.cfg.name, "status": status, "config_json": json.dumps(to_plain(self.cfg), default=str),
+               "started_at": started, "updated_at": time.time(), "bioplaus_version": version(),
+               "git_commit": git_commit(), "python": platform.python_version(), "torch": torch.__version__,
+               "ray": ray.__version__, "optuna": optuna.__version__, "polars": pl.__version__,
+               "cells": len(self.cells), "skipped_cells": len(self.skipped), **(extra or {})}
+        write_table(pa.Table.from_pylist([row]), self.dir / "manifest.parquet")
+        (self.dir / "manifest.json").write_text(json.dumps(row, indent=2, default=str) + "\n")
+        cells = [{**c.record(), "supported": True, "reason": None} for c in self.cells]
+        cells += [{**c.record(), "supported": False, "reason": why} for c, why in self.skipped]
+        write_table(pa.Table.from_pylist(cells), self.dir / "cells.parquet")
+
+    # tuning ----------------------------------------------------------------------------------------
+    def tune(self, log) -> None:
+        import optuna
+        from ray import tune
+        from ray.tune.search.optuna import OptunaSearch
+
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        cfg = self.cfg
+        done = self._done("trials")
+        storage = optuna_storage(cfg, self.dir)
+        searchers, remaining, configs = {}, {}, {}
+        for i, cell in enumerate(self.cells):
+            rows = done.get(cell.key, pl.DataFrame())
+            self._close_stale_optuna_trials(storage, cell, rows)
+            remaining[cell.key] = max(0, cfg.budget.trials - len(rows))
+            if not remaining[cell.key]:
+                continue
+            rule_cls = self.rules[cell.rule]
+            space = self.spaces[cell.rule]
+            searchers[cell.key] = OptunaSearch(
+                space=optuna_space(space), metric=METRIC, mode="max", study_name=cell.key, storage=storage,
+                sampler=optuna.samplers.TPESampler(seed=cfg.seed * 7919 + i),
+                # The rule's defaults are the first point tried in a fresh study.
+                points_to_evaluate=None if len(rows) else [defaults_in_space(rule_cls, space)])
+            configs[cell.key] = (lambda hp, cell=cell: trial_config(cfg, cell, hp, cfg.seed, cfg.budget.epochs))
+        total = sum(remaining.values())
+        log(f"tuning: {len(self.cells)} cells x {cfg.budget.trials} trials, {total} to run "
+            f"({cfg.budget.trials * len(self.cells) - total} already done)")
+        if not total:
+            return
+        CellSearcher, CellASHA = _make_searcher_classes()
+        recorder = TrialRecorder(self, total, log)
+        trainable = tune.with_resources(tune_trainable, {"cpu": cfg.resources.cpus_per_trial,
+                                                         "gpu": cfg.resources.gpus_per_trial})
+        tuner = tune.Tuner(
+            trainable,
+            tune_config=tune.TuneConfig(
+                search_alg=CellSearcher({k: searchers[k] for k in searchers}, remaining, configs),
+                scheduler=CellASHA(cfg.budget.epochs, cfg.budget.grace_epochs, cfg.budget.reduction_factor),
+                num_samples=total, max_concurrent_trials=cfg.resources.max_concurrent, reuse_actors=True,
+                trial_dirname_creator=lambda t: f"{t.config['cell']}.t{t.config['trial_number']}-{t.trial_id}"),
+            run_config=tune.RunConfig(
+                name=f"tune-{time.strftime('%Y%m%d-%H%M%S')}", storage_path=str((self.dir / "ray_results").resolve()),
+                failure_config=tune.FailureConfig(max_failures=cfg.retries), callbacks=[recorder], verbose=0),
+        )
+        try:
+            tuner.fit()
+        finally:
+            recorder.close()
+
+    def _close_stale_optuna_trials(self, storage, cell: Cell, rows: pl.DataFrame) -> None:
+        """Optuna trials a dead driver left RUNNING: tell the result the tables hold, else mark them failed."""
+        import optuna
+        from optuna.trial import TrialState
+
+        try:
+            study = optuna.load_study(study_name=cell.key, storage=storage)
+        except KeyError:
+            return
+        recorded = {} if rows.is_empty() else dict(zip(rows["trial_number"].to_list(), rows["val_acc"].to_list()))
+        for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+            value = recorded.get(t.number)
+            if value is not None and math.isfinite(value):
+                study.tell(t.number, value, state=TrialState.COMPLETE)
+            else:
+                study.tell(t.number, state=TrialState.FAIL)
+
+    # finals ----------------------------------------------------------------------------------------
+    def best_configs(self) -> dict[str, dict]:
+        """Per cell: the tuning trial with the best validation accuracy (fully trained trials first)."""
+        best = {}
+        for key, rows in self._done("trials").items():
+            ok = rows.filter(pl.col("status").is_in(["ok", "pruned"]) & pl.col("val_acc").is_finite())
+            if ok.is_empty():
+                continue
+            full = ok.filter(pl.col("status") == "ok")
+            pick = (full if not full.is_empty() else ok).sort(["val_acc", "trial_number"],
+                                                              descending=[True, False]).row(0, named=True)
+            best[key] = pick
+        return best
+
+    def finals(self, log) -> None:
+        import ray
+
+        cfg = self.cfg
+        best = self.best_configs()
+        done = self._done("final_runs")
+        seeds = [1000 + k for k in range(cfg.budget.final_seeds)]
+        todo = []
+        for cell in self.cells:
+            if cell.key not in best:
+                continue
+            have = set() if cell.key not in done else set(done[cell.key]["seed"].to_list())
+            hp = json.loads(best[cell.key]["hp_json"])
+            todo += [(cell, seed, trial_config(cfg, cell, hp, seed, self.final_epochs)) for seed in seeds
+                     if seed not in have]
+        log(f"finals: {len(todo)} runs to do ({cfg.budget.final_seeds} seeds per cell)")
+        remote = ray.remote(final_task).options(num_cpus=cfg.resources.cpus_per_trial,
+                                                num_gpus=cfg.resources.gpus_per_trial, max_retries=cfg.retries)
+        pending = {remote.remote(plain): (cell, seed) for cell, seed, plain in todo}
+        bar = _Progress(cfg.progress, "finals", len(pending))
+        wandb = WandbLogger(cfg, self.dir)
+        try:
+            while pending:
+                ready, _ = ray.wait(list(pending), num_returns=1)
+                cell, seed = pending.pop(ready[0])
+                try:
+                    record = ray.get(ready[0])
+                except Exception as e:  # worker died more often than retries allow
+                    record = {**cell.record(), "seed": seed, "status": "failed", "error": _one_line(e),
+                              "epochs": []}
+                record.update(phase="final", epochs_planned=self.final_epochs, **cell.record())
+                write_run(self.dir, record, run_id=f"{cell.key}.final{seed}", runs_table="final_runs")
+                wandb.log_run(f"{cell.key}.final{seed}", cell, "final", record)
+                bar.advance(f"{cell.key} seed {seed}: test {record.get('test_acc', float('nan')):.4f}")
+        finally:
+            bar.close()
+        self.write_finals()
+
+    def write_finals(self) -> None:
+        from scipy import stats
+
+        best = self.best_configs()
+        for key, rows in self._done("final_runs").items():
+            acc = [a for a in rows.filter(pl.col("status") != "failed")["test_acc"].to_list()
+                   if a is not None and math.isfinite(a)]
+            n = len(acc)
+            mean = sum(acc) / n if n else float("nan")
+            std = (sum((a - mean) ** 2 for a in acc) / (n - 1)) ** 0.5 if n > 1 else float("nan")
+            half = stats.t.ppf(0.975, n - 1) * std / n ** 0.5 if n > 1 else float("nan")
+            first = rows.row(0, named=True)
+            b = best.get(key, {})
+            row = {"n_seeds": n, "n_failed": rows.height - n, "test_acc_mean": mean, "test_acc_std": std,
+                   "test_acc_ci95_low": mean - half, "test_acc_ci95_high": mean + half,
+                   "val_acc_mean": rows["val_acc"].mean(), "train_seconds_mean": rows["train_seconds"].mean(),
+                   "samples_per_second_mean": rows["samples_per_second"].mean(),
+                   "peak_mem_mb_max": rows["peak_mem_mb"].max(), "n_params": first["n_params"],
+                   "best_trial_number": b.get("trial_number"), "best_trial_val_acc": b.get("val_acc"),
+                   "hp_json": b.get("hp_json"), "epochs": self.final_epochs}
+            cell = dict(zip(("rule", "arch", "dataset"), key.split(".")))
+            write_table(pa.Table.from_pylist([row]), partition_dir(self.dir, "finals", cell) / "finals.parquet")
+
+    # whole sweep -------------------------------------------------------------------------------------
+    def run(self, log=lambda m: print(m, file=sys.stderr, flush=True)) -> Path:
+        cfg = self.cfg
+        self.dir.mkdir(parents=True, exist_ok=True)
+        started = time.time()
+        self.write_manifest("running", started)
+        for c, why in self.skipped:
+            log(f"skipped cell {c.key}: {why}")
+        ray_started = ray_local.start(self.dir, address=cfg.ray.address, num_cpus=cfg.ray.num_cpus,
+                                      num_gpus=cfg.ray.num_gpus, timeout_s=cfg.ray.timeout_s)
+        try:
+            self.tune(log)
+            self.finals(log)
+        finally:
+            ray_local.stop(ray_started)
+        self.write_manifest("complete", started, {"finished_at": time.time()})
+        return self.dir
+
+    def summary(self) -> pl.DataFrame:
+        """Best validation accuracy (tuning) and final test accuracy per cell."""
+        trials = self.table("trials")
+        finals = self.table("finals")
+        if trials.is_empty():
+            return pl.DataFrame()
+        tuned = trials.group_by("rule", "arch", "dataset").agg(
+            pl.len().alias("trials"), (pl.col("status") == "pruned").sum().alias("pruned"),
+            pl.col("status").is_in(["failed", "diverged"]).sum().alias("failed"),
+            pl.col("val_acc").filter(pl.col("val_acc").is_finite()).max().alias("best_val_acc"))
+        if finals.is_empty():
+            return tuned.sort("rule", "arch", "dataset")
+        return tuned.join(finals.select("rule", "arch", "dataset", "test_acc_mean", "test_acc_ci95_low",
+                                        "test_acc_ci95_high", "n_seeds"), on=["rule", "arch", "dataset"],
+                          how="left").sort("dataset", "arch", pl.col("test_acc_mean").fill_nan(-1), descending=[False, False, True])
+
+
+def _one_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[-1] if text else ''}"[:500]
+
+
+# --- driver-side recording: Parquet, W&B, progress ------------------------------------------------------
+class WandbLogger:
+    """One W&B run per trial (never merged), grouped by cell, tagged by rule/arch/dataset; driver-side."""
+
+    def __init__(self, cfg: DictConfig, sweep_dir: Path):
+        self.mode = cfg.wandb.mode
+        self.cfg = cfg
+        self.dir = sweep_dir
+        self.runs: dict[str, Any] = {}
+
+    def _start(self, run_id: str, cell: Cell, phase: str, config: dict):
+        if self.mode == "disabled":
+            return None
+        if run_id not in self.runs:
+            import wandb
+
+            self.runs[run_id] = wandb.init(
+                project=self.cfg.wandb.project, entity=self.cfg.wandb.entity, mode=self.mode, dir=str(self.dir),
+                group=cell.key, name=run_id, id=_wandb_id(self.cfg.name, run_id), job_type=phase,
+                tags=[cell.rule, cell.arch, cell.dataset, phase], config=config, reinit="create_new",
+                resume="allow", settings=wandb.Settings(console="off", silent=True, x_disable_stats=True))
+        return self.runs[run_id]
+
+    def log_epoch(self, run_id: str, cell: Cell, phase: str, config: dict, row: dict) -> None:
+        run = self._start(run_id, cell, phase, config)
+        if run is not None:
+            run.log({k: v for k, v in row.items() if isinstance(v, (int, float))}, step=int(row.get("epoch", 0)))
+
+    def log_run(self, run_id: str, cell: Cell, phase: str, record: dict) -> None:
+        run = self._start(run_id, cell, phase, {"hp": record.get("hp", {}), "seed": record.get("seed")})
+        if run is None:
+            return
+        for row in record.get("epochs", []) if phase == "final" else []:
+            run.log({k: v for k, v in row.items() if isinstance(v, (int, float))}, step=int(row["epoch"]))
+        run.summary.update({k: record.get(k) for k in ("status", "val_acc", "test_acc", "train_seconds",
+                                                         "samples_per_second", "epochs_run") if k in record})
+        run.finish()
+        self.runs.pop(run_id, None)
+
+    def close(self) -> None:
+        for run in self.runs.values():
+            run.finish()
+        self.runs.clear()
+
+
+def _wandb_id(sweep: str, run_id: str) -> str:
+    import hashlib
+
+    return hashlib.sha1(f"{sweep}/{run_id}".encode()).hexdigest()[:16]
+
+
+class TrialRecorder(Callback):
+    """Tune callback on the driver: collects each trial's epoch reports and writes its rows on completion."""
+
+    def __init__(self, sweep: Sweep, total: int, log):
+        self.sweep, self.log = sweep, log
+        self.epochs: dict[str, dict[int, dict]] = {}
+        self.last: dict[str, dict] = {}
+        self.best: dict[str, float] = {}
+        self.wandb = WandbLogger(sweep.cfg, sweep.dir)
+        self.bar = _Progress(sweep.cfg.progress, "tuning", total)
+
+    @staticmethod
+    def _ids(trial) -> tuple[str, Cell]:
+        key = trial.config["cell"]
+        return f"{key}.t{trial.config['trial_number']}", Cell(*key.split("."))
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        self.epochs[trial.trial_id] = {}
+        self.bar.running(sum(t.status == "RUNNING" for t in trials))
+
+    def on_trial_recover(self, iteration, trials, trial, **info):
+        self.epochs[trial.trial_id] = {}  # a retry starts from scratch; its reports replace these
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        row = {k: result.get(k) for k in ("epoch", "train_loss", "train_acc", "val_acc", "val_loss",
+                                           "epoch_seconds", "samples_per_second")}
+        self.epochs.setdefault(trial.trial_id, {})[int(result["epoch"])] = row
+        self.last[trial.trial_id] = result
+        run_id, cell = self._ids(trial)
+        self.wandb.log_epoch(run_id, cell, "tune", {"hp": trial.config["trial"]["hp"]}, row)
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        self._write(trial, trials, error=None)
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        message = "worker failed"
+        if trial.error_file and Path(trial.error_file).is_file():
+            lines = [ln for ln in Path(trial.error_file).read_text().strip().splitlines() if ln.strip()]
+            message = lines[-1][:500] if lines else message
+        self._write(trial, trials, error=message)
+
+    def _write(self, trial, trials, error: str | None) -> None:
+        run_id, cell = self._ids(trial)
+        last = self.last.get(trial.trial_id, {})
+        plain = trial.config["trial"]
+        epochs = [self.epochs.get(trial.trial_id, {})[e] for e in sorted(self.epochs.get(trial.trial_id, {}))]
+        status = "failed" if error else last.get("status", "failed")
+        if status == "ok" and len(epochs) < plain["train"]["epochs"]:
+            status = "pruned"
+        record = {**cell.record(), "phase": "tune", "seed": plain["seed"], "status": status, "error": error,
+                  "trial_number": trial.config["trial_number"], "node_id": last.get("node_id"),
+                  "epochs_planned": plain["train"]["epochs"], "epochs_run": len(epochs),
+                  "best_epoch": last.get("best_epoch"), "val_acc": last.get(METRIC) if epochs else None,
+                  "train_seconds": last.get("train_seconds"), "n_params": last.get("n_params"),
+                  "peak_mem_mb": last.get("peak_mem_mb"), "hp": plain["hp"], "config": plain, "epochs": epochs,
+                  "samples_per_second": (sum(e["samples_per_second"] * e["epoch_seconds"] for e in epochs)
+                                         / sum(e["epoch_seconds"] for e in epochs)) if epochs else None}
+        write_run(self.sweep.dir, record, run_id=run_id, runs_table="trials")
+        self.wandb.log_run(run_id, cell, "tune", record)
+        val = record["val_acc"] if record["val_acc"] is not None else float("nan")
+        if math.isfinite(val) and val > self.best.get(cell.key, -1):
+            self.best[cell.key] = val
+        self.bar.running(sum(t.status == "RUNNING" for t in trials if t is not trial))
+        self.bar.advance(f"{run_id} {status} val {val:.4f}; best so far {max(self.best.values(), default=float('nan')):.4f}")
+
+    def close(self) -> None:
+        self.wandb.close()
+        self.bar.close()
+
+
+class _Progress:
+    """Live view: runs done / running, the latest result and best so far, with an ETA (rich, stderr)."""
+
+    def __init__(self, enabled: bool, label: str, total: int):
+        self.enabled = enabled and total > 0
+        if not self.enabled:
+            return
+        from rich.console import Console
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, \
+            TimeRemainingColumn
+
+        self.progress = Progress(TextColumn(f"[bold]{label}"), BarColumn(), MofNCompleteColumn(),
+                                 TextColumn("running {task.fields[running]}"), TimeElapsedColumn(),
+                                 TextColumn("eta"), TimeRemainingColumn(), TextColumn("{task.fields[info]}"),
+                                 console=Console(stderr=True))
+        self.progress.start()
+        self.task = self.progress.add_task(label, total=total, running=0, info="")
+
+    def running(self, n: int) -> None:
+        if self.enabled:
+            self.progress.update(self.task, running=n)
+
+    def advance(self, info: str) -> None:
+        if self.enabled:
+            self.progress.update(self.task, advance=1, info=info[-90:])
+
+    def close(self) -> None:
+        if self.enabled:
+            self.progress.stop()
