@@ -249,11 +249,11 @@ def tune_trainable(config: dict) -> None:
         raise RuntimeError(record["error"])
 
 
-def final_task(plain: dict) -> dict:
-    """One final run (test set evaluated); returns the run record."""
+def final_task(plain: dict, model_path: str | None = None) -> dict:
+    """One final run (test set evaluated, the selected network saved); returns the run record."""
     import ray
 
-    record = run_trial(_trial_spec(plain), evaluate_test=True)
+    record = run_trial(_trial_spec(plain), evaluate_test=True, save_model=model_path)
     record["node_id"] = ray.get_runtime_context().get_node_id()
     record.pop("traceback", None)
     return record
@@ -503,7 +503,9 @@ class Sweep:
         log(f"finals: {len(todo)} runs to do ({cfg.budget.final_seeds} seeds per cell)")
         remote = ray.remote(final_task).options(num_cpus=cfg.resources.cpus_per_trial,
                                                 num_gpus=cfg.resources.gpus_per_trial, max_retries=cfg.retries)
-        pending = {remote.remote(plain): (cell, seed) for cell, seed, plain in todo}
+        models = (self.dir / "models").resolve()
+        pending = {remote.remote(plain, str(models / f"{cell.key}.final{seed}.pt")): (cell, seed)
+                   for cell, seed, plain in todo}
         bar = _Progress(cfg.progress, "finals", len(pending))
         wandb = WandbLogger(cfg, self.dir)
         try:

@@ -153,13 +153,15 @@ def _peak_memory_mb(device: torch.device) -> tuple[float, str]:
 
 
 def run_trial(cfg: DictConfig | TrialSpec, report: Report | None = None, progress: bool = False,
-              splits: DataSplits | None = None, evaluate_test: bool = True) -> dict[str, Any]:
+              splits: DataSplits | None = None, evaluate_test: bool = True,
+              save_model: str | None = None) -> dict[str, Any]:
     """Train and evaluate one configuration. Returns the run record with an ``epochs`` list.
 
     ``report`` receives each epoch's row plus the running totals a scheduler or logger needs
     (``status``, ``best_val_acc``, ``best_epoch``, ``train_seconds``, ...), so a trial stopped early
     by a scheduler is still fully described by its last report. ``evaluate_test=False`` (tuning
-    trials) never touches the test set.
+    trials) never touches the test set. ``save_model`` writes the selected network (see
+    orchestrator/checkpoint.py) for later analysis, e.g. brain similarity.
     """
     spec = cfg if isinstance(cfg, TrialSpec) else resolve(cfg)
     cfg = spec.cfg
@@ -261,6 +263,11 @@ def run_trial(cfg: DictConfig | TrialSpec, report: Report | None = None, progres
         test_acc, test_loss = evaluate(rule, splits, splits.test_x, splits.test_y, t.eval_batch_size)
     else:
         test_acc = test_loss = float("nan")
+    if save_model and record["status"] != "failed":
+        from orchestrator.checkpoint import save_network
+
+        save_network(save_model, rule.net, to_plain(cfg), splits.mean, splits.std, splits.classes)
+        record["model_path"] = str(save_model)
     best_row = epochs[best_epoch - 1] if best_epoch else {}
     peak, kind = _peak_memory_mb(device)
     record.update(

@@ -91,3 +91,21 @@ def test_failed_rule_step_is_a_recorded_result(monkeypatch):
 def test_every_declared_benchmark_is_a_valid_config(name):
     for b in load_rules()[name].benchmarks:
         resolve(parse_overrides([f"rule={name}", f"arch={b.arch}", f"dataset={b.dataset}", *b.overrides]))
+
+
+def test_saved_network_reloads_safely_and_predicts_the_same(tmp_path):
+    import torch
+
+    from orchestrator.checkpoint import load_network
+    from orchestrator.trial import load_splits
+
+    path = tmp_path / "m.pt"
+    record = run_trial(resolve(parse_overrides(["smoke=true", "train.epochs=1"])), save_model=str(path))
+    net, meta = load_network(path)  # torch.load(weights_only=True) inside
+    splits = load_splits(parse_overrides(["smoke=true"]))
+    x = splits.normalize(splits.test_x[:50])
+    acc = (net(x).argmax(1) == splits.test_y[:50]).float().mean().item()
+    assert meta["arch"] == "mlp" and torch.allclose(meta["mean"], splits.mean) and len(meta["classes"]) == 10
+    assert record["model_path"] == str(path)
+    full = (net(splits.normalize(splits.test_x)).argmax(1) == splits.test_y).float().mean().item()
+    assert abs(full - record["test_acc"]) < 1e-6 and 0 <= acc <= 1
