@@ -355,6 +355,62 @@ def _make_searcher_classes():
     return CellSearcher, CellASHA
 
 
+# --- reading a sweep folder back (also what the analysis reads) ----------------------------------------
+def read_table(sweep_dir: Path, name: str) -> pl.DataFrame:
+    """One of a sweep's hive-partitioned tables (trials, epochs, final_runs, finals); empty if absent."""
+    path = Path(sweep_dir) / name
+    if not path.exists() or not any(path.rglob("*.parquet")):
+        return pl.DataFrame()
+    return pl.scan_parquet(path, hive_partitioning=True).collect()
+
+
+def rows_by_cell(sweep_dir: Path, table: str) -> dict[str, pl.DataFrame]:
+    """A table's rows grouped by cell key ("rule.arch.dataset")."""
+    df = read_table(sweep_dir, table)
+    if df.is_empty():
+        return {}
+    df = df.with_columns(pl.concat_str(["rule", "arch", "dataset"], separator=".").alias("cell"))
+    return {k[0]: g for k, g in df.group_by("cell")}
+
+
+def best_configs(sweep_dir: Path) -> dict[str, dict]:
+    """Per cell: the tuning trial with the best validation accuracy (fully trained trials first)."""
+    best = {}
+    for key, rows in rows_by_cell(sweep_dir, "trials").items():
+        ok = rows.filter(pl.col("status").is_in(["ok", "pruned"]) & pl.col("val_acc").is_finite())
+        if ok.is_empty():
+            continue
+        full = ok.filter(pl.col("status") == "ok")
+        best[key] = (full if not full.is_empty() else ok).sort(["val_acc", "trial_number"],
+                                                               descending=[True, False]).row(0, named=True)
+    return best
+
+
+def write_finals(sweep_dir: Path, final_epochs: int) -> None:
+    """The finals table: per cell, mean/std/95 % t-interval of the final runs' test accuracy."""
+    from scipy import stats
+
+    best = best_configs(sweep_dir)
+    for key, rows in rows_by_cell(sweep_dir, "final_runs").items():
+        acc = [a for a in rows.filter(pl.col("status") != "failed")["test_acc"].to_list()
+               if a is not None and math.isfinite(a)]
+        n = len(acc)
+        mean = sum(acc) / n if n else float("nan")
+        std = (sum((a - mean) ** 2 for a in acc) / (n - 1)) ** 0.5 if n > 1 else float("nan")
+        half = stats.t.ppf(0.975, n - 1) * std / n ** 0.5 if n > 1 else float("nan")
+        first = rows.row(0, named=True)
+        b = best.get(key, {})
+        row = {"n_seeds": n, "n_failed": rows.height - n, "test_acc_mean": mean, "test_acc_std": std,
+               "test_acc_ci95_low": mean - half, "test_acc_ci95_high": mean + half,
+               "val_acc_mean": rows["val_acc"].mean(), "train_seconds_mean": rows["train_seconds"].mean(),
+               "samples_per_second_mean": rows["samples_per_second"].mean(),
+               "peak_mem_mb_max": rows["peak_mem_mb"].max(), "n_params": first["n_params"],
+               "best_trial_number": b.get("trial_number"), "best_trial_val_acc": b.get("val_acc"),
+               "hp_json": b.get("hp_json"), "epochs": final_epochs}
+        cell = dict(zip(("rule", "arch", "dataset"), key.split(".")))
+        write_table(pa.Table.from_pylist([row]), partition_dir(Path(sweep_dir), "finals", cell) / "finals.parquet")
+
+
 # --- the driver -------------------------------------------------------------------------------------
 class Sweep:
     """One sweep folder: plans cells, resumes from what its tables hold, runs the rest."""
@@ -376,17 +432,10 @@ class Sweep:
 
     # tables ---------------------------------------------------------------------------------------
     def table(self, name: str) -> pl.DataFrame:
-        path = self.dir / name
-        if not path.exists() or not any(path.rglob("*.parquet")):
-            return pl.DataFrame()
-        return pl.scan_parquet(path, hive_partitioning=True).collect()
+        return read_table(self.dir, name)
 
     def _done(self, table: str) -> dict[str, pl.DataFrame]:
-        df = self.table(table)
-        if df.is_empty():
-            return {}
-        df = df.with_columns(pl.concat_str(["rule", "arch", "dataset"], separator=".").alias("cell"))
-        return {k[0]: g for k, g in df.group_by("cell")}
+        return rows_by_cell(self.dir, table)
 
     def write_manifest(self, status: str, started: float, extra: dict | None = None) -> None:
         import optuna
@@ -472,24 +521,11 @@ class Sweep:
                 study.tell(t.number, state=TrialState.FAIL)
 
     # finals ----------------------------------------------------------------------------------------
-    def best_configs(self) -> dict[str, dict]:
-        """Per cell: the tuning trial with the best validation accuracy (fully trained trials first)."""
-        best = {}
-        for key, rows in self._done("trials").items():
-            ok = rows.filter(pl.col("status").is_in(["ok", "pruned"]) & pl.col("val_acc").is_finite())
-            if ok.is_empty():
-                continue
-            full = ok.filter(pl.col("status") == "ok")
-            pick = (full if not full.is_empty() else ok).sort(["val_acc", "trial_number"],
-                                                              descending=[True, False]).row(0, named=True)
-            best[key] = pick
-        return best
-
     def finals(self, log) -> None:
         import ray
 
         cfg = self.cfg
-        best = self.best_configs()
+        best = best_configs(self.dir)
         done = self._done("final_runs")
         seeds = [1000 + k for k in range(cfg.budget.final_seeds)]
         todo = []
@@ -523,30 +559,7 @@ class Sweep:
                 bar.advance(f"{cell.key} seed {seed}: test {record.get('test_acc', float('nan')):.4f}")
         finally:
             bar.close()
-        self.write_finals()
-
-    def write_finals(self) -> None:
-        from scipy import stats
-
-        best = self.best_configs()
-        for key, rows in self._done("final_runs").items():
-            acc = [a for a in rows.filter(pl.col("status") != "failed")["test_acc"].to_list()
-                   if a is not None and math.isfinite(a)]
-            n = len(acc)
-            mean = sum(acc) / n if n else float("nan")
-            std = (sum((a - mean) ** 2 for a in acc) / (n - 1)) ** 0.5 if n > 1 else float("nan")
-            half = stats.t.ppf(0.975, n - 1) * std / n ** 0.5 if n > 1 else float("nan")
-            first = rows.row(0, named=True)
-            b = best.get(key, {})
-            row = {"n_seeds": n, "n_failed": rows.height - n, "test_acc_mean": mean, "test_acc_std": std,
-                   "test_acc_ci95_low": mean - half, "test_acc_ci95_high": mean + half,
-                   "val_acc_mean": rows["val_acc"].mean(), "train_seconds_mean": rows["train_seconds"].mean(),
-                   "samples_per_second_mean": rows["samples_per_second"].mean(),
-                   "peak_mem_mb_max": rows["peak_mem_mb"].max(), "n_params": first["n_params"],
-                   "best_trial_number": b.get("trial_number"), "best_trial_val_acc": b.get("val_acc"),
-                   "hp_json": b.get("hp_json"), "epochs": self.final_epochs}
-            cell = dict(zip(("rule", "arch", "dataset"), key.split(".")))
-            write_table(pa.Table.from_pylist([row]), partition_dir(self.dir, "finals", cell) / "finals.parquet")
+        write_finals(self.dir, self.final_epochs)
 
     # whole sweep -------------------------------------------------------------------------------------
     def run(self, log=lambda m: print(m, file=sys.stderr, flush=True)) -> Path:
