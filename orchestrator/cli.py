@@ -137,6 +137,24 @@ def cmd_bench(args) -> int:
     return run_bench(args.rule, args.only, args.overrides, args.markdown)
 
 
+def cmd_brain(args) -> int:
+    from analysis.brain import run_command
+
+    return run_command(args.sweep_dir, args.overrides, rsa92=args.rsa92, plot=args.plot)
+
+
+def cmd_report(args) -> int:
+    from analysis.report import build_report
+
+    report = build_report(args.sweep_dir, out=args.out)
+    if not args.quiet:
+        print(report.summary)
+    for note in report.notes:
+        print(f"note: {note}", file=sys.stderr)
+    print(f"report written to {report.html} in {report.seconds:.1f}s", file=sys.stderr)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="bioplaus", description="Compare biologically plausible learning rules against backprop.")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -169,6 +187,19 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--orchestrator", action="store_true",
                    help="measure the orchestrator's busy fraction (fixed 5 s CPU trials, 2 concurrent) instead")
     b.set_defaults(func=cmd_bench)
+
+    br = sub.add_parser("brain", help="RSA of every saved network's layers with human and monkey IT (92 images)")
+    br.add_argument("sweep_dir", help="folder with models/*.pt (a sweep folder); results go to its brain/ table")
+    br.add_argument("overrides", nargs="*", help="BrainConfig keys (analysis/brain.py), e.g. n_boot=200 rdm=euclidean")
+    br.add_argument("--rsa92", help="folder with the Kriegeskorte 2008 .mat files (default: <data root>/rsa92)")
+    br.add_argument("--plot", help="also write the best-layer figure (png/pdf) to this path")
+    br.set_defaults(func=cmd_brain)
+
+    rp = sub.add_parser("report", help="tables, figures and an HTML/Markdown report of a sweep folder")
+    rp.add_argument("sweep_dir", help="a sweep folder, e.g. runs/sweeps/local")
+    rp.add_argument("--out", help="where to write the report (default: SWEEP_DIR/report)")
+    rp.add_argument("--quiet", action="store_true", help="do not print the summary tables")
+    rp.set_defaults(func=cmd_report)
     return p
 
 

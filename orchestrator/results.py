@@ -69,6 +69,7 @@ EPOCH_SCHEMA = pa.schema([
     ("val_loss", pa.float64()),
     ("epoch_seconds", pa.float64()),
     ("samples_per_second", pa.float64()),
+    ("extra_json", pa.string()),      # the rule's own per-step metrics, epoch means (e.g. inference_steps)
 ])
 
 
@@ -101,7 +102,8 @@ def write_run(root: str | Path, record: dict[str, Any], run_id: str | None = Non
                started_at=_ms(record.get("started_at")), finished_at=_ms(record.get("finished_at")),
                bioplaus_version=version(), git_commit=git_commit())
     epochs = [{**{n: e.get(n) for n in EPOCH_SCHEMA.names}, "run_id": run_id, "seed": record["seed"],
-               "phase": row["phase"]} for e in record.get("epochs", [])]
+               "phase": row["phase"], "extra_json": json.dumps(e.get("extra") or {}, sort_keys=True)}
+              for e in record.get("epochs", [])]
     # Epochs first: a run row is the commit point that says the trial's tables are complete.
     write_table(pa.Table.from_pylist(epochs, schema=EPOCH_SCHEMA),
                 partition_dir(root, epochs_table, record) / f"{run_id}.parquet")

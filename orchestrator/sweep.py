@@ -627,14 +627,14 @@ class WandbLogger:
     def log_epoch(self, run_id: str, cell: Cell, phase: str, config: dict, row: dict) -> None:
         run = self._start(run_id, cell, phase, config)
         if run is not None:
-            run.log({k: v for k, v in row.items() if isinstance(v, (int, float))}, step=int(row.get("epoch", 0)))
+            run.log(_numbers(row), step=int(row.get("epoch", 0)))
 
     def log_run(self, run_id: str, cell: Cell, phase: str, record: dict) -> None:
         run = self._start(run_id, cell, phase, {"hp": record.get("hp", {}), "seed": record.get("seed")})
         if run is None:
             return
         for row in record.get("epochs", []) if phase == "final" else []:
-            run.log({k: v for k, v in row.items() if isinstance(v, (int, float))}, step=int(row["epoch"]))
+            run.log(_numbers(row), step=int(row["epoch"]))
         run.summary.update({k: record.get(k) for k in ("status", "val_acc", "test_acc", "train_seconds",
                                                          "samples_per_second", "epochs_run") if k in record})
         run.finish()
@@ -644,6 +644,13 @@ class WandbLogger:
         for run in self.runs.values():
             run.finish()
         self.runs.clear()
+
+
+def _numbers(row: dict) -> dict:
+    """An epoch row's numeric values, the rule's extra metrics flattened in."""
+    out = {k: v for k, v in row.items() if isinstance(v, (int, float))}
+    out.update({f"extra/{k}": v for k, v in (row.get("extra") or {}).items()})
+    return out
 
 
 def _wandb_id(sweep: str, run_id: str) -> str:
@@ -677,7 +684,9 @@ class TrialRecorder(Callback):
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         row = {k: result.get(k) for k in ("epoch", "train_loss", "train_acc", "val_acc", "val_loss",
-                                           "epoch_seconds", "samples_per_second")}
+                                           "epoch_seconds", "samples_per_second", "extra")}
+        if row["extra"] is None:  # Tune may hand results over flattened ("extra/<name>")
+            row["extra"] = {k.split("/", 1)[1]: v for k, v in result.items() if k.startswith("extra/")}
         self.epochs.setdefault(trial.trial_id, {})[int(result["epoch"])] = row
         self.last[trial.trial_id] = result
         run_id, cell = self._ids(trial)

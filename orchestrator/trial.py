@@ -188,7 +188,8 @@ def run_trial(cfg: DictConfig | TrialSpec, report: Report | None = None, progres
     info = RunInfo(splits.num_classes, splits.input_shape, t.epochs, steps, device, seed)
     rule = spec.rule_cls(net.to(device), spec.hp, info).to(device)
     n_params = sum(p.numel() for p in net.parameters())
-    n_rule_params = sum(p.numel() for p in rule.parameters()) - n_params + sum(b.numel() for b in rule.buffers())
+    in_net = {id(t) for t in (*net.parameters(), *net.buffers())}  # the rule's own state: feedback weights, heads
+    n_rule_params = sum(t.numel() for t in (*rule.parameters(), *rule.buffers()) if id(t) not in in_net)
 
     augment = AUGMENTS[cfg.data.augment]
     order_gen = torch.Generator().manual_seed(seed)
@@ -210,6 +211,7 @@ def run_trial(cfg: DictConfig | TrialSpec, report: Report | None = None, progres
             loss_sum = torch.zeros((), device=device)
             correct = torch.zeros((), device=device)
             has_correct = False
+            extra: dict[str, torch.Tensor] = {}  # the rule's own metrics (inference steps, ...), epoch means
             tick = time.perf_counter()
             for b in range(steps):
                 idx = perm[b * batch:(b + 1) * batch]
@@ -219,9 +221,12 @@ def run_trial(cfg: DictConfig | TrialSpec, report: Report | None = None, progres
                 y = splits.train_y[idx]
                 metrics = rule.train_step(x, y)
                 loss_sum += torch.as_tensor(metrics["loss"], device=device).detach().float() * len(y)
-                if "correct" in metrics:
-                    has_correct = True
-                    correct += torch.as_tensor(metrics["correct"], device=device)
+                for key, value in metrics.items():
+                    if key == "correct":
+                        has_correct = True
+                        correct += torch.as_tensor(value, device=device)
+                    elif key != "loss":
+                        extra[key] = extra.get(key, 0) + torch.as_tensor(value, device=device).detach().float()
                 bar.step(epoch, b + 1)
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
@@ -231,7 +236,8 @@ def run_trial(cfg: DictConfig | TrialSpec, report: Report | None = None, progres
             train_loss = loss_sum.item() / seen
             row = {"epoch": epoch, "train_loss": train_loss,
                    "train_acc": correct.item() / seen if has_correct else float("nan"),
-                   "epoch_seconds": seconds, "samples_per_second": seen / seconds if seconds > 0 else float("nan")}
+                   "epoch_seconds": seconds, "samples_per_second": seen / seconds if seconds > 0 else float("nan"),
+                   "extra": {k: v.item() / steps for k, v in extra.items()}}
             diverged = not math.isfinite(train_loss)
             if diverged:
                 record["status"] = "diverged"

@@ -109,3 +109,19 @@ def test_saved_network_reloads_safely_and_predicts_the_same(tmp_path):
     assert record["model_path"] == str(path)
     full = (net(splits.normalize(splits.test_x)).argmax(1) == splits.test_y).float().mean().item()
     assert abs(full - record["test_acc"]) < 1e-6 and 0 <= acc <= 1
+
+
+def test_a_rules_extra_metrics_reach_the_epoch_table(monkeypatch, tmp_path):
+    from algorithms.rules.bp import Backprop
+
+    original = Backprop.train_step
+
+    def with_extra(self, x, y):
+        return {**original(self, x, y), "inference_steps": 20}
+
+    monkeypatch.setattr(Backprop, "train_step", with_extra)
+    record = trial("train.epochs=2")
+    assert [e["extra"] for e in record["epochs"]] == [{"inference_steps": 20.0}] * 2
+    write_run(tmp_path, record)
+    epochs = pl.scan_parquet(tmp_path / "epochs").collect()
+    assert [json.loads(x) for x in epochs["extra_json"]] == [{"inference_steps": 20.0}] * 2
