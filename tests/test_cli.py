@@ -72,9 +72,3 @@ def test_bad_input_is_one_line_exit_2_no_traceback(args, message, tmp_path):
     assert len(lines) == 1 and lines[0].startswith("bioplaus: error: "), out.stderr
     assert re.search(message, lines[0]), lines[0]
     assert "Traceback" not in out.stderr
-
-
-def test_sweep_placeholder_says_what_it_ran(tmp_path):
-    out = cli("sweep", "train.epochs=1", "--quiet")
-    assert out.returncode == 0
-    assert "not built yet" in out.stderr and "ONE backprop trial" in out.stderr and "ok: test_acc=" in out.stdout
