@@ -42,6 +42,7 @@ from orchestrator.config import Config, apply_smoke, parse_overrides, to_plain
 from orchestrator.data import DATASETS
 from orchestrator.data.datasets import data_root, ensure_files
 from orchestrator.errors import UsageError
+from orchestrator.pipeline import final_options, trial_resources
 from orchestrator.results import git_commit, partition_dir, version, write_run, write_table
 from orchestrator.search_space import Param, defaults_in_space, load_search_space
 from orchestrator.trial import resolve, run_trial
@@ -138,6 +139,10 @@ class SweepConfig:
     """Base trial config (data root, batch size, model settings...); cells set rule/arch/dataset/hp/seed."""
     progress: bool = True
     """Live progress view on stderr."""
+    brain: bool = False
+    """After the finals, compare every final network's layers with human and monkey IT (analysis/brain.py)."""
+    rsa92: Optional[str] = None
+    """Folder of the Kriegeskorte 2008 92-image data for the brain step (None: <data root>/rsa92)."""
 
 
 PRESETS: dict[str, list[str]] = {
@@ -148,7 +153,7 @@ PRESETS: dict[str, list[str]] = {
     # The paper's comparison, meant for a GPU cluster (ray.address=auto).
     "paper": ["archs=[mlp,cnn,deep_cnn]", "datasets=[mnist,fashion_mnist,cifar10]",
               "optional_datasets=[cifar100,svhn]", "budget.trials=32", "budget.epochs=30", "budget.grace_epochs=3",
-              "budget.final_seeds=5", "resources.gpus_per_trial=0.25", "wandb.mode=online"],
+              "budget.final_seeds=5", "resources.gpus_per_trial=0.25", "wandb.mode=online", "brain=true"],
     # Seconds-long end-to-end check (tests, CI).
     "smoke": ["archs=[mlp]", "datasets=[digits]", "budget.trials=2", "budget.epochs=2", "budget.final_seeds=2",
               "trial.smoke=true", "wandb.mode=disabled", "progress=false"],
@@ -485,8 +490,9 @@ class Sweep:
             return
         CellSearcher, CellASHA = _make_searcher_classes()
         recorder = TrialRecorder(self, total, log)
-        trainable = tune.with_resources(tune_trainable, {"cpu": cfg.resources.cpus_per_trial,
-                                                         "gpu": cfg.resources.gpus_per_trial})
+        # train.mode=pipeline: a placement group with one bundle per stage group (orchestrator/pipeline.py)
+        trainable = tune.with_resources(tune_trainable, trial_resources(
+            cfg.trial.train, cfg.resources.cpus_per_trial, cfg.resources.gpus_per_trial))
         tuner = tune.Tuner(
             trainable,
             tune_config=tune.TuneConfig(
@@ -537,8 +543,8 @@ class Sweep:
             todo += [(cell, seed, trial_config(cfg, cell, hp, seed, self.final_epochs)) for seed in seeds
                      if seed not in have]
         log(f"finals: {len(todo)} runs to do ({cfg.budget.final_seeds} seeds per cell)")
-        remote = ray.remote(final_task).options(num_cpus=cfg.resources.cpus_per_trial,
-                                                num_gpus=cfg.resources.gpus_per_trial, max_retries=cfg.retries)
+        remote = ray.remote(final_task).options(**final_options(cfg.trial.train, cfg.resources.cpus_per_trial,
+                                                              cfg.resources.gpus_per_trial), max_retries=cfg.retries)
         models = (self.dir / "models").resolve()
         pending = {remote.remote(plain, str(models / f"{cell.key}.final{seed}.pt")): (cell, seed)
                    for cell, seed, plain in todo}
@@ -576,6 +582,10 @@ class Sweep:
             self.finals(log)
         finally:
             ray_local.stop(ray_started)
+        if cfg.brain:
+            from analysis.brain import brain_table
+
+            brain_table(self.dir, cfg.rsa92, log=log)
         self.write_manifest("complete", started, {"finished_at": time.time()})
         return self.dir
 
