@@ -45,7 +45,8 @@ class Backprop(Rule):
     benchmarks = (
         Benchmark("mlp", "fashion_mnist", 0.88, ("train.epochs=5",)),
         Benchmark("cnn", "fashion_mnist", 0.90, ("train.epochs=5",)),
-        Benchmark("mlp", "mnist", 0.965, ("train.epochs=5",), "10,000 training images in ../shared/data"),
+        Benchmark("mlp", "mnist", 0.965, ("train.epochs=5", "data.augment=shift", "hp.schedule=cosine", "hp.lr=2e-3"),
+                  "9,000 training images (the mirror's first 10,000 minus validation): the defaults give 0.947"),
         Benchmark("deep_cnn", "cifar10", 0.75, ("train.epochs=15", "data.augment=crop_flip", "hp.optimizer=adamw",
                                                "hp.lr=2e-3", "hp.schedule=cosine", "hp.weight_decay=5e-4")),
     )
