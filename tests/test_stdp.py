@@ -1,0 +1,341 @@
+"""STDP on a spiking network (issue 6): the kernels, the rule's criteria and learning on digits.
+
+* kernels (algorithms/spiking.py): the STDP window on two neurons (pre shortly before post potentiates,
+  after it depresses, and less so the further apart), LIF leak, threshold, refractoriness and
+  winner-take-all, Poisson and latency coding;
+* the rule: block steps == train step, homeostasis and weight normalisation do what they say;
+* the criteria, proved here because the rule computes its updates by hand (the autograd probes cannot
+  see them), each with bp as the negative control on which the same instrument detects the violation:
+  - C1/C2: no hidden update changes when every later stage's weights are re-drawn;
+  - C3: every weight layer evaluated exactly once per step and nothing from later stages;
+  - C4: hidden updates identical under other labels, need no label at all, and no autograd graph is built
+    (no backward pass is possible);
+  - C5: every block receives and emits binary spike trains;
+* beats chance by a wide margin on ``digits`` within seconds, with either readout.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from algorithms import probes
+from algorithms.rule import Rule
+from algorithms.spiking import latency_encode, lif_run, poisson_encode, stdp_update, to_intensity
+from orchestrator.config import parse_overrides
+from orchestrator.trial import load_splits, resolve, run_trial
+from tests.conftest import batch, small_rule
+
+READOUTS = ["label", "delta"]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One thread: these nets are tiny and two threads crawl on a loaded 2-core machine; restored after."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield "train.threads=1"
+    torch.set_num_threads(threads)
+
+
+# --- kernels ----------------------------------------------------------------------------------------
+def _train(steps: int, *times: int) -> torch.Tensor:
+    """A (steps, 1, 1) spike train of one neuron with spikes at the given steps."""
+    s = torch.zeros(steps, 1, 1)
+    for t in times:
+        s[t] = 1.0
+    return s
+
+
+def _dw(t_pre: int, t_post: int, **kw) -> float:
+    rates = {"tau_pre": 4.0, "tau_post": 4.0, "eta_post": 0.01, "eta_pre": 0.01} | kw
+    return stdp_update(_train(30, t_pre), _train(30, t_post), **rates).item()
+
+
+def test_stdp_window_on_two_neurons():
+    """Pre shortly before post potentiates, pre shortly after post depresses, and the effect fades with the gap."""
+    assert _dw(10, 12) > 0 and _dw(10, 10) > 0  # causal (a pre spike in the post's step counts as causal)
+    assert _dw(12, 10) < 0
+    assert _dw(10, 11) > _dw(10, 13) > _dw(10, 20) > 0  # potentiation window decays with the delay
+    assert _dw(11, 10) < _dw(13, 10) < _dw(20, 10) < 0  # so does depression
+    assert _dw(10, 12, eta_pre=0.0) == pytest.approx(0.01 * torch.exp(torch.tensor(-0.5)).item())
+    assert _dw(10, 12, eta_post=0.0) == 0.0  # no pre spike after the post spike: nothing to depress
+    # Pair STDP adds over pairs and over the batch: two independent pairs in a batch of two = twice one.
+    pre = torch.cat([_train(30, 10), _train(30, 10)], dim=1)
+    post = torch.cat([_train(30, 12), _train(30, 12)], dim=1)
+    two = stdp_update(pre, post, tau_pre=4.0, tau_post=4.0, eta_post=0.01, eta_pre=0.01)
+    assert two.item() == pytest.approx(2 * _dw(10, 12))
+
+
+def test_stdp_window_through_a_simulated_synapse():
+    """Two LIF-connected neurons: a pre spike that drives the post neuron over threshold potentiates the synapse;
+    the same pre spike arriving after a post spike caused by another input depresses it."""
+    thr = torch.tensor([1.0])
+    drive = torch.zeros(30, 1, 2)  # inputs: 0 = the studied pre neuron, 1 = another input
+    drive[10, 0, 0] = 1.0
+    w = torch.tensor([[1.5, 1.5]])  # the post neuron (one), both synapses strong enough to fire it
+    post = lif_run((drive.flatten(0, 1) @ w.t()).view(30, 1, 1), thr, tau_mem=5.0, refractory=2)
+    assert post[10].item() == 1.0
+    dw = stdp_update(drive, post, tau_pre=4.0, tau_post=4.0, eta_post=0.01, eta_pre=0.01)
+    assert dw[0, 0] > 0 and dw[0, 1] == 0
+    drive2 = torch.zeros(30, 1, 2)
+    drive2[8, 0, 1] = 1.0  # the other input fires the post neuron at step 8 ...
+    drive2[10, 0, 0] = 1.0  # ... and the studied pre neuron spikes 2 steps later
+    post2 = lif_run((drive2.flatten(0, 1) @ torch.tensor([[0.5, 1.5]]).t()).view(30, 1, 1), thr, tau_mem=5.0,
+                    refractory=4)
+    assert post2[8].item() == 1.0 and post2[10].item() == 0.0  # refractory: the weak late input cannot fire it
+    dw2 = stdp_update(drive2, post2, tau_pre=4.0, tau_post=4.0, eta_post=0.01, eta_pre=0.01)
+    assert dw2[0, 0] < 0 and dw2[0, 1] > 0
+
+
+def test_lif_leak_threshold_refractoriness_and_wta():
+    steps = 50
+    thr = torch.tensor([1.0, 1.0, 1.0])
+    # Neuron 0: constant 0.5 per step (fires); neuron 1: below the leak's fixed point thr * (1 - decay) (never);
+    # neuron 2: constant 2 (fires every step it is allowed to).
+    current = torch.tensor([0.5, 0.05, 2.0]).expand(steps, 1, 3).clone()
+    s = lif_run(current, thr, tau_mem=5.0, refractory=3, wta=False)
+    assert s[:, 0, 0].sum() > 0 and s[:, 0, 1].sum() == 0
+    fire_times = s[:, 0, 2].nonzero().flatten()
+    assert (fire_times.diff() == 4).all()  # one spike, then 3 refractory steps
+    assert set(s.unique().tolist()) <= {0.0, 1.0}
+    # Winner-take-all: at most one spike per sample and step, the strongest overshoot wins.
+    many = torch.rand(steps, 8, 20, generator=torch.Generator().manual_seed(0)) * 3
+    w = lif_run(many, torch.ones(20), tau_mem=5.0, refractory=0, wta=True)
+    assert w.sum(2).max() == 1 and w.sum() > 0
+    assert lif_run(many, torch.ones(20), tau_mem=5.0, refractory=0, wta=False).sum(2).max() > 1
+    # Lateral inhibition reduces the other neurons' firing.
+    inhibited = lif_run(many, torch.ones(20), tau_mem=5.0, refractory=0, wta=False, inhibition=0.5)
+    assert inhibited.sum() < lif_run(many, torch.ones(20), tau_mem=5.0, refractory=0, wta=False).sum()
+
+
+def test_poisson_and_latency_coding():
+    x = torch.linspace(-1, 3, 10).view(1, 10).repeat(2, 1) * torch.tensor([[1.0], [2.0]])
+    intensity = to_intensity(x)
+    assert intensity.min() == 0 and intensity.max() == 1 and torch.allclose(intensity[0], intensity[1])
+    torch.manual_seed(0)
+    spikes = poisson_encode(intensity[:1].expand(4000, 10), steps=5, max_rate=0.5)
+    rate = spikes.mean((0, 1))
+    assert torch.allclose(rate, 0.5 * intensity[0], atol=0.01) and set(spikes.unique().tolist()) == {0.0, 1.0}
+    torch.manual_seed(0)
+    assert torch.equal(spikes, poisson_encode(intensity[:1].expand(4000, 10), steps=5, max_rate=0.5))  # torch RNG
+    lat = latency_encode(intensity[:1], steps=20)
+    assert lat.sum(0).tolist()[0] == [0.0] + [1.0] * 9  # one spike per input above the cutoff
+    first = lat[:, 0].argmax(0)[1:]
+    assert (first.diff() <= 0).all() and first[-1] == 0  # brighter -> earlier; full intensity at step 0
+
+
+# --- the rule ------------------------------------------------------------------------------------------
+def _state(rule: Rule) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in rule.state_dict().items()}
+
+
+def _step(rule: Rule, x, y, seed: int = 0) -> Rule:
+    """One train step on a copy, from a fixed RNG state (the Poisson spikes), leaving the global RNG alone."""
+    clone = copy.deepcopy(rule)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        clone.train_step(x, y)
+    return clone
+
+
+@pytest.mark.parametrize("readout", READOUTS)
+def test_block_steps_equal_train_step(readout):
+    """Driving block_step over net.stages (as the layer-parallel pipeline will) == train_step, for two steps;
+    block steps pass binary spike trains batch-first and change only their own stage."""
+    rule = small_rule("stdp", hp={"readout": readout})
+    whole, staged = copy.deepcopy(rule), copy.deepcopy(rule)
+    for step in range(2):
+        x, y = batch(seed=step)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(step)
+            whole.train_step(x, y)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(step)
+            h = x
+            for index in range(len(staged.net.stages)):
+                before = _state(staged)
+                h = staged.block_step(index, h, y)
+                changed = {k for k, v in _state(staged).items() if not torch.equal(v, before[k])}
+                own = ("net.head.", "class_") if index == len(staged.net.blocks) else (f"net.blocks.{index}.",
+                                                                                        f"threshold{index}")
+                assert changed and all(k.startswith(own) for k in changed), (index, changed)
+                if index < len(staged.net.blocks):
+                    assert h.shape[0] == len(y) and set(h.unique().tolist()) <= {0.0, 1.0}
+    a, b = _state(whole), _state(staged)
+    for k in a:
+        assert torch.equal(a[k], b[k]), f"{k} differs between train_step and the staged block steps"
+
+
+def test_homeostasis_and_weight_normalisation():
+    rule = small_rule("stdp", hp={"target_spikes": 4.0})
+    x, y = batch()
+    rule.train_step(x, y)  # first batch: thresholds initialised
+    thr = rule.threshold0.clone()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(1)
+        spikes = rule.spike_trains(x)[1]
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(1)
+        rule.train_step(x, y)
+    rate = spikes.sum((0, 1)) / len(y)
+    target = 4.0 / 16
+    assert (rule.threshold0[rate > target] > thr[rate > target]).all()
+    assert (rule.threshold0[rate < target] < thr[rate < target]).all()
+    for block in rule.net.blocks:
+        w = block.layer.weight
+        assert w.min() >= 0 and w.max() <= rule.hp.w_max
+        assert torch.allclose(w.sum(1), torch.full((w.shape[0],), rule.hp.w_mean * w.shape[1]), rtol=1e-4)
+        assert not w.requires_grad and torch.equal(block.layer.bias, torch.zeros_like(block.layer.bias))
+
+
+# --- criteria: instruments --------------------------------------------------------------------------
+def _hidden(rule: Rule) -> list[torch.Tensor]:
+    """Everything a hidden block learns: its parameters and, for stdp, its thresholds."""
+    out = []
+    for i, block in enumerate(rule.net.blocks):
+        parts = [p.detach().flatten() for p in block.parameters()]
+        if hasattr(rule, f"threshold{i}"):
+            parts.append(getattr(rule, f"threshold{i}").flatten())
+        out.append(torch.cat(parts))
+    return out
+
+
+def _later_dependent_blocks(rule: Rule, x, y) -> set[int]:
+    """Hidden blocks whose one-step update changes when the weights of every later stage are re-drawn."""
+    dependent = set()
+    for i in range(len(rule.net.blocks)):
+        redrawn = copy.deepcopy(rule)
+        with torch.no_grad():
+            for stage in redrawn.net.stages[i + 1:]:
+                w = stage.layer.weight
+                w.copy_(torch.rand(w.shape, generator=torch.Generator().manual_seed(9)) * w.abs().max().clamp_min(0.1))
+        if not torch.equal(_hidden(_step(rule, x, y))[i], _hidden(_step(redrawn, x, y))[i]):
+            dependent.add(i)
+    return dependent
+
+
+def _layer_inputs(rule: Rule, x, y) -> list[list[torch.Tensor]]:
+    """Every input each stage's weight layer received during one train step."""
+    seen: list[list[torch.Tensor]] = [[] for _ in rule.net.stages]
+    handles = [stage.layer.register_forward_pre_hook(lambda m, a, i=i: seen[i].append(a[0].detach().clone()))
+               for i, stage in enumerate(rule.net.stages)]
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            rule.train_step(x, y)
+    finally:
+        for h in handles:
+            h.remove()
+    return seen
+
+
+def _binary(t: torch.Tensor) -> bool:
+    return set(t.unique().tolist()) <= {0.0, 1.0}
+
+
+# --- criteria: proofs -------------------------------------------------------------------------------
+@pytest.mark.parametrize("readout", READOUTS)
+def test_updates_depend_on_nothing_later(readout):
+    """C1 and C2: no hidden update uses any later stage's weights (no transport of them, no error chained
+    through them). Negative control: the same instrument sees bp's hidden updates depend on later weights."""
+    x, y = batch()
+    assert _later_dependent_blocks(small_rule("bp"), x, y) == {0, 1}
+    assert _later_dependent_blocks(small_rule("stdp", hp={"readout": readout}), x, y) == set()
+
+
+def test_single_phase():
+    """C3: each weight layer is evaluated exactly once per step (hidden layers once on all T steps of the batch's
+    spike trains: T*B rows), and no block's update depends on later blocks (no backward sweep). Negative
+    control: bp evaluates each layer once too, but its hidden updates need the later blocks (backward sweep)."""
+    x, y = batch()
+    rule = small_rule("stdp")
+    inputs = _layer_inputs(copy.deepcopy(rule), x, y)
+    assert [len(i) for i in inputs] == [1, 1, 1]
+    assert [i[0].shape[0] for i in inputs] == [rule.hp.steps * len(y)] * 2 + [len(y)]
+    assert _later_dependent_blocks(rule, x, y) == set()
+    assert [len(i) for i in _layer_inputs(small_rule("bp"), x, y)] == [1, 1, 1]
+    assert _later_dependent_blocks(small_rule("bp"), x, y) == {0, 1}
+
+
+@pytest.mark.parametrize("readout", READOUTS)
+def test_hidden_updates_use_no_label_and_no_error(readout):
+    """C4: hidden updates (weights and thresholds) are identical with shifted or random labels, a hidden block
+    step runs with no label at all, and a training step builds no autograd graph (nothing is saved for a
+    backward pass, so none can run). Negative control: bp's hidden updates change with the labels and its
+    step saves tensors for backward."""
+    x, y = batch()
+    assert probes.label_dependent_blocks(small_rule("bp"), x, y) == {0, 1}
+    rule = small_rule("stdp", hp={"readout": readout})
+    assert probes.label_dependent_blocks(rule, x, y) == set()
+    random_labels = torch.randint(0, 10, y.shape, generator=torch.Generator().manual_seed(7))
+    a, b = _step(rule, x, y), _step(rule, x, random_labels)
+    for ha, hb in zip(_hidden(a), _hidden(b)):
+        assert torch.equal(ha, hb)
+    assert not torch.equal(a.net.head.layer.weight, b.net.head.layer.weight)  # the readout does use labels
+    h = x
+    for i in range(len(rule.net.blocks)):
+        h = rule.block_step(i, h, None)  # no label given: the hidden step cannot be using one
+
+    def saved(r: Rule) -> int:
+        count = [0]
+
+        def pack(t):
+            count[0] += 1
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            r.train_step(x, y)
+        return count[0]
+
+    assert saved(small_rule("bp")) > 0
+    assert saved(small_rule("stdp", hp={"readout": readout})) == 0
+
+
+@pytest.mark.parametrize("readout", READOUTS)
+def test_blocks_exchange_binary_spike_trains(readout):
+    """C5: every hidden weight layer receives binary spike trains (the encoded image, then the layer below's
+    spikes), and what each block hands the next stage is a binary spike train; the readout integrates spike
+    counts. Negative control: the same instrument sees real-valued activations entering bp's blocks."""
+    x, y = batch()
+    bp_inputs = _layer_inputs(small_rule("bp"), x, y)
+    assert not all(_binary(t) for stage in bp_inputs[1:] for t in stage)
+    rule = small_rule("stdp", hp={"readout": readout})
+    inputs = _layer_inputs(copy.deepcopy(rule), x, y)
+    assert all(_binary(t) for stage in inputs[:-1] for t in stage)
+    assert all(t.sum() > 0 for stage in inputs[:-1] for t in stage)  # not vacuous: spikes do flow
+    h = x
+    for i in range(len(rule.net.blocks)):
+        h = rule.block_step(i, h, y)
+        assert _binary(h) and h.shape[:2] == (len(y), rule.hp.steps)
+    trains = rule.spike_trains(x)
+    assert all(_binary(t) for t in trains)
+    if readout == "label":  # the label readout's input is the spike counts themselves
+        assert torch.equal(inputs[-1][0], inputs[-1][0].round())
+
+
+# --- learning on digits -----------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def digits():
+    return load_splits(parse_overrides(["dataset=digits"]))
+
+
+LEARN = [  # (readout, floor, overrides): small nets, a few seconds
+    ("label", 0.60, ["model.widths=[100]", "train.epochs=3", "train.batch_size=32"]),
+    ("delta", 0.70, ["model.widths=[100]", "train.epochs=3", "train.batch_size=32", "hp.lr=3e-3"]),
+    ("two-layer", 0.55, ["model.widths=[100,50]", "train.epochs=3", "train.batch_size=32", "hp.readout=delta",
+                         "hp.lr=3e-3"]),
+]
+
+
+@pytest.mark.parametrize("case,floor,overrides", LEARN, ids=[c[0] for c in LEARN])
+def test_beats_chance_on_digits(digits, one_thread, case, floor, overrides):
+    """Chance is 0.10; the rule must reach ``floor`` on the test split within seconds of training."""
+    readout = [] if case == "two-layer" else [f"hp.readout={case}"]
+    cfg = parse_overrides(["rule=stdp", "arch=mlp", "dataset=digits", "out=null", one_thread, *readout, *overrides])
+    record = run_trial(resolve(cfg), splits=digits)
+    assert record["status"] == "ok", record.get("traceback")
+    assert record["test_acc"] > floor and record["val_acc"] > floor, record["test_acc"]
+    assert record["train_seconds"] < 60
