@@ -1,0 +1,115 @@
+"""Direct feedback alignment (Nøkland 2016, "Direct Feedback Alignment Provides Learning in Deep
+Neural Networks", NeurIPS).
+
+The output error e = dL/dlogits is sent straight to every hidden block l through a fixed random
+matrix B_l (classes x block-l output size): block l receives the signal e B_l at its output and
+learns from it with its own local derivative. No error travels from a block to the one below, so
+there is no backward chain and all hidden blocks can update at once. The output block learns from
+e and its own input, as in backprop.
+
+The signal enters each block at the block output (after the nonlinearity and pooling); the rest of
+the block — nonlinearity, max-pool routing, batch norm in deep_cnn — is differentiated exactly by
+autograd, because it is local to the block's own units (Nøkland's e B_l * f'(a_l) is the case of a
+block that is only a layer and a nonlinearity). Batch norm's backward uses the block's own batch
+statistics and gain: it mixes the error across the batch, never across blocks.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from algorithms.arch import Network
+from algorithms.feedback import default_init_like, feedback_preact
+from algorithms.registry import register
+from algorithms.rule import Benchmark, Claim, OptimHParams, Rule, RunInfo, make_optimizer
+
+_TESTS = "tests/test_feedback_alignment.py"
+
+
+@dataclass
+class DFAHParams(OptimHParams):
+    """Direct feedback alignment: optimiser settings (see OptimHParams) and the feedback scale."""
+
+    feedback_scale: float = 1.0
+    """Each B_l is drawn like a linear read-out from block l, U(+-1/sqrt(block-l size)), times this."""
+    label_smoothing: float = 0.0
+    """Cross-entropy label smoothing in [0, 1)."""
+
+
+@register
+class DirectFeedbackAlignment(Rule):
+    name = "dfa"
+    summary = "direct feedback alignment: the output error reaches each hidden block through its own fixed random matrix (Nøkland 2016)"
+    HParams = DFAHParams
+    archs = {"mlp": None, "cnn": None, "deep_cnn": None}
+    criteria = {
+        "C1": Claim(True, "hidden blocks receive e B_l with B_l fixed and random; no forward weight is read "
+                    "to deliver an error", f"{_TESTS}::test_c1_no_weight_transport[dfa]"),
+        "C2": Claim(True, "a hidden block learns from its own input and activity and the output error "
+                    "delivered to it, nothing chained through later blocks", f"{_TESTS}::test_c2_local_error[dfa]"),
+        "C3": Claim(True, "one forward pass, then the output error is broadcast to all blocks at once; "
+                    "no backward sweep", f"{_TESTS}::test_c3_single_phase[dfa]"),
+        "C4": Claim(False, "hidden blocks learn from the label-derived output error",
+                    "tests/test_criteria.py::test_claims_match_probes[dfa]"),
+    }
+    benchmarks = (
+        Benchmark("mlp", "fashion_mnist", 0.85, ("train.epochs=5", "hp.lr=3e-4"),
+                  "bp reaches 0.88 in the same budget; at lr 1e-3 DFA's train loss rises after epoch 2"),
+        Benchmark("cnn", "fashion_mnist", 0.87, ("train.epochs=5", "hp.lr=3e-4"),
+                  "issue 3 target (biotorch LeNet DFA figure); lr 1e-3 gave 0.83 with a rising train loss"),
+        Benchmark("cnn", "cifar10", 0.45, ("train.epochs=10", "data.augment=crop_flip", "hp.schedule=cosine"),
+                  "no issue target; set below FA's 0.50 since DFA is known to be weaker on convolutions "
+                  "(Launay et al. 2019)"),
+    )
+
+    def __init__(self, net: Network, hp: DFAHParams, info: RunInfo):
+        super().__init__(net, hp, info)
+        if not 0 <= hp.label_smoothing < 1:
+            raise ValueError(f"hp.label_smoothing={hp.label_smoothing} must be in [0, 1)")
+        param = next(net.parameters())
+        for i, shape in enumerate(net.shapes()[:-1]):  # every hidden block's output size
+            size = math.prod(shape)
+            template = torch.empty(info.num_classes, size, device=param.device, dtype=param.dtype)
+            self.register_buffer(f"feedback_{i}", default_init_like(template, hp.feedback_scale))
+        self.opt, self.sched = make_optimizer(net.parameters(), hp, info.epochs * info.steps_per_epoch)
+
+    def feedback(self, i: int) -> torch.Tensor:
+        """The fixed matrix (classes x block size) that delivers the output error to hidden block ``i``."""
+        return getattr(self, f"feedback_{i}")
+
+    def gradients(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One forward pass, then every block's local gradient into ``.grad``; (loss, logits)."""
+        # Each block's input is detached: no gradient will cross back into the block below. The
+        # layer runs through feedback_preact with no feedback weight, so its forward weight is not
+        # even saved for the backward pass (autograd's own conv node would save W although it
+        # computes no input gradient from it).
+        outs, h = [], x
+        for block in self.net.blocks:
+            h = block.post(feedback_preact(block, h.detach(), None))
+            outs.append(h)
+        head = self.net.head
+        logits = head.post(feedback_preact(head, h.detach(), None))
+        loss = F.cross_entropy(logits, y, label_smoothing=self.hp.label_smoothing)
+        with torch.no_grad():  # the output error dL/dlogits, the quantity bp would send down
+            eps, n_cls = self.hp.label_smoothing, logits.shape[1]
+            target = F.one_hot(y, n_cls).to(logits.dtype) * (1 - eps) + eps / n_cls
+            error = (logits.softmax(1) - target) / len(y)
+        # d/dh_l of sum(h_l * s_l) is s_l: this puts the delivered signal e B_l at block l's output,
+        # and the one backward call runs each block's local derivative (the graphs are disjoint).
+        total = loss
+        for i, h_l in enumerate(outs):
+            total = total + (h_l * (error @ self.feedback(i)).view_as(h_l)).sum()
+        self.opt.zero_grad(set_to_none=True)
+        total.backward()
+        return loss.detach(), logits.detach()
+
+    def train_step(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
+        loss, logits = self.gradients(x, y)
+        self.opt.step()
+        if self.sched is not None:
+            self.sched.step()
+        return {"loss": loss, "correct": (logits.argmax(1) == y).sum()}
