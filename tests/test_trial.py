@@ -129,3 +129,9 @@ def test_a_rules_extra_metrics_reach_the_epoch_table(monkeypatch, tmp_path):
     write_run(tmp_path, record)
     epochs = pl.scan_parquet(tmp_path / "epochs").collect()
     assert [json.loads(x) for x in epochs["extra_json"]] == [{"inference_steps": 20.0}] * 2
+
+
+def test_smoke_shrinks_only_what_the_user_left_unset():
+    cfg = parse_overrides(["smoke=true", "train.epochs=5", "arch=cnn", "model.channels=[3]"])
+    assert cfg.train.epochs == 5 and cfg.data.train_limit == 400 and list(cfg.model.channels) == [3]
+    assert parse_overrides(["smoke=true"]).train.epochs == 1

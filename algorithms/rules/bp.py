@@ -43,7 +43,8 @@ class Backprop(Rule):
     }
 
     benchmarks = (
-        Benchmark("mlp", "fashion_mnist", 0.88, ("train.epochs=5",)),
+        Benchmark("mlp", "fashion_mnist", 0.88, ("train.epochs=5", "hp.schedule=cosine"),
+                  "the constant-lr default gives 0.879"),
         Benchmark("cnn", "fashion_mnist", 0.90, ("train.epochs=5",)),
         Benchmark("mlp", "mnist", 0.965, ("train.epochs=5", "data.augment=shift", "hp.schedule=cosine", "hp.lr=2e-3"),
                   "9,000 training images (the mirror's first 10,000 minus validation): the defaults give 0.947"),
