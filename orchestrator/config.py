@@ -60,7 +60,14 @@ class TrainConfig:
     select: str = "best_val"
     """Which epoch's weights give the final test numbers: best_val (highest val accuracy) or last."""
     threads: Optional[int] = None
-    """torch intra-op threads on CPU (None: torch's default)."""
+    """torch intra-op threads on CPU (None: torch's default; in pipeline mode 1 per stage)."""
+    mode: str = "sequential"
+    """sequential (one process runs train_step) or pipeline (block-local rules only: the blocks are split
+    into train.stages groups, each a Ray actor learning on arrival of each micro-batch; orchestrator/pipeline.py)."""
+    stages: int = 2
+    """pipeline mode: number of stage groups (Ray actors), from 1 to the network's blocks + 1."""
+    staleness: int = 1
+    """pipeline mode: how many micro-batches a stage group may run ahead of the next (0: lock-step)."""
 
 
 @dataclass
@@ -100,7 +107,7 @@ def parse_overrides(overrides: list[str], base: DictConfig | None = None) -> Dic
     """Merge ``key=value`` dotlist overrides into a structured config (default: a trial's Config).
 
     UsageError on malformed items, unknown keys or wrong types. A trial config with ``smoke=true``
-    is shrunk (see :func:`apply_smoke`).
+    is shrunk (see :func:`apply_smoke`), except where an override set a value explicitly.
     """
     for item in overrides:
         if not _OVERRIDE.match(item):
@@ -111,21 +118,26 @@ def parse_overrides(overrides: list[str], base: DictConfig | None = None) -> Dic
     except OmegaConfBaseException as e:
         raise UsageError(_omegaconf_message(e)) from None
     if base is None:
-        apply_smoke(merged)
+        apply_smoke(merged, explicit={item.split("=", 1)[0] for item in overrides})
+        smoke_model(merged)
     return merged
 
 
-def apply_smoke(cfg: DictConfig) -> DictConfig:
-    """If ``cfg.smoke``: shrink every setting the user left at its default (epochs, data, widths)."""
-    if not cfg.smoke:
-        return cfg
-    default = OmegaConf.structured(Config)
-    for key, value in SMOKE.items():
-        if OmegaConf.select(cfg, key) == OmegaConf.select(default, key):
-            OmegaConf.update(cfg, key, value)
-    for key, value in SMOKE_MODEL.get(cfg.arch, {}).items():
-        if key not in cfg.model:
-            cfg.model[key] = value
+def apply_smoke(cfg: DictConfig, explicit: set[str]) -> DictConfig:
+    """If ``cfg.smoke``: shrink epochs, data and batch size, leaving the ``explicit`` keys alone."""
+    if cfg.smoke:
+        for key, value in SMOKE.items():
+            if key not in explicit:
+                OmegaConf.update(cfg, key, value)
+    return cfg
+
+
+def smoke_model(cfg: DictConfig) -> DictConfig:
+    """If ``cfg.smoke``: tiny widths for the config's architecture, where ``model`` does not set them."""
+    if cfg.smoke:
+        for key, value in SMOKE_MODEL.get(cfg.arch, {}).items():
+            if key not in cfg.model:
+                cfg.model[key] = value
     return cfg
 
 

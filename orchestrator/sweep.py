@@ -38,7 +38,7 @@ from ray.tune import Callback
 
 from algorithms.arch import ARCHS
 from algorithms.registry import load_rules
-from orchestrator.config import Config, apply_smoke, parse_overrides, to_plain
+from orchestrator.config import Config, apply_smoke, parse_overrides, smoke_model, to_plain
 from orchestrator.data import DATASETS
 from orchestrator.data.datasets import data_root, ensure_files
 from orchestrator.errors import UsageError
@@ -166,7 +166,9 @@ def parse_sweep(overrides: list[str]) -> DictConfig:
     if preset not in PRESETS:
         raise UsageError(f"unknown preset {preset!r}; known presets: {', '.join(PRESETS)}")
     base = OmegaConf.structured(SweepConfig)
-    cfg = parse_overrides([*PRESETS[preset], *overrides], base=base)
+    given = [*PRESETS[preset], *overrides]
+    cfg = parse_overrides(given, base=base)
+    apply_smoke(cfg.trial, explicit={o.split("=", 1)[0][len("trial."):] for o in given if o.startswith("trial.")})
     if cfg.name is None:
         cfg.name = preset
     checks = [
@@ -232,7 +234,7 @@ def trial_config(cfg: DictConfig, cell: Cell, hp: dict, seed: int, epochs: int) 
     """The plain-dict trial config of one run of a cell (what a Ray worker receives)."""
     trial = OmegaConf.merge(cfg.trial, {"rule": cell.rule, "arch": cell.arch, "dataset": cell.dataset,
                                         "seed": seed, "hp": hp, "out": None})
-    apply_smoke(trial)
+    smoke_model(trial)
     trial.train.epochs = epochs  # the sweep's budget decides, smoke or not
     return to_plain(trial)
 

@@ -81,10 +81,15 @@ def resolve(cfg: DictConfig) -> TrialSpec:
         (d.test_limit is None or d.test_limit >= 1, f"data.test_limit={d.test_limit} must be >= 1"),
         (d.image_size >= 4, f"data.image_size={d.image_size} must be >= 4"),
         (d.augment in AUGMENTS, f"data.augment={d.augment!r} must be one of {', '.join(AUGMENTS)}"),
+        (t.mode in ("sequential", "pipeline"), f"train.mode={t.mode!r} must be sequential or pipeline"),
     ]
     for ok, msg in checks:
         if not ok:
             raise UsageError(msg)
+    if t.mode == "pipeline":
+        from orchestrator.pipeline import check
+
+        check(rule_cls, cfg.rule, model_cfg, t.stages, t.staleness)
     if t.device.startswith("cuda") and not torch.cuda.is_available():
         raise UsageError(f"train.device={t.device} but CUDA is not available here; use train.device=auto or cpu")
     return TrialSpec(cfg, rule_cls, hp, arch, model_cfg)
@@ -198,13 +203,18 @@ def run_trial(cfg: DictConfig | TrialSpec, report: Report | None = None, progres
         "rule": cfg.rule, "arch": cfg.arch, "dataset": cfg.dataset, "seed": seed, "status": "ok", "error": None,
         "device": str(device), "n_params": n_params, "n_rule_params": n_rule_params,
         "n_train": n_train, "n_val": len(splits.val_y), "n_test": len(splits.test_y),
-        "config": to_plain(cfg), "hp": dict(vars(spec.hp)), "started_at": started,
+        "config": to_plain(cfg), "hp": dict(vars(spec.hp)), "started_at": started, "mode": t.mode,
     }
     epochs: list[dict[str, Any]] = []
     best_acc, best_state, best_epoch = -1.0, None, 0
     train_seconds = 0.0
     bar = _progress(progress, t.epochs, steps)
+    pipe = None
     try:
+        if t.mode == "pipeline":  # the blocks learn on Ray actors, layer-parallel (orchestrator/pipeline.py)
+            from orchestrator.pipeline import Pipeline
+
+            pipe = Pipeline(rule, to_plain(cfg), splits.input_shape, splits.num_classes, steps)
         for epoch in range(1, t.epochs + 1):
             rule.train()
             perm = torch.randperm(n_train, generator=order_gen).to(device)
@@ -213,14 +223,19 @@ def run_trial(cfg: DictConfig | TrialSpec, report: Report | None = None, progres
             has_correct = False
             extra: dict[str, torch.Tensor] = {}  # the rule's own metrics (inference steps, ...), epoch means
             tick = time.perf_counter()
-            for b in range(steps):
-                idx = perm[b * batch:(b + 1) * batch]
-                x = splits.normalize(splits.train_x[idx])
-                if augment:
-                    x = augment_batch(x, aug_gen, *augment)
-                y = splits.train_y[idx]
-                metrics = rule.train_step(x, y)
-                loss_sum += torch.as_tensor(metrics["loss"], device=device).detach().float() * len(y)
+
+            def batches(perm=perm):  # consumed within this epoch
+                for b in range(steps):
+                    idx = perm[b * batch:(b + 1) * batch]
+                    x = splits.normalize(splits.train_x[idx])
+                    if augment:
+                        x = augment_batch(x, aug_gen, *augment)
+                    yield x, splits.train_y[idx]
+
+            steps_metrics = ((rule.train_step(x, y) for x, y in batches()) if pipe is None
+                             else pipe.train_epoch(batches()))
+            for b, metrics in enumerate(steps_metrics):
+                loss_sum += torch.as_tensor(metrics["loss"], device=device).detach().float() * batch
                 for key, value in metrics.items():
                     if key == "correct":
                         has_correct = True
@@ -232,6 +247,8 @@ def run_trial(cfg: DictConfig | TrialSpec, report: Report | None = None, progres
                 torch.cuda.synchronize(device)
             seconds = time.perf_counter() - tick
             train_seconds += seconds
+            if pipe is not None:  # evaluation reads the stages' weights, gathered into this copy of the rule
+                pipe.gather(rule)
             seen = steps * batch
             train_loss = loss_sum.item() / seen
             row = {"epoch": epoch, "train_loss": train_loss,
@@ -262,6 +279,9 @@ def run_trial(cfg: DictConfig | TrialSpec, report: Report | None = None, progres
         record["traceback"] = traceback.format_exc()
     finally:
         bar.close()
+        if pipe is not None:
+            record["pipeline"] = pipe.summary()
+            pipe.close()
 
     if best_state is not None:
         rule.load_state_dict(best_state)

@@ -1,0 +1,395 @@
+"""Layer-parallel pipelined training of block-local rules: every group of blocks learns on its own worker.
+
+A block-local rule (``Rule.block_local``: local losses, forward-forward, SoftHebb) updates block ``i``
+from block ``i``'s input alone (:meth:`Rule.block_step`), so no backward synchronisation ties the
+blocks together: as soon as block ``i`` has produced its output for micro-batch ``b`` it can move on
+to ``b + 1`` while block ``i + 1`` learns on ``b``. ``train.mode=pipeline train.stages=K`` runs a
+trial that way:
+
+* The rule's stages (hidden blocks then the output block, ``net.stages``) are cut into K contiguous
+  groups of about equal cost (multiply-accumulates of one forward pass). Each group is a **Ray actor**
+  holding a copy of the whole rule built exactly as the trial builds it (same seed, then loaded with
+  the trial's initial weights) and using and updating only its own stages: their weights, the rule's
+  state for them (auxiliary heads, ...) and their optimisers. Group 0 continues the trial's torch RNG
+  stream; group k > 0 gets its own stream, seeded from the run seed and k.
+* Micro-batch ``b`` enters group 0 with its labels; each group applies ``block_step`` to its stages on
+  arrival and hands the detached output (a fixed-shape CPU tensor, through Ray's object store) to the
+  next group. Ray runs an actor's calls in submission order, so every group sees the micro-batches in
+  data order.
+* **Staleness bound** ``train.staleness = s``: group k may start micro-batch ``b`` only once group
+  k + 1 has finished ``b - s - 1`` (passed as a dependency of the call), i.e. a group runs at most s
+  micro-batches ahead of the next. s = 0 is lock-step (no overlap); the metrics record the bound and
+  the observed lag (``staleness_bound``, ``staleness``: mean lag per step; ``pipeline.staleness_max``).
+* **Backpressure**: the driver keeps at most ``(K - 1) * s + 2`` micro-batches in flight (the most
+  the staleness bound lets the pipeline hold, plus one queued at the entrance) and waits for the
+  oldest to leave before feeding another, so the object store holds a bounded number of batches.
+* **Evaluation** gathers the stages: at the end of every epoch each actor sends back the tensors its
+  stages changed, the driver loads them into its own copy of the rule, and the trial evaluates,
+  selects and checkpoints that rule exactly as in sequential mode (a rule's ``predict`` may combine
+  all blocks, e.g. forward-forward's goodness readout, so evaluation uses the rule, not a chain).
+* **Placement**: one placement-group bundle per group: one GPU each when the cluster has GPUs and
+  ``train.device`` is not cpu, one CPU each otherwise. Inside a Ray Tune trial (``orchestrator/sweep.py``
+  asks for ``trial_resources``) the trial's own placement group holds the bundles; elsewhere the
+  pipeline reserves its own (starting a loopback-only local Ray first if none is running).
+
+Exactness: in a block-local rule the output block ``i`` sends for micro-batch ``b`` is computed with
+the weights block ``i`` has after ``b`` updates, whenever that computation happens, and each group
+consumes its inputs in order; so, with a rule that draws no randomness from torch's global RNG
+during training (local losses, forward-forward and SoftHebb use none or their own generators), the
+pipeline computes *the same weights as sequential training* for every staleness bound, not only for
+s = 0 (``tests/test_pipeline.py`` checks both). The bound trades overlap (speed) for the activations
+a group must hold.
+
+Which rules: exactly the block-local ones. Rules whose block update needs a signal from later blocks
+(backprop, feedback alignment, DFA, target propagation, predictive coding, equilibrium propagation,
+perturbation methods) are refused with a UsageError: they would need the later signal sent back
+(a delayed broadcast for DFA), which this trainer does not implement.
+
+Training metrics: a group reports, per micro-batch, the loss of each of its stages as the rule left
+it after ``block_step`` (``rule._metrics[i]``, the convention of local losses and forward-forward, or
+``rule._loss`` for the output stage, SoftHebb's), so ``train_loss`` is the same sum the rule's
+``train_step`` returns; ``correct`` is counted from the output stage's class scores.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import shutil
+import tempfile
+import time
+import uuid
+from bisect import bisect_right
+from collections import deque
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from orchestrator import ray_local  # before any ray import: Ray's loopback environment
+from orchestrator.errors import UsageError
+
+
+class PipelineError(RuntimeError):
+    """A pipeline stage failed (crashed, raised, or stopped answering); the message names the stage."""
+
+
+# --- planning (no Ray) ----------------------------------------------------------------------------------
+def count_stages(model_cfg: Any) -> int:
+    """Number of stages (hidden blocks + output block) of an architecture config, without building it."""
+    for name in ("widths", "channels"):
+        if hasattr(model_cfg, name):
+            return len(getattr(model_cfg, name)) + 1
+    raise UsageError(f"train.mode=pipeline: cannot count the blocks of {type(model_cfg).__name__}")
+
+
+def check(rule_cls: type, rule_name: str, model_cfg: Any, stages: int, staleness: int) -> None:
+    """``resolve``'s checks of a pipeline config; UsageError (one line) naming the problem."""
+    if not getattr(rule_cls, "block_local", False):
+        raise UsageError(f"train.mode=pipeline needs a block-local rule (one whose block updates need nothing from "
+                         f"later blocks); {rule_name!r} is not: use train.mode=sequential")
+    n = count_stages(model_cfg)
+    if not 1 <= stages <= n:
+        raise UsageError(f"train.stages={stages} must be between 1 and the network's {n} stages "
+                         f"(hidden blocks + output block)")
+    if staleness < 0:
+        raise UsageError(f"train.staleness={staleness} must be >= 0")
+
+
+def stage_costs(net: nn.Module, input_shape: tuple[int, ...]) -> list[float]:
+    """Multiply-accumulates of one forward pass of one sample through each stage (a balancing proxy)."""
+    costs: list[float] = []
+    h = torch.zeros((1, *input_shape), device=next(net.parameters()).device)
+    was = net.training
+    net.eval()
+    with torch.no_grad():
+        for stage in net.stages:
+            macs = [0.0]
+
+            def hook(mod, inp, out, macs=macs):
+                if isinstance(mod, nn.Linear):
+                    macs[0] += mod.in_features * mod.out_features
+                elif isinstance(mod, nn.Conv2d):
+                    macs[0] += out.numel() * mod.in_channels * mod.kernel_size[0] * mod.kernel_size[1] / mod.groups
+
+            handles = [m.register_forward_hook(hook) for m in stage.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+            h = stage(h)
+            for handle in handles:
+                handle.remove()
+            costs.append(max(macs[0], 1.0))
+    net.train(was)
+    return costs
+
+
+def split_stages(costs: list[float], k: int) -> list[list[int]]:
+    """Cut stages 0..n-1 into k contiguous non-empty groups minimising the costliest group (exhaustive)."""
+    n = len(costs)
+    if not 1 <= k <= n:
+        raise ValueError(f"cannot split {n} stages into {k} groups")
+    best, best_cuts = float("inf"), ()
+    for cuts in itertools.combinations(range(1, n), k - 1):
+        bounds = (0, *cuts, n)
+        worst = max(sum(costs[a:b]) for a, b in itertools.pairwise(bounds))
+        if worst < best:
+            best, best_cuts = worst, cuts
+    bounds = (0, *best_cuts, n)
+    return [list(range(a, b)) for a, b in itertools.pairwise(bounds)]
+
+
+def trial_resources(train_cfg: Any, cpus: float, gpus: float):
+    """What a sweep's tuning trial asks Ray Tune for: the usual dict, or for a pipelined trial a placement
+    group of a small bundle for the trial's driver (it only feeds batches) plus one bundle per stage group."""
+    if getattr(train_cfg, "mode", "sequential") != "pipeline":
+        return {"cpu": cpus, "gpu": gpus}
+    from ray import tune
+
+    return tune.PlacementGroupFactory([{"CPU": 0.01}] + [_bundle(cpus, gpus)] * int(train_cfg.stages))
+
+
+def final_options(train_cfg: Any, cpus: float, gpus: float) -> dict:
+    """Ray task options of a sweep's final run: a pipelined run's driver asks for almost nothing and reserves
+    its stage bundles itself (a placement group is reserved all at once, so waiting finals cannot deadlock)."""
+    if getattr(train_cfg, "mode", "sequential") != "pipeline":
+        return {"num_cpus": cpus, "num_gpus": gpus}
+    return {"num_cpus": 0.01, "num_gpus": 0}
+
+
+def _bundle(cpus: float, gpus: float) -> dict:
+    return {"CPU": cpus, "GPU": gpus} if gpus else {"CPU": cpus}
+
+
+# --- the stage worker (a Ray actor) --------------------------------------------------------------------
+class StageWorker:
+    """One group of consecutive stages: a full copy of the rule, of which it uses and updates its stages."""
+
+    def __init__(self, group: int, indices: list[int], plain_cfg: dict, input_shape: tuple[int, ...],
+                 num_classes: int, steps: int, init_state: dict, threads: int, use_gpu: bool):
+        from omegaconf import OmegaConf
+
+        from algorithms.rule import RunInfo
+        from orchestrator.config import Config
+        from orchestrator.trial import resolve, seed_everything
+
+        spec = resolve(OmegaConf.merge(OmegaConf.structured(Config), plain_cfg))
+        t, seed = spec.cfg.train, int(spec.cfg.seed)
+        self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
+        torch.set_num_threads(threads)
+        seed_everything(seed, t.deterministic)
+        # Built exactly as run_trial builds it, then given the trial's initial weights (whatever device drew them).
+        torch.manual_seed(seed)
+        net = spec.arch.build(spec.model_cfg, tuple(input_shape), num_classes)
+        info = RunInfo(num_classes, tuple(input_shape), t.epochs, steps, self.device, seed)
+        self.rule = spec.rule_cls(net.to(self.device), spec.hp, info).to(self.device)
+        self.rule.load_state_dict(init_state)
+        self.rule.train()
+        if group > 0:  # group 0 continues the trial's own stream; the others get theirs
+            torch.manual_seed(seed + 1_000_003 * group)
+        self.group, self.indices = group, list(indices)
+        self.last = len(net.stages) - 1
+        self.initial = {k: v.detach().clone() for k, v in self.rule.state_dict().items()}
+
+    def ready(self) -> str:
+        return str(self.device)
+
+    def step(self, b: int, h: torch.Tensor, y: torch.Tensor, after: Any = None) -> tuple[torch.Tensor, dict]:
+        """``block_step`` of this group's stages on micro-batch ``b``; ``after`` (ignored) is the token of the
+        next group's micro-batch ``b - s - 1``, which Ray resolves first: that enforces the staleness bound."""
+        t0 = time.time()
+        h, y = h.to(self.device), y.to(self.device)
+        rule = self.rule
+        losses = []  # per stage, summed by the driver in stage order: the same float32 sum as train_step's
+        correct = None
+        for i in self.indices:
+            h = rule.block_step(i, h, y)
+            metrics = getattr(rule, "_metrics", None)
+            if isinstance(metrics, dict) and i in metrics:
+                losses.append(metrics[i].detach())
+            elif i == self.last and torch.is_tensor(getattr(rule, "_loss", None)):
+                losses.append(rule._loss.detach())
+            if i == self.last and h.dim() == 2 and h.shape == (len(y), rule.info.num_classes):
+                correct = (h.argmax(1) == y).sum()
+        token = {"b": b, "losses": [v.cpu() for v in losses], "correct": None if correct is None else int(correct.item()),
+                 "t0": t0, "t1": time.time()}
+        return h.detach().cpu(), token
+
+    def changed(self) -> dict[str, torch.Tensor]:
+        """The state tensors this group has changed since the start (CPU copies)."""
+        return {k: v.detach().cpu().clone() for k, v in self.rule.state_dict().items()
+                if not torch.equal(v, self.initial[k])}
+
+
+# --- the driver side ------------------------------------------------------------------------------------
+class Pipeline:
+    """K stage actors fed by the trial's driver; ``train_epoch`` yields each micro-batch's metrics in order."""
+
+    def __init__(self, rule, plain_cfg: dict, input_shape: tuple[int, ...], num_classes: int, steps: int,
+                 start_timeout_s: float = 180.0, step_timeout_s: float = 600.0, grant_timeout_s: float = 3600.0):
+        import ray
+        from ray.util.placement_group import (
+            get_current_placement_group,
+            placement_group,
+            remove_placement_group,
+        )
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        t = plain_cfg["train"]
+        self.k, self.s = int(t["stages"]), int(t["staleness"])
+        self.max_in_flight = (self.k - 1) * self.s + 2
+        self.step_timeout_s = step_timeout_s
+        self.groups = split_stages(stage_costs(rule.net, input_shape), self.k)
+        self._remove_pg = remove_placement_group
+        self._tmp: str | None = None
+        self._started: dict | None = None
+        self._own_pg = None
+        self.actors: list = []
+        if not ray.is_initialized():  # a plain `bioplaus train`: a loopback-only Ray of our own, one CPU per group
+            self._tmp = tempfile.mkdtemp(prefix="bp-pipe-")
+            self._started = ray_local.start(Path(self._tmp), num_cpus=self.k, timeout_s=start_timeout_s)
+        try:
+            want_gpu = t["device"] != "cpu" and ray.cluster_resources().get("GPU", 0) >= 1
+            current = get_current_placement_group()
+            if current is not None and len(current.bundle_specs) >= self.k + 1:  # a Tune trial's group
+                pg, first, specs = current, 1, current.bundle_specs[1:self.k + 1]
+            else:
+                specs = [_bundle(1, 1 if want_gpu else 0)] * self.k
+                pg = self._own_pg = placement_group(specs, strategy="PACK")
+                # Our own Ray has the resources at once; in a shared one (a sweep's finals) others may hold them.
+                wait_s = start_timeout_s if self._started is not None else grant_timeout_s
+                ready, _ = ray.wait([pg.ready()], timeout=wait_s)
+                if not ready:
+                    raise PipelineError(f"the pipeline's {self.k} stage bundles {specs[0]} were not granted within "
+                                        f"{wait_s:.0f}s; free resources or lower train.stages")
+                first = 0
+            init = ray.put({k: v.detach().cpu() for k, v in rule.state_dict().items()})
+            threads = int(t.get("threads") or 1)  # one thread per stage unless told otherwise
+            worker = ray.remote(StageWorker)
+            tag = uuid.uuid4().hex[:8]
+            self.names = [f"bioplaus-pipeline-{tag}-stage{g}" for g in range(self.k)]
+            for g, indices in enumerate(self.groups):
+                spec = specs[g]
+                self.actors.append(worker.options(
+                    name=self.names[g], num_cpus=spec.get("CPU", 0), num_gpus=spec.get("GPU", 0), max_restarts=0,
+                    scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=first + g),
+                ).remote(g, indices, plain_cfg, tuple(input_shape), num_classes, steps, init, threads,
+                         bool(spec.get("GPU", 0))))
+            self.devices = self._get([a.ready.remote() for a in self.actors], start_timeout_s, "start")
+        except BaseException:
+            self.close()
+            raise
+        self.lags: list[int] = []
+        self.busy = [0.0] * self.k
+        self.epoch_wall = 0.0
+
+    def _describe(self, g: int) -> str:
+        blocks = ", ".join(map(str, self.groups[g]))
+        return f"pipeline stage {g} (stages {blocks} of the network, actor {self.names[g]})"
+
+    def _get(self, refs: list, timeout_s: float, what: str) -> list:
+        """``ray.get`` of one ref per group, bounded in time; a failure names the first stage that failed."""
+        import ray
+        from ray.exceptions import GetTimeoutError, RayActorError, RayError
+
+        out = []
+        deadline = time.monotonic() + timeout_s
+        for g, ref in enumerate(refs):
+            try:
+                out.append(ray.get(ref, timeout=max(0.0, deadline - time.monotonic())))
+            except GetTimeoutError:
+                raise PipelineError(f"{self._describe(g)} did not finish its {what} within {timeout_s:.0f}s") from None
+            except RayActorError as e:
+                raise PipelineError(f"{self._describe(g)} died during its {what}: {_first_line(e)}") from None
+            except RayError as e:
+                raise PipelineError(f"{self._describe(g)} failed during its {what}: {_first_line(e)}") from None
+        return out
+
+    def train_epoch(self, batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> Iterator[dict[str, Any]]:
+        """Feed the batches through the stages; yield each micro-batch's metrics (``loss``, ``correct``,
+        ``staleness``, ``staleness_bound``) in batch order, as they leave the last stage."""
+        import ray
+
+        k, s = self.k, self.s
+        pending: deque = deque()
+        tokens: dict[tuple[int, int], Any] = {}
+        ends: list[list[float]] = [[] for _ in range(k)]  # completion times of each group, in batch order
+        tick = time.time()
+        for b, (x, y) in enumerate(batches):
+            while len(pending) >= self.max_in_flight:  # backpressure: wait for the oldest micro-batch to leave
+                yield self._finish(pending.popleft(), ends)
+            h, y_ref = x.detach().cpu(), ray.put(y.detach().cpu())
+            refs = []
+            for g, actor in enumerate(self.actors):
+                after = tokens.pop((g + 1, b - s - 1), None)  # the next group has finished b - s - 1
+                h, token = actor.step.options(num_returns=2).remote(b, h, y_ref, after)
+                tokens[(g, b)] = token
+                refs.append(token)
+            tokens.pop((0, b - s - 1), None)  # group 0's tokens are nobody's dependency
+            pending.append(refs)
+        while pending:
+            yield self._finish(pending.popleft(), ends)
+        self.epoch_wall += time.time() - tick
+
+    def _finish(self, refs: list, ends: list[list[float]]) -> dict[str, Any]:
+        tokens = self._get(refs, self.step_timeout_s, "micro-batch")
+        b = tokens[0]["b"]
+        lag = 0
+        for g, tok in enumerate(tokens):
+            ends[g].append(tok["t1"])
+            self.busy[g] += tok["t1"] - tok["t0"]
+            if g + 1 < len(tokens):  # how many micro-batches group g+1 had not finished when g started b
+                lag = max(lag, b - bisect_right(ends[g + 1], tok["t0"]))
+        self.lags.append(lag)
+        out = {"loss": sum(v for tok in tokens for v in tok["losses"]), "staleness": float(lag),
+               "staleness_bound": float(self.s)}
+        if tokens[-1]["correct"] is not None:
+            out["correct"] = tokens[-1]["correct"]
+        return out
+
+    def gather(self, rule) -> None:
+        """Load every group's changed tensors into ``rule`` (the driver's copy); a tensor changed by two groups
+        means the rule's stages share state, which a pipeline cannot split."""
+        changed = self._get([a.changed.remote() for a in self.actors], self.step_timeout_s, "state gathering")
+        state = rule.state_dict()
+        owner: dict[str, int] = {}
+        for g, tensors in enumerate(changed):
+            for key, value in tensors.items():
+                if key in owner:
+                    raise PipelineError(f"state {key!r} was changed by pipeline stages {owner[key]} and {g}: rule "
+                                        f"{type(rule).__name__} shares state across stages and cannot be pipelined")
+                owner[key] = g
+                state[key] = value.to(state[key].device)
+        rule.load_state_dict(state)
+
+    def summary(self) -> dict[str, Any]:
+        return {"stages": self.k, "groups": self.groups, "devices": list(self.devices),
+                "staleness_bound": self.s, "max_in_flight": self.max_in_flight,
+                "staleness_max": max(self.lags, default=0),
+                "staleness_mean": sum(self.lags) / len(self.lags) if self.lags else 0.0,
+                "stage_busy_seconds": self.busy, "wall_seconds": self.epoch_wall,
+                "stage_utilisation": [b / self.epoch_wall if self.epoch_wall > 0 else float("nan") for b in self.busy]}
+
+    def close(self) -> None:
+        """Kill the actors, release the placement group, stop Ray if this pipeline started it."""
+        import ray
+
+        if ray.is_initialized():
+            for actor in self.actors:
+                with contextlib.suppress(Exception):  # already dead: nothing to release
+                    ray.kill(actor, no_restart=True)
+            if self._own_pg is not None:
+                with contextlib.suppress(Exception):
+                    self._remove_pg(self._own_pg)
+        self.actors = []
+        self._own_pg = None
+        if self._started is not None:
+            ray_local.stop(self._started)
+            self._started = None
+        if self._tmp is not None:
+            shutil.rmtree(self._tmp, ignore_errors=True)
+            self._tmp = None
+
+
+def _first_line(e: BaseException) -> str:
+    lines = [ln for ln in str(e).strip().splitlines() if ln.strip()]
+    return f"{type(e).__name__}: {lines[-1] if lines else ''}"[:300]

@@ -1,0 +1,120 @@
+"""Layer-parallel pipeline (orchestrator/pipeline.py) on the real Ray, loopback-only, one session per module.
+
+The pipeline must compute exactly what sequential block-local training computes on the same data
+order (weights, per-epoch losses and accuracies), and a stage actor that dies must end the trial as
+``failed`` with an error naming the stage, quickly, not hang it.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+import torch
+
+from orchestrator import ray_local  # before any ray import: Ray's loopback environment
+from orchestrator.config import parse_overrides
+from orchestrator.errors import UsageError
+from orchestrator.pipeline import split_stages, trial_resources
+from orchestrator.trial import resolve, run_trial
+
+BASE = ["dataset=digits", "arch=mlp", "model.widths=[32,24]", "train.batch_size=64", "train.threads=1",
+        "train.select=last", "out=null"]
+
+
+@pytest.fixture(scope="module")
+def ray_session(tmp_path_factory):
+    started = ray_local.start(tmp_path_factory.mktemp("ray"), num_cpus=4, timeout_s=240)
+    yield
+    ray_local.stop(started)
+
+
+def _net_weights(path) -> dict[str, torch.Tensor]:
+    return torch.load(path, weights_only=True)["state_dict"]
+
+
+@pytest.mark.parametrize("rule,stages,staleness", [("local_losses", 2, 0), ("ff", 3, 0), ("local_losses", 3, 2)])
+def test_pipeline_equals_sequential_block_local_training(ray_session, tmp_path, rule, stages, staleness):
+    over = [f"rule={rule}", *BASE, "train.epochs=2"]
+    seq = run_trial(parse_overrides(over), save_model=str(tmp_path / "seq.pt"))
+    pipe = run_trial(parse_overrides([*over, "train.mode=pipeline", f"train.stages={stages}",
+                                      f"train.staleness={staleness}"]), save_model=str(tmp_path / "pipe.pt"))
+    assert seq["status"] == "ok" and pipe["status"] == "ok", pipe.get("traceback")
+    assert seq["mode"] == "sequential" and pipe["mode"] == "pipeline"
+    assert pipe["config"]["train"]["mode"] == "pipeline"
+    a, b = _net_weights(tmp_path / "seq.pt"), _net_weights(tmp_path / "pipe.pt")
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key  # bit for bit, not approximately
+    for e_seq, e_pipe in zip(seq["epochs"], pipe["epochs"], strict=True):
+        for k in ("train_loss", "train_acc", "val_acc", "val_loss"):
+            assert e_seq[k] == e_pipe[k], k
+        assert e_pipe["extra"]["staleness_bound"] == staleness
+        assert 0 <= e_pipe["extra"]["staleness"] <= staleness
+    assert seq["test_acc"] == pipe["test_acc"]
+    info = pipe["pipeline"]
+    assert info["stages"] == stages and len(info["groups"]) == stages
+    assert sorted(i for g in info["groups"] for i in g) == [0, 1, 2]
+    assert info["staleness_bound"] == staleness and 0 <= info["staleness_max"] <= staleness
+    # it learned (the equality above is not between two untouched networks)
+    assert pipe["epochs"][1]["train_loss"] < pipe["epochs"][0]["train_loss"]
+
+
+def test_stage_actor_crash_is_a_failed_trial_not_a_hang(ray_session):
+    import ray
+
+    killed: list[str] = []
+
+    def kill_stage_1():  # a real process death of the second stage's actor, mid-training
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+                     if a["name"].startswith("bioplaus-pipeline-") and a["name"].endswith("-stage1")]
+            if names:
+                actor = ray.get_actor(names[0], namespace=next(
+                    a["namespace"] for a in ray.util.list_named_actors(all_namespaces=True) if a["name"] == names[0]))
+                ray.get(actor.ready.remote(), timeout=60)
+                time.sleep(1.0)
+                ray.kill(actor, no_restart=True)
+                killed.append(names[0])
+                return
+            time.sleep(0.1)
+
+    killer = threading.Thread(target=kill_stage_1, daemon=True)
+    killer.start()
+    tick = time.monotonic()
+    record = run_trial(parse_overrides(["rule=local_losses", *BASE, "train.batch_size=16", "train.epochs=200",
+                                        "train.mode=pipeline", "train.stages=2"]))
+    killer.join(timeout=60)
+    assert killed, "the stage actor was never found"
+    assert record["status"] == "failed"
+    assert "pipeline stage 1" in record["error"] and "died" in record["error"], record["error"]
+    assert record["epochs_run"] < 200
+    assert time.monotonic() - tick < 150  # surfaced, not hung on the dead actor
+    # the surviving actor and the placement group were released: nothing named is left
+    left = [a for a in ray.util.list_named_actors(all_namespaces=True) if a["name"] in killed]
+    assert not left
+
+
+def test_resolve_refuses_what_cannot_be_pipelined():
+    with pytest.raises(UsageError, match="block-local"):
+        resolve(parse_overrides(["rule=bp", "train.mode=pipeline"]))
+    with pytest.raises(UsageError, match="between 1 and the network's 3 stages"):
+        resolve(parse_overrides(["rule=local_losses", "model.widths=[8,8]", "train.mode=pipeline", "train.stages=4"]))
+    with pytest.raises(UsageError, match="staleness"):
+        resolve(parse_overrides(["rule=ff", "train.mode=pipeline", "train.staleness=-1"]))
+    with pytest.raises(UsageError, match="train.mode"):
+        resolve(parse_overrides(["rule=ff", "train.mode=parallel"]))
+    resolve(parse_overrides(["rule=softhebb", "train.mode=pipeline", "train.stages=3", "model.widths=[8,8]"]))
+
+
+def test_stage_split_balances_cost_and_sweeps_ask_one_bundle_per_stage():
+    assert split_stages([1, 1, 1, 1], 2) == [[0, 1], [2, 3]]
+    assert split_stages([8, 1, 1, 1, 1], 2) == [[0], [1, 2, 3, 4]]
+    assert split_stages([1, 2, 3], 3) == [[0], [1], [2]]
+    assert split_stages([5, 5], 1) == [[0, 1]]
+    train = parse_overrides(["rule=ff", "train.mode=pipeline", "train.stages=3"]).train
+    pgf = trial_resources(train, 1.0, 0.0)
+    assert pgf.bundles[1:] == [{"CPU": 1.0}] * 3 and pgf.bundles[0]["CPU"] < 1
+    assert trial_resources(parse_overrides([]).train, 1.0, 0.5) == {"cpu": 1.0, "gpu": 0.5}
