@@ -39,6 +39,7 @@ from torch import nn
 from torch.func import functional_call
 
 from algorithms.arch import Block, Network
+from algorithms.local_readout import local_layout
 from algorithms.registry import register
 from algorithms.rule import Benchmark, Claim, OptimHParams, Rule, RunInfo, make_optimizer, validate_hparams
 
@@ -92,60 +93,6 @@ def _signs(rows: int, cols: int, like: torch.Tensor) -> torch.Tensor:
     return torch.randint(0, 2, (rows, cols), device=like.device).to(like.dtype) * 2 - 1
 
 
-def _cells(size: int, cells: int) -> torch.Tensor:
-    """Which of ``cells`` equal, non-overlapping bands each of ``size`` rows falls into."""
-    return torch.arange(size) * cells // size
-
-
-def _local_layout(net: Network, group_size: int, readout_pool: int) -> list[dict]:
-    """Per stage, how its activity maps onto local-loss groups and readout features.
-
-    ``unit_group`` (shape of the layer output z): the group of each unit; ``feature_group``: the group of
-    each readout feature; ``channel_group``: the channel group of each channel, whose groups are numbered
-    ``channel_group * cells + cell``; ``rows``/``cols``: band-averaging matrices of conv readouts (None for
-    dense blocks). The output block: one group per logit, its logits as features.
-    """
-    param = next(net.parameters())
-    was_training = net.training
-    net.eval()
-    layout = []
-    with torch.no_grad():
-        h = torch.zeros((1, *net.input_shape), device=param.device, dtype=param.dtype)
-        for i, stage in enumerate(net.stages):
-            z = stage.preact(h)
-            h = stage.post(z)
-            channels = z.shape[1]
-            if i == len(net.stages) - 1:
-                unit = torch.arange(channels)
-                layout.append({"unit_group": unit, "feature_group": unit, "channel_group": unit,
-                               "n_groups": channels, "cells": 1, "rows": None, "cols": None})
-                continue
-            channel_group = torch.arange(channels) // min(group_size, channels)
-            n_channel_groups = int(channel_group[-1]) + 1
-            if z.dim() == 2:
-                layout.append({"unit_group": channel_group, "feature_group": channel_group,
-                               "channel_group": channel_group, "n_groups": n_channel_groups, "cells": 1,
-                               "rows": None, "cols": None})
-                continue
-            (hz, wz), (hh, wh) = z.shape[2:], h.shape[2:]
-            pool = min(readout_pool, hh, wh)
-            rows = (_cells(hh, pool)[None, :] == torch.arange(pool)[:, None]).float()
-            cols = (_cells(wh, pool)[None, :] == torch.arange(pool)[:, None]).float()
-            rows, cols = rows / rows.sum(1, keepdim=True), cols / cols.sum(1, keepdim=True)
-            # A unit of z lies in the output cell its pooled position falls into (rows cut off by the
-            # block's pooling affect nothing and are given the last cell).
-            zy = _cells(hh, pool)[(torch.arange(hz) // (hz // hh)).clamp(max=hh - 1)]
-            zx = _cells(wh, pool)[(torch.arange(wz) // (wz // wh)).clamp(max=wh - 1)]
-            cell = zy[:, None] * pool + zx[None, :]
-            unit = channel_group[:, None, None] * pool * pool + cell[None]
-            feature = (channel_group[:, None] * pool * pool + torch.arange(pool * pool)[None]).flatten()
-            layout.append({"unit_group": unit, "feature_group": feature, "channel_group": channel_group,
-                           "n_groups": n_channel_groups * pool * pool, "cells": pool * pool,
-                           "rows": rows.to(param.dtype), "cols": cols.to(param.dtype)})
-    net.train(was_training)
-    return layout
-
-
 @register
 class WeightPerturbation(Rule):
     name = "weight_perturbation"
@@ -180,7 +127,7 @@ class WeightPerturbation(Rule):
         super().__init__(net, hp, info)
         validate_hparams(type(self), hp)
         hp.validate()
-        layout = _local_layout(net, hp.group_size, hp.readout_pool)
+        layout = local_layout(net, hp.group_size, hp.readout_pool)
         self._n_groups = [stage["n_groups"] for stage in layout]
         self._cells = [stage["cells"] for stage in layout]
         # Layout tensors as non-persistent buffers: they follow .to(device) and are rebuilt from the config.
