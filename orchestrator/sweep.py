@@ -147,7 +147,7 @@ class SweepConfig:
 
 PRESETS: dict[str, list[str]] = {
     # A complete comparison on a laptop in minutes: every rule x mlp x digits + a Fashion-MNIST slice.
-    "local": ["archs=[mlp]", "datasets=[digits,fashion_mnist]", "budget.trials=4", "budget.epochs=3",
+    "local": ["archs=[mlp]", "datasets=[digits,fashion_mnist]", "budget.trials=6", "budget.epochs=5",
               "budget.final_seeds=3", "trial.data.train_limit=6000", "trial.data.test_limit=2000",
               "trial.model.widths=[256,256]"],
     # The paper's comparison, meant for a GPU cluster (ray.address=auto).
@@ -681,6 +681,11 @@ class TrialRecorder(Callback):
         self.best: dict[str, float] = {}
         self.wandb = WandbLogger(sweep.cfg, sweep.dir)
         self.bar = _Progress(sweep.cfg.progress, "tuning", total)
+
+    def __getstate__(self):
+        # Tune pickles its callbacks into tuner.pkl (for its own restore, which sweeps do not use: they
+        # resume from their tables). The live progress view and W&B runs hold locks; leave them out.
+        return {k: v for k, v in self.__dict__.items() if k not in ("bar", "wandb")}
 
     @staticmethod
     def _ids(trial) -> tuple[str, Cell]:

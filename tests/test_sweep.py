@@ -72,7 +72,7 @@ def test_sweep_end_to_end_resume_and_extend(ray_session, tmp_path):
     assert rows(again, "trials").height == 3 and rows(again, "final_runs").height == 2
     assert {p: p.stat().st_mtime_ns for p in before} == before  # nothing re-run or rewritten
 
-    more = sweep(tmp_path, "rules=[bp]", "budget.trials=4")
+    more = sweep(tmp_path, "rules=[bp]", "budget.trials=4", "progress=true")  # the live view on, as in make sweep
     assert sorted(rows(more, "trials")["trial_number"].to_list()) == [0, 1, 2, 3]
 
 
