@@ -8,8 +8,10 @@ local classifier loss, which keeps the variance of the gradient estimates low.
 from __future__ import annotations
 
 import torch
+from torch import nn
 
 from algorithms.arch import Network
+from algorithms.rule import Rule, RunInfo, make_optimizer
 
 
 def _cells(size: int, cells: int) -> torch.Tensor:
@@ -64,3 +66,27 @@ def local_layout(net: Network, group_size: int, readout_pool: int) -> list[dict]
                            "rows": rows.to(param.dtype), "cols": cols.to(param.dtype)})
     net.train(was_training)
     return layout
+
+
+def attach_local_readouts(rule: Rule, hp, info: RunInfo) -> None:
+    """Give a perturbation rule its local losses: the group layout (``_n_groups``, ``_cells`` and the
+    per-stage buffers ``unit_group<i>``, ``feature_group<i>``, ``channel_group<i>``, ``rows<i>``,
+    ``cols<i>``), ``eye``, one linear readout per hidden block (``readouts``) and one optimiser per
+    stage (``opts``: a block's update is self-contained, Adam state included)."""
+    net = rule.net
+    layout = local_layout(net, hp.group_size, hp.readout_pool)
+    rule._n_groups = [stage["n_groups"] for stage in layout]
+    rule._cells = [stage["cells"] for stage in layout]
+    # Layout tensors as non-persistent buffers: they follow .to(device) and are rebuilt from the config.
+    for i, stage in enumerate(layout):
+        for key in ("unit_group", "feature_group", "channel_group", "rows", "cols"):
+            rule.register_buffer(f"{key}{i}", stage[key], persistent=False)
+    rule.register_buffer("eye", torch.eye(info.num_classes), persistent=False)
+    # Local readouts of the hidden blocks (the output block's "readout" is the identity).
+    rule.readouts = nn.ModuleList(nn.Linear(len(stage["feature_group"]), info.num_classes)
+                                  for stage in layout[:-1])
+    total = info.epochs * info.steps_per_epoch
+    rule.opts = []
+    for i, stage in enumerate(net.stages):
+        params = list(stage.parameters()) + (list(rule.readouts[i].parameters()) if i < len(layout) - 1 else [])
+        rule.opts.append(make_optimizer(params, hp, total))

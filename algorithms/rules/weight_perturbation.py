@@ -39,9 +39,9 @@ from torch import nn
 from torch.func import functional_call
 
 from algorithms.arch import Block, Network
-from algorithms.local_readout import local_layout
+from algorithms.local_readout import attach_local_readouts
 from algorithms.registry import register
-from algorithms.rule import Benchmark, Claim, OptimHParams, Rule, RunInfo, make_optimizer, validate_hparams
+from algorithms.rule import Benchmark, Claim, OptimHParams, Rule, RunInfo, validate_hparams
 
 _TESTS = "tests/test_perturbation.py"
 
@@ -127,23 +127,7 @@ class WeightPerturbation(Rule):
         super().__init__(net, hp, info)
         validate_hparams(type(self), hp)
         hp.validate()
-        layout = local_layout(net, hp.group_size, hp.readout_pool)
-        self._n_groups = [stage["n_groups"] for stage in layout]
-        self._cells = [stage["cells"] for stage in layout]
-        # Layout tensors as non-persistent buffers: they follow .to(device) and are rebuilt from the config.
-        for i, stage in enumerate(layout):
-            for key in ("unit_group", "feature_group", "channel_group", "rows", "cols"):
-                self.register_buffer(f"{key}{i}", stage[key], persistent=False)
-        self.register_buffer("eye", torch.eye(info.num_classes), persistent=False)
-        # Local readouts of the hidden blocks (the output block's "readout" is the identity).
-        self.readouts = nn.ModuleList(nn.Linear(len(stage["feature_group"]), info.num_classes)
-                                      for stage in layout[:-1])
-        # One optimiser per stage: a block's update is self-contained (block_step), Adam state included.
-        total = info.epochs * info.steps_per_epoch
-        self.opts = []
-        for i, stage in enumerate(net.stages):
-            params = list(stage.parameters()) + (list(self.readouts[i].parameters()) if i < len(layout) - 1 else [])
-            self.opts.append(make_optimizer(params, hp, total))
+        attach_local_readouts(self, hp, info)
 
     # --- one block -------------------------------------------------------------------------------
     @torch.no_grad()
