@@ -139,6 +139,12 @@ class Rule(nn.Module):
         """
         raise NotImplementedError(f"rule {self.name!r} is not block-local")
 
+    def block_loss(self, index: int) -> torch.Tensor | None:
+        """Block-local rules: the training loss of block ``index``'s last :meth:`block_step` (0-d tensor), or
+        None if that block has no loss of its own. Summed over blocks it is the ``loss`` that
+        :meth:`train_step` returns; the pipeline trainer reports it stage by stage."""
+        return None
+
     # --- inference ------------------------------------------------------------------------------
     @torch.no_grad()
     def predict(self, x: torch.Tensor) -> torch.Tensor:
@@ -175,8 +181,28 @@ def _default_of(f: dataclasses.Field) -> Any:
     return None
 
 
-def make_optimizer(params, hp: OptimHParams, total_steps: int):
-    """A torch optimiser and a per-step LR scheduler from :class:`OptimHParams`."""
+class ScheduledOptimizer:
+    """A torch optimiser and its per-step learning-rate schedule: ``step()`` advances both, so a rule's
+    update reads ``opt.zero_grad(); ...; opt.step()`` whatever the schedule."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, scheduler: Any = None):
+        self.optimizer, self.scheduler = optimizer, scheduler
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.optimizer.zero_grad(set_to_none=set_to_none)
+
+    def step(self) -> None:
+        self.optimizer.step()
+        if self.scheduler is not None:
+            self.scheduler.step()
+
+    @property
+    def param_groups(self) -> list[dict]:
+        return self.optimizer.param_groups
+
+
+def make_optimizer(params, hp: OptimHParams, total_steps: int) -> ScheduledOptimizer:
+    """The optimiser and per-step LR schedule :class:`OptimHParams` asks for (cosine over ``total_steps``)."""
     params = [p for p in params if p.requires_grad]
     if hp.optimizer == "adam":
         opt = torch.optim.Adam(params, lr=hp.lr, weight_decay=hp.weight_decay)
@@ -192,7 +218,7 @@ def make_optimizer(params, hp: OptimHParams, total_steps: int):
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, total_steps))
     else:
         raise ValueError(f"unknown schedule {hp.schedule!r}; use constant or cosine")
-    return opt, sched
+    return ScheduledOptimizer(opt, sched)
 
 
 def validate_hparams(rule_cls: type[Rule], hp: Any) -> None:
@@ -206,4 +232,4 @@ def validate_hparams(rule_cls: type[Rule], hp: Any) -> None:
             raise ValueError(f"hp.lr={hp.lr} must be > 0")
 
 
-__all__ = ["CRITERIA", "Benchmark", "Claim", "OptimHParams", "RunInfo", "Rule", "make_optimizer", "validate_hparams"]
+__all__ = ["CRITERIA", "Benchmark", "Claim", "OptimHParams", "RunInfo", "Rule", "ScheduledOptimizer", "make_optimizer", "validate_hparams"]

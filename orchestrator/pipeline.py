@@ -46,8 +46,7 @@ perturbation methods) are refused with a UsageError: they would need the later s
 (a delayed broadcast for DFA), which this trainer does not implement.
 
 Training metrics: a group reports, per micro-batch, the loss of each of its stages as the rule left
-it after ``block_step`` (``rule._metrics[i]``, the convention of local losses and forward-forward, or
-``rule._loss`` for the output stage, SoftHebb's), so ``train_loss`` is the same sum the rule's
+it after ``block_step`` (``Rule.block_loss``), so ``train_loss`` is the same sum the rule's
 ``train_step`` returns; ``correct`` is counted from the output stage's class scores.
 """
 
@@ -203,11 +202,9 @@ class StageWorker:
         correct = None
         for i in self.indices:
             h = rule.block_step(i, h, y)
-            metrics = getattr(rule, "_metrics", None)
-            if isinstance(metrics, dict) and i in metrics:
-                losses.append(metrics[i].detach())
-            elif i == self.last and torch.is_tensor(getattr(rule, "_loss", None)):
-                losses.append(rule._loss.detach())
+            loss = rule.block_loss(i)
+            if loss is not None:
+                losses.append(loss.detach())
             if i == self.last and h.dim() == 2 and h.shape == (len(y), rule.info.num_classes):
                 correct = (h.argmax(1) == y).sum()
         token = {"b": b, "losses": [v.cpu() for v in losses], "correct": None if correct is None else int(correct.item()),

@@ -54,7 +54,7 @@ class Backprop(Rule):
 
     def __init__(self, net: Network, hp: BPHParams, info: RunInfo):
         super().__init__(net, hp, info)
-        self.opt, self.sched = make_optimizer(net.parameters(), hp, info.epochs * info.steps_per_epoch)
+        self.opt = make_optimizer(net.parameters(), hp, info.epochs * info.steps_per_epoch)
 
     def train_step(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
         logits = self.net(x)
@@ -62,6 +62,4 @@ class Backprop(Rule):
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         self.opt.step()
-        if self.sched is not None:
-            self.sched.step()
         return {"loss": loss.detach(), "correct": (logits.argmax(1) == y).sum()}

@@ -75,7 +75,7 @@ class DirectFeedbackAlignment(Rule):
             size = math.prod(shape)
             template = torch.empty(info.num_classes, size, device=param.device, dtype=param.dtype)
             self.register_buffer(f"feedback_{i}", default_init_like(template, hp.feedback_scale))
-        self.opt, self.sched = make_optimizer(net.parameters(), hp, info.epochs * info.steps_per_epoch)
+        self.opt = make_optimizer(net.parameters(), hp, info.epochs * info.steps_per_epoch)
 
     def feedback(self, i: int) -> torch.Tensor:
         """The fixed matrix (classes x block size) that delivers the output error to hidden block ``i``."""
@@ -110,6 +110,4 @@ class DirectFeedbackAlignment(Rule):
     def train_step(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
         loss, logits = self.gradients(x, y)
         self.opt.step()
-        if self.sched is not None:
-            self.sched.step()
         return {"loss": loss, "correct": (logits.argmax(1) == y).sum()}

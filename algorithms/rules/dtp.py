@@ -122,8 +122,8 @@ class DifferenceTargetPropagation(Rule):
         self.inverses = nn.ModuleList(Inverse(stages[l], stages[l - 1], shapes[l + 1], shapes[l])
                                       for l in range(1, len(stages)))
         total = info.epochs * info.steps_per_epoch
-        self.opt, self.sched = make_optimizer(net.parameters(), hp, total)
-        self.fb_opt, self.fb_sched = make_optimizer(
+        self.opt = make_optimizer(net.parameters(), hp, total)
+        self.fb_opt = make_optimizer(
             self.inverses.parameters(), OptimHParams(lr=hp.feedback_lr, schedule=hp.schedule), total)
 
     # --- the three parts of a step ---------------------------------------------------------------
@@ -180,8 +180,5 @@ class DifferenceTargetPropagation(Rule):
         self.opt.zero_grad(set_to_none=True)
         local.backward()
         self.opt.step()
-        for sched in (self.sched, self.fb_sched):
-            if sched is not None:
-                sched.step()
         return {"loss": ce.detach(), "correct": (hs[-1].argmax(1) == y).sum(), "reconstruction": rec.detach(),
                 "inference_steps": float(len(self.inverses))}

@@ -109,7 +109,7 @@ class EquilibriumPropagation(Rule):
             raise ValueError("ep with loss=ce needs at least one hidden block")
         self.state_shapes = net.shapes()[:len(self.coupled)]
         self.sigma = ACTIVATIONS[hp.activation]
-        self.opt, self.sched = make_optimizer(net.parameters(), hp, info.epochs * info.steps_per_epoch)
+        self.opt = make_optimizer(net.parameters(), hp, info.epochs * info.steps_per_epoch)
 
     # --- the energy ------------------------------------------------------------------------------
     def scores(self, states: list[torch.Tensor]) -> torch.Tensor:
@@ -165,8 +165,6 @@ class EquilibriumPropagation(Rule):
     def train_step(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
         scores = self.compute_grads(x, y)
         self.opt.step()
-        if self.sched is not None:
-            self.sched.step()
         steps = self.hp.free_steps + self.hp.nudged_steps * (2 if self.hp.symmetric else 1)
         loss = (F.cross_entropy(scores, y) if self.hp.loss == "ce"
                 else 0.5 * (scores - F.one_hot(y, scores.shape[1]).to(scores.dtype)).pow(2).sum(1).mean())

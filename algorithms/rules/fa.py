@@ -72,7 +72,7 @@ class FeedbackAlignment(Rule):
         # B_l carries the error from stage l down to stage l-1; the first stage's input needs none.
         for i, stage in enumerate(net.stages[1:], start=1):
             self.register_buffer(f"feedback_{i}", default_init_like(stage.layer.weight, hp.feedback_scale))
-        self.opt, self.sched = make_optimizer(net.parameters(), hp, info.epochs * info.steps_per_epoch)
+        self.opt = make_optimizer(net.parameters(), hp, info.epochs * info.steps_per_epoch)
 
     def feedback(self, i: int) -> torch.Tensor | None:
         """The fixed matrix that sends stage ``i``'s error to stage ``i - 1`` (None for the first stage)."""
@@ -91,6 +91,4 @@ class FeedbackAlignment(Rule):
     def train_step(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
         loss, logits = self.gradients(x, y)
         self.opt.step()
-        if self.sched is not None:
-            self.sched.step()
         return {"loss": loss, "correct": (logits.argmax(1) == y).sum()}

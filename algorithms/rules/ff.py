@@ -171,14 +171,15 @@ class ForwardForward(Rule):
         else:
             out = self.net.stages[index](rms_normalize(h_in))
             loss = self.ff_loss(out, n)
-        opt, sched = self.opts[index]
+        opt = self.opts[index]
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        if sched is not None:
-            sched.step()
         self._metrics[index] = loss.detach()
         return out.detach()
+
+    def block_loss(self, index: int) -> torch.Tensor | None:
+        return self._metrics.get(index)
 
     def train_step(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
         h = x

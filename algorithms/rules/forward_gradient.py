@@ -178,11 +178,9 @@ class ForwardGradient(Rule):
         if not is_head:  # the readout learns by the delta rule on the clean features
             readout.weight.grad = err.t() @ feats / batch
             readout.bias.grad = err.mean(0)
-        opt, sched = self.opts[i]
+        opt = self.opts[i]
         opt.step()
         opt.zero_grad(set_to_none=True)
-        if sched is not None:
-            sched.step()
         return h, logits
 
     # --- the rule contract -----------------------------------------------------------------------

@@ -163,14 +163,15 @@ class LocalLosses(Rule):
         else:
             loss = F.cross_entropy(h, y)
             self._correct = (h.argmax(1) == y).sum()
-        opt, sched = self.opts[index]
+        opt = self.opts[index]
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        if sched is not None:
-            sched.step()
         self._metrics[index] = loss.detach()
         return h.detach()
+
+    def block_loss(self, index: int) -> torch.Tensor | None:
+        return self._metrics.get(index)
 
     def train_step(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
         h = x

@@ -99,7 +99,7 @@ class PredictiveCoding(Rule):
 
     def __init__(self, net: Network, hp: PCHParams, info: RunInfo):
         super().__init__(net, hp, info)
-        self.opt, self.sched = make_optimizer(net.parameters(), hp, info.epochs * info.steps_per_epoch)
+        self.opt = make_optimizer(net.parameters(), hp, info.epochs * info.steps_per_epoch)
 
     # --- the energy ------------------------------------------------------------------------------
     def energy(self, x: torch.Tensor, values: list[torch.Tensor], y: torch.Tensor) -> torch.Tensor:
@@ -161,7 +161,5 @@ class PredictiveCoding(Rule):
     def train_step(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
         logits = self.compute_grads(x, y)
         self.opt.step()
-        if self.sched is not None:
-            self.sched.step()
         return {"loss": F.cross_entropy(logits, y), "correct": (logits.argmax(1) == y).sum(),
                 "inference_steps": float(self.hp.inference_steps)}

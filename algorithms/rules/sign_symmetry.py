@@ -76,7 +76,7 @@ class SignSymmetry(Rule):
             raise ValueError(f"hp.label_smoothing={hp.label_smoothing} must be in [0, 1)")
         # One constant per layer, from its shape only (never from W's values).
         self.scales = [hp.feedback_scale / math.sqrt(3 * fan_in(s.layer.weight)) for s in net.stages]
-        self.opt, self.sched = make_optimizer(net.parameters(), hp, info.epochs * info.steps_per_epoch)
+        self.opt = make_optimizer(net.parameters(), hp, info.epochs * info.steps_per_epoch)
 
     @torch.no_grad()
     def feedback(self, i: int) -> torch.Tensor | None:
@@ -100,6 +100,4 @@ class SignSymmetry(Rule):
     def train_step(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
         loss, logits = self.gradients(x, y)
         self.opt.step()
-        if self.sched is not None:
-            self.sched.step()
         return {"loss": loss, "correct": (logits.argmax(1) == y).sum()}

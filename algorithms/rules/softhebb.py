@@ -182,14 +182,15 @@ class SoftHebb(Rule):
             layer.weight.grad = err.t() @ z / len(y)
             if layer.bias is not None:
                 layer.bias.grad = err.mean(0)
-            opt, sched = self.head_opt
+            opt = self.head_opt
             opt.step()
             opt.zero_grad(set_to_none=True)
-            if sched is not None:
-                sched.step()
             self._loss = F.cross_entropy(logits, y)
             self._correct = (logits.argmax(1) == y).sum()
             return logits
+
+    def block_loss(self, index: int) -> torch.Tensor | None:
+        return self._loss if index == len(self.net.stages) - 1 else None  # hidden blocks learn without a loss
 
     def train_step(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
         h = x

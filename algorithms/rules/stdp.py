@@ -249,11 +249,9 @@ class STDP(Rule):
             head.weight.grad = err.t() @ z / len(y)  # delta rule: output error times presynaptic activity
             if head.bias is not None:
                 head.bias.grad = err.mean(0)
-            opt, sched = self.head_opt
+            opt = self.head_opt
             opt.step()
             opt.zero_grad(set_to_none=True)
-            if sched is not None:
-                sched.step()
         return logits
 
     # --- the contract ------------------------------------------------------------------------------
@@ -265,6 +263,9 @@ class STDP(Rule):
                 return self.layer_run(index, spikes_in, learn=True).transpose(0, 1)
             spikes = self.encode(h_in) if index == 0 else h_in.transpose(0, 1)  # no hidden block: read the input
             return self.readout_step(spikes, y)
+
+    def block_loss(self, index: int) -> torch.Tensor | None:
+        return self._loss if index == len(self.net.stages) - 1 else None  # hidden layers learn without a loss
 
     def train_step(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
         h = x

@@ -199,11 +199,9 @@ class WeightPerturbation(Rule):
             err = logits.softmax(1) - F.one_hot(y, n_classes).to(logits.dtype)
             readout.weight.grad = err.t() @ feats / batch
             readout.bias.grad = err.mean(0)
-        opt, sched = self.opts[i]
+        opt = self.opts[i]
         opt.step()
         opt.zero_grad(set_to_none=True)
-        if sched is not None:
-            sched.step()
         return h, logits
 
     # --- the rule contract -----------------------------------------------------------------------
