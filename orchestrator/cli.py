@@ -132,6 +132,12 @@ def cmd_bench(args) -> int:
               f"{result['work_s']:.0f}s CPU work, {result['concurrency']} concurrent, wall {result['wall_s']:.1f}s)",
               file=sys.stderr)
         return 0
+    if args.pipeline:
+        from orchestrator.bench import pipeline_efficiency
+
+        result = pipeline_efficiency(args.overrides, stages=args.stages, rounds=args.rounds, markdown=args.markdown)
+        print(json.dumps(result))
+        return 0
     from orchestrator.bench import run_bench
 
     return run_bench(args.rule, args.only, args.overrides, args.markdown)
@@ -186,6 +192,11 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--markdown", help="append the result table to this markdown file")
     b.add_argument("--orchestrator", action="store_true",
                    help="measure the orchestrator's busy fraction (fixed 5 s CPU trials, 2 concurrent) instead")
+    b.add_argument("--pipeline", action="store_true",
+                   help="measure layer-parallel speed-up instead: local_losses on fashion_mnist, sequential vs "
+                        "pipelined on --stages one-thread stages vs sequential on --stages threads")
+    b.add_argument("--stages", type=int, default=2, help="pipeline stages for --pipeline (default 2)")
+    b.add_argument("--rounds", type=int, default=3, help="interleaved rounds for --pipeline (default 3)")
     b.set_defaults(func=cmd_bench)
 
     br = sub.add_parser("brain", help="RSA of every saved network's layers with human and monkey IT (92 images)")
