@@ -6,6 +6,9 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 ARGS   ?=
 SWEEP_DIR ?= runs/sweeps/local
+# `make sweep CLUSTER=auto` (or CLUSTER=host:port) submits to a running Ray cluster instead of the
+# embedded local Ray; see cluster/README.md.
+CLUSTER ?=
 # In the development sandbox the real data mirror sits beside the checkout; elsewhere the data root
 # is $BIOPLAUS_DATA or ~/.cache/bioplaus/data (files are downloaded there).
 ifeq ($(BIOPLAUS_DATA),)
@@ -32,7 +35,7 @@ train: $(STAMP)
 	$(BIN)/bioplaus train $(ARGS)
 
 sweep: $(STAMP)
-	$(BIN)/bioplaus sweep $(ARGS)
+	$(BIN)/bioplaus sweep $(if $(CLUSTER),ray.address=$(CLUSTER)) $(ARGS)
 
 report: $(STAMP)
 	$(BIN)/bioplaus report $(SWEEP_DIR) $(ARGS)

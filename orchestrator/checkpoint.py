@@ -26,10 +26,21 @@ def save_network(path: str | Path, net: Network, config: dict, mean: torch.Tenso
     payload = {"state_dict": {k: v.detach().cpu() for k, v in net.state_dict().items()}, "config": config,
                "arch": net.arch, "input_shape": list(net.input_shape), "num_classes": net.num_classes,
                "mean": mean.detach().cpu(), "std": std.detach().cpu(), "classes": list(classes)}
+    return _atomic(path, lambda tmp: torch.save(payload, tmp))
+
+
+def write_network_file(path: str | Path, data: bytes) -> Path:
+    """Write a saved network's bytes (as a worker on another node sent them back) atomically to ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return _atomic(path, lambda tmp: Path(tmp).write_bytes(data))
+
+
+def _atomic(path: Path, write) -> Path:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
-        torch.save(payload, tmp)
+        write(tmp)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

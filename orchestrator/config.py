@@ -12,6 +12,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Dict, Optional
 
+import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -115,12 +116,27 @@ def parse_overrides(overrides: list[str], base: DictConfig | None = None) -> Dic
     cfg = base if base is not None else OmegaConf.structured(Config)
     try:
         merged = OmegaConf.merge(cfg, OmegaConf.from_dotlist(overrides))
+        OmegaConf.resolve(merged)  # a ${...} interpolation that cannot resolve fails here, not mid-run
     except OmegaConfBaseException as e:
         raise UsageError(_omegaconf_message(e)) from None
+    except (yaml.YAMLError, TypeError, ValueError) as e:  # a value that is not valid YAML, or {..} for a list
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UsageError(f"malformed override {_culprit(cfg, overrides)!r} ({first}); write key=value with a "
+                         "valid value, e.g. rules=[bp,fa] or train.epochs=3") from None
     if base is None:
         apply_smoke(merged, explicit={item.split("=", 1)[0] for item in overrides})
         smoke_model(merged)
     return merged
+
+
+def _culprit(cfg: DictConfig, overrides: list[str]) -> str:
+    """The first override that fails on its own (all of them if none does)."""
+    for item in overrides:
+        try:
+            OmegaConf.resolve(OmegaConf.merge(cfg, OmegaConf.from_dotlist([item])))
+        except Exception:  # any failure marks the culprit; the caller reports the original error
+            return item
+    return " ".join(overrides)
 
 
 def apply_smoke(cfg: DictConfig, explicit: set[str]) -> DictConfig:

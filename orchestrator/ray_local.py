@@ -31,10 +31,38 @@ LOOPBACK_ENV = {
     "RAY_DEDUP_LOGS": "0",
     "RAY_AIR_NEW_OUTPUT": "0",
 }
+# What the user set themselves is theirs; the rest is ours to relax when the sweep joins a real cluster.
+_SET_HERE = {k for k in LOOPBACK_ENV if k not in os.environ}
 for _k, _v in LOOPBACK_ENV.items():
     os.environ.setdefault(_k, _v)
 # Unix socket paths are limited to ~107 bytes; Ray appends ~70 characters to its temp dir.
 _MAX_TEMP_DIR = 36
+
+
+def is_loopback(address: str | None) -> bool:
+    """True for the embedded local Ray and for a cluster whose head is on this box's loopback."""
+    if address in (None, "", "local"):
+        return True
+    host = address.split("://", 1)[-1].rsplit(":", 1)[0].strip("[]")
+    return host == "localhost" or host == "::1" or host.startswith("127.")
+
+
+def set_cluster_mode(address: str | None) -> None:
+    """Ray's node-IP rule for this driver. On loopback (embedded Ray, a local test cluster) every address is
+    127.0.0.1 (RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0); on a real cluster the driver must find its node's own
+    IP, as Ray does by default, or it cannot join its node's raylet. Ray reads the variable when imported,
+    so its module constant is set too (ray may have been imported before this module)."""
+    from ray._private import ray_constants
+
+    key = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+    if key not in _SET_HERE:  # the user chose; Ray has read it already
+        return
+    loopback = is_loopback(address)
+    if loopback:
+        os.environ[key] = "0"
+    else:
+        os.environ.pop(key, None)
+    ray_constants.ENABLE_RAY_CLUSTER = False if loopback else not ray_constants.IS_WINDOWS_OR_OSX
 
 
 def ray_home(base: Path) -> Path:
@@ -75,6 +103,7 @@ def start(run_dir: Path, address: str | None = None, num_cpus: int | None = None
     if ray.is_initialized():  # someone else (a test fixture, a notebook) owns this Ray session
         return {"address": None, "temp_dir": None, "local": False, "owned": False}
     local = address in (None, "", "local")
+    set_cluster_mode(address)
     kwargs: dict = {"include_dashboard": False, "log_to_driver": True, "configure_logging": False}
     temp_dir = None
     if local:

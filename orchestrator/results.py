@@ -7,11 +7,16 @@ Layout under a results folder::
 
 The partition columns live in the paths only (hive style), so ``pl.scan_parquet(folder/"runs")``
 gives them back as columns. Every file is written to a temporary name in its final folder and
-renamed into place, so a reader never sees a half-written file and a crash leaves no partial table.
+renamed into place, so a reader never sees a half-written file and a crash leaves no partial table:
+at most a hidden ``.<name>.*.tmp`` file, which :func:`remove_interrupted_writes` clears (a sweep does
+at start-up). A write that fails (disk full, read-only folder) leaves the files already written as
+they were and raises a UsageError naming the file and the fix.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
 import subprocess
@@ -23,6 +28,8 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from orchestrator.errors import UsageError
+
 PARTITIONS = ("rule", "arch", "dataset")
 
 RUN_SCHEMA = pa.schema([
@@ -30,8 +37,9 @@ RUN_SCHEMA = pa.schema([
     ("phase", pa.string()),           # train (bioplaus train) | tune (a sweep's search) | final (a sweep's finals)
     ("trial_number", pa.int64()),     # the Optuna trial number within its cell (tune), else null
     ("node_id", pa.string()),         # the Ray node that ran it (sweeps), else null
+    ("attempts", pa.int64()),         # 1 + times a sweep retried it after its worker or node died; else null
     ("seed", pa.int64()),
-    ("status", pa.string()),          # ok | pruned | diverged | failed
+    ("status", pa.string()),          # ok | pruned | diverged | failed | timeout
     ("error", pa.string()),
     ("epochs_planned", pa.int64()),
     ("epochs_run", pa.int64()),
@@ -73,18 +81,56 @@ EPOCH_SCHEMA = pa.schema([
 ])
 
 
+TMP_SUFFIX = ".tmp"
+
+
 def write_table(table: pa.Table, path: Path) -> Path:
-    """Write ``table`` to ``path`` atomically (temp file in the same folder, then rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    """Write ``table`` to ``path`` atomically (temp file in the same folder, then rename).
+
+    UsageError (naming the file and the fix) when the folder cannot be written; files already
+    there are left as they were.
+    """
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TMP_SUFFIX, dir=path.parent)
+        os.close(fd)
         pq.write_table(table, tmp)
         os.replace(tmp, path)
+    except OSError as e:
+        raise unwritable(path, e) from None
     finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        if tmp is not None:
+            with contextlib.suppress(OSError):  # already gone after the rename, or the folder turned read-only
+                os.unlink(tmp)
     return path
+
+
+def unwritable(path: Path, e: OSError) -> UsageError:
+    """The one-line error for a results file that could not be written (disk full, read-only, ...)."""
+    code = errno.errorcode.get(e.errno or 0, type(e).__name__)
+    return UsageError(f"cannot write {path}: {e.strerror or e} ({code}); free disk space or make "
+                      f"{path.parent} writable, then run the same command again (results already written are kept)")
+
+
+def remove_interrupted_writes(root: Path, runs_tables: tuple[str, ...] = ("runs",), epochs_table: str = "epochs",
+                              other_tables: tuple[str, ...] = ()) -> list[Path]:
+    """Clear what a writer killed mid-write left under ``root``; returns the removed files.
+
+    That is the hidden temp files of :func:`write_table` (a table scan would choke on them) and
+    epoch files whose run row, the commit point of :func:`write_run`, was never written. Call it only
+    while nothing else writes to ``root`` (a sweep's driver does, at start-up).
+    """
+    root = Path(root)
+    pattern = f".*.parquet.*{TMP_SUFFIX}"
+    removed = list(root.glob(pattern))
+    for table in (*runs_tables, epochs_table, *other_tables):
+        removed += (root / table).rglob(pattern)
+    committed = {p.stem for table in runs_tables for p in (root / table).rglob("*.parquet")}
+    removed += [p for p in (root / epochs_table).rglob("*.parquet") if p.stem not in committed]
+    for p in removed:
+        p.unlink(missing_ok=True)
+    return removed
 
 
 def partition_dir(root: Path, table: str, record: dict[str, Any]) -> Path:
@@ -105,10 +151,15 @@ def write_run(root: str | Path, record: dict[str, Any], run_id: str | None = Non
                "phase": row["phase"], "extra_json": json.dumps(e.get("extra") or {}, sort_keys=True)}
               for e in record.get("epochs", [])]
     # Epochs first: a run row is the commit point that says the trial's tables are complete.
-    write_table(pa.Table.from_pylist(epochs, schema=EPOCH_SCHEMA),
-                partition_dir(root, epochs_table, record) / f"{run_id}.parquet")
-    write_table(pa.Table.from_pylist([row], schema=RUN_SCHEMA),
-                partition_dir(root, runs_table, record) / f"{run_id}.parquet")
+    epochs_path = write_table(pa.Table.from_pylist(epochs, schema=EPOCH_SCHEMA),
+                              partition_dir(root, epochs_table, record) / f"{run_id}.parquet")
+    try:
+        write_table(pa.Table.from_pylist([row], schema=RUN_SCHEMA),
+                    partition_dir(root, runs_table, record) / f"{run_id}.parquet")
+    except UsageError:  # not committed: take its epochs back (remove_interrupted_writes does it after a kill)
+        with contextlib.suppress(OSError):
+            epochs_path.unlink()
+        raise
     return run_id
 
 

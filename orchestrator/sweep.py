@@ -22,9 +22,11 @@ from __future__ import annotations
 
 from orchestrator import ray_local  # noqa: I001  (sets Ray's loopback environment before ray is imported)
 
+import contextlib
 import json
 import math
 import platform
+import re
 import sys
 import time
 from dataclasses import dataclass, field
@@ -33,17 +35,20 @@ from typing import Any, Dict, List, Optional
 
 import polars as pl
 import pyarrow as pa
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from ray.tune import Callback
+from ray.tune.stopper import Stopper
 
 from algorithms.arch import ARCHS
 from algorithms.registry import load_rules
+from orchestrator.checkpoint import write_network_file
 from orchestrator.config import Config, apply_smoke, parse_overrides, smoke_model, to_plain
 from orchestrator.data import DATASETS
 from orchestrator.data.datasets import data_root, ensure_files
 from orchestrator.errors import UsageError
 from orchestrator.pipeline import final_options, trial_resources
-from orchestrator.results import git_commit, partition_dir, version, write_run, write_table
+from orchestrator.results import (git_commit, partition_dir, remove_interrupted_writes, unwritable, version,
+                                  write_run, write_table)
 from orchestrator.search_space import Param, defaults_in_space, load_search_space
 from orchestrator.trial import resolve, run_trial
 
@@ -67,6 +72,11 @@ class BudgetConfig:
     """Seeds the best configuration of each cell is re-run with (test set evaluated)."""
     final_epochs: Optional[int] = None
     """Epochs of a final run (None: budget.epochs)."""
+    trial_timeout_s: Optional[float] = None
+    """Wall-clock limit of one tuning trial attempt, from the moment it starts running (None: no limit).
+    A trial still running then is stopped and recorded as failed with a "timeout:" error (not
+    retried); the sweep goes on. For hung trials: it is checked by the driver, so it works even when
+    a step never returns."""
 
 
 @dataclass
@@ -93,6 +103,9 @@ class RayConfig:
     """GPUs of the embedded local Ray (None: all visible)."""
     timeout_s: float = 180.0
     """Give up if ray.init does not return within this many seconds."""
+    storage_path: Optional[str] = None
+    """Where Ray Tune keeps its experiment state: None for <sweep folder>/ray_results, or any path or URL Ray
+    accepts (a shared file system path, s3://bucket/prefix, gs://...) so that every node of a cluster reaches it."""
 
 
 @dataclass
@@ -183,13 +196,72 @@ def parse_sweep(overrides: list[str]) -> DictConfig:
         (cfg.resources.gpus_per_trial >= 0, f"resources.gpus_per_trial={cfg.resources.gpus_per_trial} must be >= 0"),
         (cfg.wandb.mode in ("online", "offline", "disabled"),
          f"wandb.mode={cfg.wandb.mode!r} must be online, offline or disabled"),
-        (bool(cfg.name) and "/" not in cfg.name and cfg.name not in (".", ".."),
-         f"name={cfg.name!r} must be a plain folder name"),
+        (re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._+-]*", cfg.name) is not None,
+         f"name={cfg.name!r} must be a plain folder name (letters, digits, '.', '_', '+', '-')"),
+        ("\0" not in cfg.root, "root= must not contain a NUL character"),
+        (0 <= cfg.seed <= _MAX_SEED, f"seed={cfg.seed} must be in 0..{_MAX_SEED}"),
+        (cfg.budget.final_epochs is None or cfg.budget.final_epochs >= 1,
+         f"budget.final_epochs={cfg.budget.final_epochs} must be >= 1 (or null for budget.epochs)"),
+        (cfg.budget.trial_timeout_s is None or cfg.budget.trial_timeout_s > 0,
+         f"budget.trial_timeout_s={cfg.budget.trial_timeout_s} must be > 0 (or null for no limit)"),
+        (cfg.resources.max_concurrent is None or cfg.resources.max_concurrent >= 1,
+         f"resources.max_concurrent={cfg.resources.max_concurrent} must be >= 1 (or null for no cap)"),
+        (cfg.ray.num_cpus is None or cfg.ray.num_cpus >= 1, f"ray.num_cpus={cfg.ray.num_cpus} must be >= 1"),
+        (cfg.ray.num_gpus is None or cfg.ray.num_gpus >= 0, f"ray.num_gpus={cfg.ray.num_gpus} must be >= 0"),
+        (cfg.ray.timeout_s > 0, f"ray.timeout_s={cfg.ray.timeout_s} must be > 0"),
+        (cfg.ray.address is None
+         or re.fullmatch(r"auto|local|(ray://)?[A-Za-z0-9.\-\[\]:]+:\d+", cfg.ray.address) is not None,
+         f"ray.address={cfg.ray.address!r} must be auto, local or host:port (ray://host:port for Ray Client)"),
     ]
     for ok, msg in checks:
         if not ok:
             raise UsageError(msg)
+    for key in ("rules", "archs", "datasets", "optional_datasets"):
+        names = [str(n) for n in cfg[key]]
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            raise UsageError(f"{key}= lists {', '.join(twice)} more than once; name each once")
+    if cfg.storage is not None:
+        _check_storage_url(cfg.storage)
     return cfg
+
+
+# The samplers' seeds are derived from the sweep seed (seed * 7919 + cell index) and must stay below 2**32.
+_MAX_SEED = (2**32 - 1) // 7919 - 1000
+
+
+def _check_storage_url(url: str) -> None:
+    """An Optuna RDB URL that SQLAlchemy can parse and has a driver for (no connection is made)."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError, NoSuchModuleError
+
+    try:
+        make_url(url).get_dialect()
+    except (ArgumentError, NoSuchModuleError, ImportError, ValueError) as e:
+        raise UsageError(f"storage={url!r} is not a usable database URL ({_one_line(e)}); use null for a "
+                         "journal file in the sweep folder, or e.g. sqlite:///optuna.db or postgresql://host/db"
+                         ) from None
+
+
+def check_local_resources(cfg: DictConfig) -> None:
+    """On an embedded local Ray, a trial asking for more CPUs or GPUs than it has would wait forever."""
+    if cfg.ray.address not in (None, "", "local"):
+        return
+    import os
+
+    import torch
+
+    groups = int(cfg.trial.train.stages) if cfg.trial.train.mode == "pipeline" else 1
+    cpus = cfg.ray.num_cpus or os.cpu_count() or 1
+    gpus = cfg.ray.num_gpus if cfg.ray.num_gpus is not None else torch.cuda.device_count()
+    per = f" x train.stages={groups}" if groups > 1 else ""
+    res = cfg.resources
+    if res.cpus_per_trial * groups > cpus:
+        raise UsageError(f"a trial asks for resources.cpus_per_trial={res.cpus_per_trial}{per} CPUs but the local "
+                         f"Ray has {cpus}; lower resources.cpus_per_trial or raise ray.num_cpus")
+    if res.gpus_per_trial * groups > gpus:
+        raise UsageError(f"a trial asks for resources.gpus_per_trial={res.gpus_per_trial}{per} GPUs but the local "
+                         f"Ray has {gpus}; set resources.gpus_per_trial=0, or ray.address=auto for a GPU cluster")
 
 
 # --- cells ---------------------------------------------------------------------------------------
@@ -213,7 +285,8 @@ def plan_cells(cfg: DictConfig) -> tuple[list[Cell], list[tuple[Cell, str]]]:
     rules = list(cfg.rules) or list(registry)
     for kind, names, known in (("rule", rules, registry), ("arch", cfg.archs, ARCHS),
                                ("dataset", [*cfg.datasets, *cfg.optional_datasets], DATASETS)):
-        bad = [n for n in names if n not in known]
+        bad = [n if isinstance(n, str) else to_plain(n) if isinstance(n, (DictConfig, ListConfig)) else n
+               for n in names if not isinstance(n, str) or n not in known]
         if bad:
             raise UsageError(f"unknown {kind}(s) {bad} in the sweep config; known: {', '.join(known)}")
     root = data_root(cfg.trial.data)
@@ -256,13 +329,20 @@ def tune_trainable(config: dict) -> None:
         raise RuntimeError(record["error"])
 
 
-def final_task(plain: dict, model_path: str | None = None) -> dict:
-    """One final run (test set evaluated, the selected network saved); returns the run record."""
+def final_task(plain: dict, model_name: str | None = None) -> dict:
+    """One final run (test set evaluated); returns the run record with the selected network's file as
+    ``model_bytes``: on a cluster this worker's disk is not the driver's, so the driver writes the file."""
+    import tempfile
+
     import ray
 
-    record = run_trial(_trial_spec(plain), evaluate_test=True, save_model=model_path)
+    with tempfile.TemporaryDirectory(prefix="bioplaus-final-") as tmp:
+        path = Path(tmp) / (model_name or "model.pt")
+        record = run_trial(_trial_spec(plain), evaluate_test=True, save_model=str(path) if model_name else None)
+        record["model_bytes"] = path.read_bytes() if model_name and path.is_file() else None
     record["node_id"] = ray.get_runtime_context().get_node_id()
     record.pop("traceback", None)
+    record.pop("model_path", None)
     return record
 
 
@@ -292,15 +372,18 @@ def optuna_storage(cfg: DictConfig, sweep_dir: Path):
 
 
 def _make_searcher_classes():
+    import ray
     from ray.tune.schedulers import AsyncHyperBandScheduler, FIFOScheduler
     from ray.tune.search import Searcher
 
     class CellSearcher(Searcher):
         """Multiplexes one OptunaSearch per cell; the next trial goes to the cell with most budget left."""
 
-        def __init__(self, searchers: dict[str, Any], remaining: dict[str, int], configs: dict[str, Any]):
+        def __init__(self, searchers: dict[str, Any], remaining: dict[str, int], configs: dict[str, Any],
+                     timed_out: dict[str, float]):
             super().__init__(metric=METRIC, mode="max")
             self.searchers, self.remaining, self.configs = searchers, dict(remaining), configs
+            self.timed_out = timed_out
             self.order = list(searchers)
             self.owner: dict[str, str] = {}
 
@@ -330,16 +413,44 @@ def _make_searcher_classes():
 
         def on_trial_complete(self, trial_id: str, result: Optional[dict] = None, error: bool = False):
             if trial_id in self.owner:
+                if trial_id in self.timed_out:  # stopped by budget.trial_timeout_s: a failure, not a result
+                    result, error = None, True
                 self.searchers[self.owner[trial_id]].on_trial_complete(trial_id, result=result, error=error)
 
     class CellASHA(FIFOScheduler):
-        """ASHA per cell: a trial is only ever compared with trials of its own cell."""
+        """ASHA per cell: a trial is only ever compared with trials of its own cell.
 
-        def __init__(self, max_t: int, grace: int, reduction_factor: int):
+        Also enforces ``budget.trial_timeout_s``: Tune asks the scheduler which trial to run next at every
+        step of its loop, so that is where running trials are timed (a hung trial sends no result that a
+        result-based stopper could act on). A trial over the limit is stopped and noted in ``timed_out``.
+        """
+
+        def __init__(self, max_t: int, grace: int, reduction_factor: int, trial_timeout_s: float | None = None):
             super().__init__()
             self.kwargs = dict(time_attr="training_iteration", metric=METRIC, mode="max", max_t=max_t,
                                grace_period=grace, reduction_factor=reduction_factor)
             self.by_cell: dict[str, AsyncHyperBandScheduler] = {}
+            self.trial_timeout_s = trial_timeout_s
+            self.running_since: dict[str, float] = {}
+            self.timed_out: dict[str, float] = {}  # trial id -> seconds it had run when stopped
+
+        def choose_trial_to_run(self, tune_controller):
+            if self.trial_timeout_s:
+                now = time.monotonic()
+                for trial in list(tune_controller.get_live_trials()):
+                    if trial.status != "RUNNING":
+                        self.running_since.pop(trial.trial_id, None)  # a retry gets the whole limit again
+                        continue
+                    ran = now - self.running_since.setdefault(trial.trial_id, now)
+                    if ran > self.trial_timeout_s and trial.trial_id not in self.timed_out:
+                        self.timed_out[trial.trial_id] = ran
+                        # A hung step never returns, so the actor would never run Tune's polite stop and keep
+                        # its CPUs until Tune's final clean-up: kill its process once Tune has let go of it.
+                        actor = trial.temporary_state.ray_actor
+                        tune_controller.stop_trial(trial)
+                        if actor is not None:
+                            ray.kill(actor, no_restart=True)
+            return super().choose_trial_to_run(tune_controller)
 
         def _of(self, trial):
             key = trial.config["cell"]
@@ -368,7 +479,8 @@ def read_table(sweep_dir: Path, name: str) -> pl.DataFrame:
     path = Path(sweep_dir) / name
     if not path.exists() or not any(path.rglob("*.parquet")):
         return pl.DataFrame()
-    return pl.scan_parquet(path, hive_partitioning=True).collect()
+    # The glob skips the hidden temp files of a write that was interrupted (a bare folder scan fails on them).
+    return pl.scan_parquet(path / "**" / "*.parquet", hive_partitioning=True).collect()
 
 
 def rows_by_cell(sweep_dir: Path, table: str) -> dict[str, pl.DataFrame]:
@@ -426,6 +538,7 @@ class Sweep:
         self.cfg = cfg
         self.dir = Path(cfg.root).expanduser() / cfg.name
         self.cells, self.skipped = plan_cells(cfg)
+        check_local_resources(cfg)
         self.rules = load_rules()
         self.spaces = {c.rule: load_search_space(self.rules[c.rule]) for c in self.cells}
         self.final_epochs = cfg.budget.final_epochs or cfg.budget.epochs
@@ -436,6 +549,12 @@ class Sweep:
         # Data too: missing files are downloaded (or refused, naming the fix) here, not in every worker.
         for name in sorted({c.dataset for c in self.cells}):
             ensure_files(DATASETS[name], cfg.trial.data)
+
+    def wandb_logger(self, log) -> "WandbLogger":
+        """The sweep's one W&B logger (tuning and finals share it, so a W&B failure is reported once)."""
+        if getattr(self, "_wandb", None) is None:
+            self._wandb = WandbLogger(self.cfg, self.dir, log)
+        return self._wandb
 
     # tables ---------------------------------------------------------------------------------------
     def table(self, name: str) -> pl.DataFrame:
@@ -455,7 +574,10 @@ class Sweep:
                "ray": ray.__version__, "optuna": optuna.__version__, "polars": pl.__version__,
                "cells": len(self.cells), "skipped_cells": len(self.skipped), **(extra or {})}
         write_table(pa.Table.from_pylist([row]), self.dir / "manifest.parquet")
-        (self.dir / "manifest.json").write_text(json.dumps(row, indent=2, default=str) + "\n")
+        try:
+            (self.dir / "manifest.json").write_text(json.dumps(row, indent=2, default=str) + "\n")
+        except OSError as e:
+            raise unwritable(self.dir / "manifest.json", e) from None
         cells = [{**c.record(), "supported": True, "reason": None} for c in self.cells]
         cells += [{**c.record(), "supported": False, "reason": why} for c, why in self.skipped]
         write_table(pa.Table.from_pylist(cells), self.dir / "cells.parquet")
@@ -491,25 +613,32 @@ class Sweep:
         if not total:
             return
         CellSearcher, CellASHA = _make_searcher_classes()
-        recorder = TrialRecorder(self, total, log)
+        scheduler = CellASHA(cfg.budget.epochs, cfg.budget.grace_epochs, cfg.budget.reduction_factor,
+                             cfg.budget.trial_timeout_s)
+        recorder = TrialRecorder(self, total, log, timed_out=scheduler.timed_out)
         # train.mode=pipeline: a placement group with one bundle per stage group (orchestrator/pipeline.py)
         trainable = tune.with_resources(tune_trainable, trial_resources(
             cfg.trial.train, cfg.resources.cpus_per_trial, cfg.resources.gpus_per_trial))
         tuner = tune.Tuner(
             trainable,
             tune_config=tune.TuneConfig(
-                search_alg=CellSearcher({k: searchers[k] for k in searchers}, remaining, configs),
-                scheduler=CellASHA(cfg.budget.epochs, cfg.budget.grace_epochs, cfg.budget.reduction_factor),
+                search_alg=CellSearcher({k: searchers[k] for k in searchers}, remaining, configs,
+                                        scheduler.timed_out),
+                scheduler=scheduler,
                 num_samples=total, max_concurrent_trials=cfg.resources.max_concurrent, reuse_actors=True,
                 trial_dirname_creator=lambda t: f"{t.config['cell']}.t{t.config['trial_number']}-{t.trial_id}"),
             run_config=tune.RunConfig(
-                name=f"tune-{time.strftime('%Y%m%d-%H%M%S')}", storage_path=str((self.dir / "ray_results").resolve()),
-                failure_config=tune.FailureConfig(max_failures=cfg.retries), callbacks=[recorder], verbose=0),
+                name=f"tune-{time.strftime('%Y%m%d-%H%M%S')}",
+                storage_path=cfg.ray.storage_path or str((self.dir / "ray_results").resolve()),
+                failure_config=tune.FailureConfig(max_failures=cfg.retries), callbacks=[recorder],
+                stop=WriteFailureStopper(recorder), verbose=0),
         )
         try:
             tuner.fit()
         finally:
             recorder.close()
+        if recorder.write_error is not None:
+            raise recorder.write_error
 
     def _close_stale_optuna_trials(self, storage, cell: Cell, rows: pl.DataFrame) -> None:
         """Optuna trials a dead driver left RUNNING: tell the result the tables hold, else mark them failed."""
@@ -548,10 +677,9 @@ class Sweep:
         remote = ray.remote(final_task).options(**final_options(cfg.trial.train, cfg.resources.cpus_per_trial,
                                                               cfg.resources.gpus_per_trial), max_retries=cfg.retries)
         models = (self.dir / "models").resolve()
-        pending = {remote.remote(plain, str(models / f"{cell.key}.final{seed}.pt")): (cell, seed)
-                   for cell, seed, plain in todo}
+        pending = {remote.remote(plain, f"{cell.key}.final{seed}.pt"): (cell, seed) for cell, seed, plain in todo}
         bar = _Progress(cfg.progress, "finals", len(pending))
-        wandb = WandbLogger(cfg, self.dir)
+        wandb = self.wandb_logger(log)
         try:
             while pending:
                 ready, _ = ray.wait(list(pending), num_returns=1)
@@ -562,17 +690,31 @@ class Sweep:
                     record = {**cell.record(), "seed": seed, "status": "failed", "error": _one_line(e),
                               "epochs": []}
                 record.update(phase="final", epochs_planned=self.final_epochs, **cell.record())
+                model = record.pop("model_bytes", None)
+                if model:  # the network first: a final_runs row always has its model file
+                    record["model_path"] = str(write_network_file(models / f"{cell.key}.final{seed}.pt", model))
                 write_run(self.dir, record, run_id=f"{cell.key}.final{seed}", runs_table="final_runs")
                 wandb.log_run(f"{cell.key}.final{seed}", cell, "final", record)
                 bar.advance(f"{cell.key} seed {seed}: test {record.get('test_acc', float('nan')):.4f}")
         finally:
+            for ref in pending:  # left only when a write failed: do not keep computing what cannot be recorded
+                ray.cancel(ref, force=True)
             bar.close()
+            wandb.close()
         write_finals(self.dir, self.final_epochs)
 
     # whole sweep -------------------------------------------------------------------------------------
     def run(self, log=lambda m: print(m, file=sys.stderr, flush=True)) -> Path:
         cfg = self.cfg
-        self.dir.mkdir(parents=True, exist_ok=True)
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise unwritable(self.dir, e) from None
+        # A driver killed mid-write leaves a temp file (table scans choke on it) or an uncommitted epochs file.
+        removed = remove_interrupted_writes(self.dir, runs_tables=("trials", "final_runs"), epochs_table="epochs",
+                                            other_tables=("finals",))
+        if removed:
+            log(f"removed {len(removed)} file(s) an interrupted run left half-written")
         started = time.time()
         self.write_manifest("running", started)
         for c, why in self.skipped:
@@ -615,13 +757,33 @@ def _one_line(e: BaseException) -> str:
 
 # --- driver-side recording: Parquet, W&B, progress ------------------------------------------------------
 class WandbLogger:
-    """One W&B run per trial (never merged), grouped by cell, tagged by rule/arch/dataset; driver-side."""
+    """One W&B run per trial (never merged), grouped by cell, tagged by rule/arch/dataset; driver-side.
 
-    def __init__(self, cfg: DictConfig, sweep_dir: Path):
+    Results never depend on W&B: online mode with no API key or an unreachable server logs offline
+    instead, and any W&B error turns W&B off for the rest of the sweep; each says so in one warning line.
+    """
+
+    def __init__(self, cfg: DictConfig, sweep_dir: Path, log=None):
         self.mode = cfg.wandb.mode
         self.cfg = cfg
         self.dir = sweep_dir
         self.runs: dict[str, Any] = {}
+        self.log = log or (lambda m: print(m, file=sys.stderr, flush=True))
+        if self.mode == "online":
+            problem = wandb_online_problem()
+            if problem:
+                self.log(f"warning: W&B online logging is not possible ({problem}); logging offline to "
+                         f"{self.dir / 'wandb'} instead (`wandb sync` uploads it later)")
+                self.mode = "offline"
+
+    def _failed(self, e: BaseException) -> None:
+        self.log(f"warning: W&B logging failed ({_one_line(e)}); W&B is off for the rest of this sweep, results "
+                 "are still written (check wandb.mode / wandb.project / wandb.entity)")
+        self.mode = "disabled"
+        runs, self.runs = list(self.runs.values()), {}
+        for run in runs:
+            with contextlib.suppress(Exception):
+                run.finish()
 
     def _start(self, run_id: str, cell: Cell, phase: str, config: dict):
         if self.mode == "disabled":
@@ -637,25 +799,62 @@ class WandbLogger:
         return self.runs[run_id]
 
     def log_epoch(self, run_id: str, cell: Cell, phase: str, config: dict, row: dict) -> None:
-        run = self._start(run_id, cell, phase, config)
-        if run is not None:
-            run.log(_numbers(row), step=int(row.get("epoch", 0)))
+        try:
+            run = self._start(run_id, cell, phase, config)
+            if run is not None:
+                run.log(_numbers(row), step=int(row.get("epoch", 0)))
+        except Exception as e:  # W&B is best effort: never let it stop a sweep
+            self._failed(e)
 
     def log_run(self, run_id: str, cell: Cell, phase: str, record: dict) -> None:
-        run = self._start(run_id, cell, phase, {"hp": record.get("hp", {}), "seed": record.get("seed")})
-        if run is None:
-            return
-        for row in record.get("epochs", []) if phase == "final" else []:
-            run.log(_numbers(row), step=int(row["epoch"]))
-        run.summary.update({k: record.get(k) for k in ("status", "val_acc", "test_acc", "train_seconds",
-                                                         "samples_per_second", "epochs_run") if k in record})
-        run.finish()
-        self.runs.pop(run_id, None)
+        try:
+            run = self._start(run_id, cell, phase, {"hp": record.get("hp", {}), "seed": record.get("seed")})
+            if run is None:
+                return
+            for row in record.get("epochs", []) if phase == "final" else []:
+                run.log(_numbers(row), step=int(row["epoch"]))
+            run.summary.update({k: record.get(k) for k in ("status", "val_acc", "test_acc", "train_seconds",
+                                                             "samples_per_second", "epochs_run") if k in record})
+            run.finish()
+            self.runs.pop(run_id, None)
+        except Exception as e:
+            self._failed(e)
 
     def close(self) -> None:
-        for run in self.runs.values():
-            run.finish()
-        self.runs.clear()
+        try:
+            for run in self.runs.values():
+                run.finish()
+            self.runs.clear()
+        except Exception as e:
+            self._failed(e)
+
+
+def wandb_online_problem(timeout_s: float = 3.0) -> str | None:
+    """Why W&B online logging cannot work from here (no API key, server not answering), or None.
+
+    Checked before any ``wandb.init``: without a key W&B would prompt (and wait) or fail once per run,
+    and an unreachable server makes every run retry for minutes.
+    """
+    import netrc
+    import os
+    import socket
+    from urllib.parse import urlsplit
+
+    base = os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")
+    url = urlsplit(base if "://" in base else f"https://{base}")
+    host, port = url.hostname or "", url.port or (443 if url.scheme == "https" else 80)
+    try:
+        socket.create_connection((host, port), timeout=timeout_s).close()
+    except OSError as e:
+        return f"server {base} does not answer: {e.strerror or e}"
+    if not os.environ.get("WANDB_API_KEY"):
+        try:
+            has_key = netrc.netrc().authenticators(host) is not None
+        except (OSError, netrc.NetrcParseError):
+            has_key = False
+        if not has_key:
+            return "no API key: set WANDB_API_KEY or run `wandb login`"
+    return None
 
 
 def _numbers(row: dict) -> dict:
@@ -671,15 +870,31 @@ def _wandb_id(sweep: str, run_id: str) -> str:
     return hashlib.sha1(f"{sweep}/{run_id}".encode()).hexdigest()[:16]
 
 
+class WriteFailureStopper(Stopper):
+    """Ends the Tune run as soon as a results write failed (disk full, read-only folder): trials that
+    cannot be recorded are wasted work. Sweep.tune then raises the write's one-line error."""
+
+    def __init__(self, recorder: TrialRecorder):
+        self.recorder = recorder
+
+    def __call__(self, trial_id: str, result: dict) -> bool:
+        return False
+
+    def stop_all(self) -> bool:
+        return self.recorder.write_error is not None
+
+
 class TrialRecorder(Callback):
     """Tune callback on the driver: collects each trial's epoch reports and writes its rows on completion."""
 
-    def __init__(self, sweep: Sweep, total: int, log):
+    def __init__(self, sweep: Sweep, total: int, log, timed_out: dict[str, float] | None = None):
         self.sweep, self.log = sweep, log
         self.epochs: dict[str, dict[int, dict]] = {}
         self.last: dict[str, dict] = {}
         self.best: dict[str, float] = {}
-        self.wandb = WandbLogger(sweep.cfg, sweep.dir)
+        self.timed_out = {} if timed_out is None else timed_out  # filled by CellASHA (budget.trial_timeout_s)
+        self.write_error: UsageError | None = None  # a results write failed (disk full, read-only): the sweep stops
+        self.wandb = sweep.wandb_logger(log)
         self.bar = _Progress(sweep.cfg.progress, "tuning", total)
 
     def __getstate__(self):
@@ -724,18 +939,29 @@ class TrialRecorder(Callback):
         last = self.last.get(trial.trial_id, {})
         plain = trial.config["trial"]
         epochs = [self.epochs.get(trial.trial_id, {})[e] for e in sorted(self.epochs.get(trial.trial_id, {}))]
+        ran = self.timed_out.get(trial.trial_id)
+        if ran is not None:
+            error = (f"timeout: stopped after {ran:.0f}s, over budget.trial_timeout_s="
+                     f"{self.sweep.cfg.budget.trial_timeout_s}; raise it if trials are just slow")
         status = "failed" if error else last.get("status", "failed")
         if status == "ok" and len(epochs) < plain["train"]["epochs"]:
             status = "pruned"
         record = {**cell.record(), "phase": "tune", "seed": plain["seed"], "status": status, "error": error,
                   "trial_number": trial.config["trial_number"], "node_id": last.get("node_id"),
+                  "attempts": trial.num_failures + 1,
                   "epochs_planned": plain["train"]["epochs"], "epochs_run": len(epochs),
                   "best_epoch": last.get("best_epoch"), "val_acc": last.get(METRIC) if epochs else None,
                   "train_seconds": last.get("train_seconds"), "n_params": last.get("n_params"),
                   "peak_mem_mb": last.get("peak_mem_mb"), "hp": plain["hp"], "config": plain, "epochs": epochs,
                   "samples_per_second": (sum(e["samples_per_second"] * e["epoch_seconds"] for e in epochs)
                                          / sum(e["epoch_seconds"] for e in epochs)) if epochs else None}
-        write_run(self.sweep.dir, record, run_id=run_id, runs_table="trials")
+        if self.write_error is not None:
+            return  # the results folder cannot be written: Tune is being stopped (WriteFailureStopper)
+        try:
+            write_run(self.sweep.dir, record, run_id=run_id, runs_table="trials")
+        except UsageError as e:  # not raised here: Tune would log it as a traceback and carry on
+            self.write_error = e
+            return
         self.wandb.log_run(run_id, cell, "tune", record)
         val = record["val_acc"] if record["val_acc"] is not None else float("nan")
         if math.isfinite(val) and val > self.best.get(cell.key, -1):

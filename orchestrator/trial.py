@@ -70,6 +70,8 @@ def resolve(cfg: DictConfig) -> TrialSpec:
     model_cfg = typed(arch.config, cfg.model, "model")
     t, d = cfg.train, cfg.data
     checks = [
+        (0 <= cfg.seed < 2**32, f"seed={cfg.seed} must be in 0..{2**32 - 1}"),
+        *_model_size_checks(model_cfg, cfg.arch),
         (t.epochs >= 1, f"train.epochs={t.epochs} must be >= 1"),
         (t.batch_size >= 1, f"train.batch_size={t.batch_size} must be >= 1"),
         (t.eval_batch_size >= 1, f"train.eval_batch_size={t.eval_batch_size} must be >= 1"),
@@ -93,6 +95,17 @@ def resolve(cfg: DictConfig) -> TrialSpec:
     if t.device.startswith("cuda") and not torch.cuda.is_available():
         raise UsageError(f"train.device={t.device} but CUDA is not available here; use train.device=auto or cpu")
     return TrialSpec(cfg, rule_cls, hp, arch, model_cfg)
+
+
+def _model_size_checks(model_cfg: Any, arch: str) -> list[tuple[bool, str]]:
+    """Every integer setting of an architecture config is a size or a count (widths, channels, kernel,
+    pool_every): each must be >= 1, or the network cannot be built or learns nothing."""
+    out = []
+    for name, value in vars(model_cfg).items():
+        values = value if isinstance(value, (list, tuple)) else [value]
+        if any(isinstance(v, int) and not isinstance(v, bool) and v < 1 for v in values):
+            out.append((False, f"model.{name}={value} must be >= 1 (a size of the {arch} network)"))
+    return out
 
 
 def load_splits(cfg: DictConfig) -> DataSplits:
@@ -185,7 +198,7 @@ def run_trial(cfg: DictConfig | TrialSpec, report: Report | None = None, progres
     torch.manual_seed(seed)
     try:
         net = spec.arch.build(spec.model_cfg, splits.input_shape, splits.num_classes)
-    except ValueError as e:
+    except (ValueError, RuntimeError) as e:  # a config the builder rejects, or a shape torch cannot make
         raise UsageError(f"arch={cfg.arch} on dataset={cfg.dataset}: {e}") from None
     n_train = len(splits.train_y)
     batch = min(t.batch_size, n_train)
