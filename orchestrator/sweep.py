@@ -540,7 +540,15 @@ class Sweep:
         self.cells, self.skipped = plan_cells(cfg)
         check_local_resources(cfg)
         self.rules = load_rules()
-        self.spaces = {c.rule: load_search_space(self.rules[c.rule]) for c in self.cells}
+        # A hyperparameter set on the command line (trial.hp.lr=...) is pinned: taken out of every search
+        # space, so the value given is the value every trial and final run uses.
+        self.pinned = dict(to_plain(cfg.trial.hp))
+        self.spaces = {c.rule: {k: p for k, p in load_search_space(self.rules[c.rule]).items() if k not in self.pinned}
+                       for c in self.cells}
+        empty = sorted({c.rule for c in self.cells if not self.spaces[c.rule]})
+        if empty:
+            raise UsageError(f"trial.hp pins every searched hyperparameter of {', '.join(empty)}; "
+                             "leave at least one to search, or use `bioplaus train` for a single run")
         self.final_epochs = cfg.budget.final_epochs or cfg.budget.epochs
         # Every trial config a sweep will build is checked now, before Ray starts.
         for cell in self.cells:
@@ -609,7 +617,8 @@ class Sweep:
             configs[cell.key] = (lambda hp, cell=cell: trial_config(cfg, cell, hp, cfg.seed, cfg.budget.epochs))
         total = sum(remaining.values())
         log(f"tuning: {len(self.cells)} cells x {cfg.budget.trials} trials, {total} to run "
-            f"({cfg.budget.trials * len(self.cells) - total} already done)")
+            f"({cfg.budget.trials * len(self.cells) - total} already done)"
+            + (f"; pinned, not searched: {self.pinned}" if self.pinned else ""))
         if not total:
             return
         CellSearcher, CellASHA = _make_searcher_classes()

@@ -147,3 +147,16 @@ def test_cells_lists_supported_cells_and_cli_errors_are_one_line():
     assert out.returncode == 0 and "bp" in out.stdout and "fashion_mnist" in out.stdout
     bad = subprocess.run([str(BIN), "sweep", "rules=[nope]"], capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1 and "unknown rule" in bad.stderr
+
+
+def test_hyperparameter_set_on_the_command_line_is_pinned_not_searched(tmp_path):
+    s = Sweep(parse_sweep(["preset=smoke", "rules=[bp]", f"root={tmp_path}", "trial.hp.lr=0.0123"]))
+    assert "lr" not in s.spaces["bp"] and {"optimizer", "momentum", "weight_decay"} <= set(s.spaces["bp"])
+    from orchestrator.sweep import trial_config
+
+    searched = {"lr": 0.5, "optimizer": "sgd"}  # what a searcher could hand over is ignored for a pinned key
+    point = {k: v for k, v in searched.items() if k in s.spaces["bp"]}
+    assert trial_config(s.cfg, s.cells[0], point, 0, 1)["hp"] == {"lr": 0.0123, "optimizer": "sgd"}
+    with pytest.raises(UsageError, match="pins every searched hyperparameter of faulty"):
+        importlib.import_module("algorithms.faulty")
+        Sweep(parse_sweep(["preset=smoke", "rules=[faulty]", f"root={tmp_path}", "trial.hp.lr=0.01"]))
