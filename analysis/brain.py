@@ -655,7 +655,8 @@ def read_brain(sweep_dir: str | Path):
     path = Path(sweep_dir) / "brain"
     if not path.exists() or not any(path.rglob("*.parquet")):
         return pl.DataFrame()
-    return pl.scan_parquet(path, hive_partitioning=True).collect()
+    # The glob skips the hidden temp file of a write that was interrupted (a bare folder scan fails on it).
+    return pl.scan_parquet(path / "**" / "*.parquet", hive_partitioning=True).collect()
 
 
 # --- report helpers -----------------------------------------------------------------------------------

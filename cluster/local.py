@@ -59,7 +59,7 @@ class LocalCluster:
             # RAY_TMPDIR: the head writes its address file (ray_current_cluster) here, not in /tmp/ray where
             # a later `ray.init(address="auto")` of someone else would find it.
             with self._ray_env(RAY_TMPDIR=str(self.temp_dir)):
-                self.cluster = ray_local._bounded(lambda: Cluster(
+                self.cluster = ray_local.bounded(lambda: Cluster(
                     initialize_head=True, shutdown_at_exit=True,
                     head_node_args={**common, "num_cpus": self.head_cpus, "num_gpus": 0, "include_dashboard": False}),
                     self.timeout_s, "starting the local cluster's head")
@@ -86,7 +86,7 @@ class LocalCluster:
     def add_worker(self):
         """One more worker node (returned); it shows up in ``ray.nodes()`` before this returns."""
         with self._ray_env():
-            node = ray_local._bounded(lambda: self.cluster.add_node(
+            node = ray_local.bounded(lambda: self.cluster.add_node(
                 node_ip_address="127.0.0.1", temp_dir=str(self.temp_dir), object_store_memory=self.object_store,
                 num_cpus=self.cpus_per_worker, num_gpus=self.gpus_per_worker,
                 resources={f"bioplaus_worker_{len(self.nodes)}": 1}), self.timeout_s, "adding a worker node")
@@ -105,10 +105,10 @@ class LocalCluster:
 
         if ray.is_initialized() and self.cluster is not None:
             with contextlib.suppress(Exception):
-                ray_local._bounded(ray.shutdown, 60, "ray.shutdown")
+                ray_local.bounded(ray.shutdown, 60, "ray.shutdown")
         if self.cluster is not None:
             try:
-                ray_local._bounded(self.cluster.shutdown, 60, "stopping the local cluster")
+                ray_local.bounded(self.cluster.shutdown, 60, "stopping the local cluster")
             finally:
                 self.cluster = None
         if self.temp_dir is not None:

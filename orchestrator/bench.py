@@ -73,11 +73,13 @@ def run_bench(rules: list[str] | None, only: list[str] | None, overrides: list[s
     return 1 if failed else 0
 
 
-def pipeline_efficiency(overrides: list[str], stages: int = 2, rounds: int = 3, markdown: str | None = None) -> dict:
+def pipeline_efficiency(overrides: list[str], stages: int = 2, rounds: int = 3, chunk: int = 4,
+                        markdown: str | None = None) -> dict:
     """Layer-parallel speed-up (``make bench ARGS=--pipeline``): the same training run sequentially on one
-    thread, pipelined on ``stages`` one-thread stage actors (staleness 1), and sequentially on ``stages``
-    threads, interleaved ``rounds`` times so that drifting machine load hits every mode alike; medians of
-    the training throughput. Parallel efficiency = (pipelined / sequential 1-thread) / stages."""
+    thread, pipelined on ``stages`` one-thread stage actors (staleness 1) with one micro-batch per message
+    and with ``chunk``, and sequentially on ``stages`` threads, interleaved ``rounds`` times so that
+    drifting machine load hits every mode alike; medians of the training throughput. Parallel efficiency =
+    (best pipelined / sequential 1-thread) / stages."""
     import statistics
 
     from orchestrator import ray_local
@@ -86,13 +88,16 @@ def pipeline_efficiency(overrides: list[str], stages: int = 2, rounds: int = 3, 
     modes = {"sequential, 1 thread": ["train.threads=1"],
              f"pipeline K={stages}, s=1": ["train.threads=1", "train.mode=pipeline", f"train.stages={stages}",
                                           "train.staleness=1"],
+             f"pipeline K={stages}, s=1, chunk={chunk}": ["train.threads=1", "train.mode=pipeline",
+                                                       f"train.stages={stages}", "train.staleness=1",
+                                                       f"train.chunk={chunk}"],
              f"sequential, {stages} threads": [f"train.threads={stages}"]}
     specs = {m: resolve(parse_overrides([*base, *extra])) for m, extra in modes.items()}  # all checked first
     speed: dict[str, list[float]] = {m: [] for m in modes}
     accuracy: dict[str, float] = {}
     # Where a shortfall comes from: the stages' summed compute time over the sequential run's training time
     # (1: the stages do the sequential work and nothing more; 2: each stage computes at half speed).
-    inflation: list[float] = []
+    inflation: dict[str, list[float]] = {m: [] for m in modes if m.startswith("pipeline")}
     seq_seconds = None
     started = ray_local.start(Path("runs/bench-pipeline"), num_cpus=stages, timeout_s=180)  # one Ray for all
     try:
@@ -104,13 +109,14 @@ def pipeline_efficiency(overrides: list[str], stages: int = 2, rounds: int = 3, 
                 if mode.startswith("sequential, 1"):
                     seq_seconds = record["train_seconds"]
                 elif mode.startswith("pipeline") and seq_seconds:
-                    inflation.append(sum(record["pipeline"]["stage_busy_seconds"]) / seq_seconds)
+                    inflation[mode].append(sum(record["pipeline"]["stage_busy_seconds"]) / seq_seconds)
                 print(f"   round {r + 1}/{rounds} {mode}: {record['samples_per_second']:.0f} samples/s, "
                       f"test {record['test_acc']:.4f}", file=sys.stderr, flush=True)
     finally:
         ray_local.stop(started)
     median = {m: statistics.median(v) for m, v in speed.items()}
-    seq1, pipe, seqk = median.values()
+    seq1, seqk = median["sequential, 1 thread"], median[f"sequential, {stages} threads"]
+    pipe = max(v for m, v in median.items() if m.startswith("pipeline"))
     result = {"stages": stages, "rounds": rounds, "samples_per_second": speed, "median": median,
               "speedup_vs_1_thread": pipe / seq1, "efficiency": pipe / seq1 / stages,
               "speedup_vs_k_threads": pipe / seqk, "test_acc": accuracy, "overrides": base,
@@ -120,7 +126,8 @@ def pipeline_efficiency(overrides: list[str], stages: int = 2, rounds: int = 3, 
               for m in modes]
     lines.append(f"\nspeed-up vs 1 thread {result['speedup_vs_1_thread']:.2f}x, parallel efficiency "
                  f"{result['efficiency']:.2f} (goal >= 0.8); vs {stages} threads {result['speedup_vs_k_threads']:.2f}x; "
-                 f"stage compute / sequential compute {', '.join(f'{v:.2f}' for v in inflation)}")
+                 "stage compute / sequential compute: "
+                 + "; ".join(f"{m}: {', '.join(f'{v:.2f}' for v in vs)}" for m, vs in inflation.items()))
     print("\n".join(lines))
     if markdown:
         with open(markdown, "a") as f:

@@ -135,7 +135,8 @@ def cmd_bench(args) -> int:
     if args.pipeline:
         from orchestrator.bench import pipeline_efficiency
 
-        result = pipeline_efficiency(args.overrides, stages=args.stages, rounds=args.rounds, markdown=args.markdown)
+        result = pipeline_efficiency(args.overrides, stages=args.stages, rounds=args.rounds, chunk=args.chunk,
+                                     markdown=args.markdown)
         print(json.dumps(result))
         return 0
     from orchestrator.bench import run_bench
@@ -197,6 +198,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "pipelined on --stages one-thread stages vs sequential on --stages threads")
     b.add_argument("--stages", type=int, default=2, help="pipeline stages for --pipeline (default 2)")
     b.add_argument("--rounds", type=int, default=3, help="interleaved rounds for --pipeline (default 3)")
+    b.add_argument("--chunk", type=int, default=4, help="micro-batches per message of the chunked pipeline mode "
+                                                        "of --pipeline (default 4)")
     b.set_defaults(func=cmd_bench)
 
     br = sub.add_parser("brain", help="RSA of every saved network's layers with human and monkey IT (92 images)")

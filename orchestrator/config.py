@@ -68,7 +68,10 @@ class TrainConfig:
     stages: int = 2
     """pipeline mode: number of stage groups (Ray actors), from 1 to the network's blocks + 1."""
     staleness: int = 1
-    """pipeline mode: how many micro-batches a stage group may run ahead of the next (0: lock-step)."""
+    """pipeline mode: how many messages a stage group may run ahead of the next (0: lock-step)."""
+    chunk: int = 1
+    """pipeline mode: micro-batches (training batches) per message between stage groups. Fewer, larger
+    messages cost the driver and Ray's object store less per batch; the weights learned are the same."""
 
 
 @dataclass

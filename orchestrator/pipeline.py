@@ -192,24 +192,28 @@ class StageWorker:
     def ready(self) -> str:
         return str(self.device)
 
-    def step(self, b: int, h: torch.Tensor, y: torch.Tensor, after: Any = None) -> tuple[torch.Tensor, dict]:
-        """``block_step`` of this group's stages on micro-batch ``b``; ``after`` (ignored) is the token of the
-        next group's micro-batch ``b - s - 1``, which Ray resolves first: that enforces the staleness bound."""
+    def step(self, b: int, hs: list[torch.Tensor], ys: list[torch.Tensor], after: Any = None
+             ) -> tuple[list[torch.Tensor], dict]:
+        """``block_step`` of this group's stages on the micro-batches of message ``b``, in order; ``after``
+        (ignored) is the token of the next group's message ``b - s - 1``, which Ray resolves first: that
+        enforces the staleness bound."""
         t0 = time.time()
-        h, y = h.to(self.device), y.to(self.device)
         rule = self.rule
-        losses = []  # per stage, summed by the driver in stage order: the same float32 sum as train_step's
-        correct = None
-        for i in self.indices:
-            h = rule.block_step(i, h, y)
-            loss = rule.block_loss(i)
-            if loss is not None:
-                losses.append(loss.detach())
-            if i == self.last and h.dim() == 2 and h.shape == (len(y), rule.info.num_classes):
-                correct = (h.argmax(1) == y).sum()
-        token = {"b": b, "losses": [v.cpu() for v in losses], "correct": None if correct is None else int(correct.item()),
-                 "t0": t0, "t1": time.time()}
-        return h.detach().cpu(), token
+        outs, losses, correct = [], [], []  # per micro-batch; losses per stage, summed by the driver in stage
+        for h, y in zip(hs, ys):            # order: the same float32 sum as train_step's
+            h, y = h.to(self.device), y.to(self.device)
+            mine, right = [], None
+            for i in self.indices:
+                h = rule.block_step(i, h, y)
+                loss = rule.block_loss(i)
+                if loss is not None:
+                    mine.append(loss.detach().cpu())
+                if i == self.last and h.dim() == 2 and h.shape == (len(y), rule.info.num_classes):
+                    right = int((h.argmax(1) == y).sum().item())
+            outs.append(h.detach().cpu())
+            losses.append(mine)
+            correct.append(right)
+        return outs, {"b": b, "losses": losses, "correct": correct, "t0": t0, "t1": time.time()}
 
     def changed(self) -> dict[str, torch.Tensor]:
         """The state tensors this group has changed since the start (CPU copies)."""
@@ -233,6 +237,7 @@ class Pipeline:
 
         t = plain_cfg["train"]
         self.k, self.s = int(t["stages"]), int(t["staleness"])
+        self.chunk = int(t.get("chunk") or 1)
         self.max_in_flight = (self.k - 1) * self.s + 2
         self.step_timeout_s = step_timeout_s
         self.groups = split_stages(stage_costs(rule.net, input_shape), self.k)
@@ -309,12 +314,17 @@ class Pipeline:
         k, s = self.k, self.s
         pending: deque = deque()
         tokens: dict[tuple[int, int], Any] = {}
-        ends: list[list[float]] = [[] for _ in range(k)]  # completion times of each group, in batch order
+        ends: list[list[float]] = [[] for _ in range(k)]  # completion times of each group, in message order
         tick = time.time()
-        for b, (x, y) in enumerate(batches):
-            while len(pending) >= self.max_in_flight:  # backpressure: wait for the oldest micro-batch to leave
-                yield self._finish(pending.popleft(), ends)
-            h, y_ref = x.detach().cpu(), ray.put(y.detach().cpu())
+        batches = iter(batches)
+        for b in itertools.count():  # message b carries micro-batches b*chunk ... b*chunk + chunk - 1
+            chunk = list(itertools.islice(batches, self.chunk))
+            if not chunk:
+                break
+            while len(pending) >= self.max_in_flight:  # backpressure: wait for the oldest message to leave
+                yield from self._finish(pending.popleft(), ends)
+            h = [x.detach().cpu() for x, _ in chunk]
+            y_ref = ray.put([y.detach().cpu() for _, y in chunk])
             refs = []
             for g, actor in enumerate(self.actors):
                 after = tokens.pop((g + 1, b - s - 1), None)  # the next group has finished b - s - 1
@@ -324,10 +334,11 @@ class Pipeline:
             tokens.pop((0, b - s - 1), None)  # group 0's tokens are nobody's dependency
             pending.append(refs)
         while pending:
-            yield self._finish(pending.popleft(), ends)
+            yield from self._finish(pending.popleft(), ends)
         self.epoch_wall += time.time() - tick
 
-    def _finish(self, refs: list, ends: list[list[float]]) -> dict[str, Any]:
+    def _finish(self, refs: list, ends: list[list[float]]) -> Iterator[dict[str, Any]]:
+        """The metrics of each micro-batch of one message, once every group has processed it."""
         tokens = self._get(refs, self.step_timeout_s, "micro-batch")
         b = tokens[0]["b"]
         lag = 0
@@ -337,11 +348,12 @@ class Pipeline:
             if g + 1 < len(tokens):  # how many micro-batches group g+1 had not finished when g started b
                 lag = max(lag, b - bisect_right(ends[g + 1], tok["t0"]))
         self.lags.append(lag)
-        out = {"loss": sum(v for tok in tokens for v in tok["losses"]), "staleness": float(lag),
-               "staleness_bound": float(self.s)}
-        if tokens[-1]["correct"] is not None:
-            out["correct"] = tokens[-1]["correct"]
-        return out
+        for m in range(len(tokens[0]["losses"])):
+            out = {"loss": sum(v for tok in tokens for v in tok["losses"][m]), "staleness": float(lag),
+                   "staleness_bound": float(self.s)}
+            if tokens[-1]["correct"][m] is not None:
+                out["correct"] = tokens[-1]["correct"][m]
+            yield out
 
     def gather(self, rule) -> None:
         """Load every group's changed tensors into ``rule`` (the driver's copy); a tensor changed by two groups
@@ -360,7 +372,7 @@ class Pipeline:
 
     def summary(self) -> dict[str, Any]:
         return {"stages": self.k, "groups": self.groups, "devices": list(self.devices),
-                "staleness_bound": self.s, "max_in_flight": self.max_in_flight,
+                "staleness_bound": self.s, "chunk": self.chunk, "max_in_flight": self.max_in_flight,
                 "staleness_max": max(self.lags, default=0),
                 "staleness_mean": sum(self.lags) / len(self.lags) if self.lags else 0.0,
                 "stage_busy_seconds": self.busy, "wall_seconds": self.epoch_wall,

@@ -116,7 +116,7 @@ def start(run_dir: Path, address: str | None = None, num_cpus: int | None = None
     home = os.environ.get("HOME")
     os.environ["HOME"] = str(ray_home(run_dir))
     try:
-        info = _bounded(lambda: ray.init(**kwargs), timeout_s, f"ray.init(address={address or 'local'})")
+        info = bounded(lambda: ray.init(**kwargs), timeout_s, f"ray.init(address={address or 'local'})")
     finally:
         if home is None:
             os.environ.pop("HOME", None)
@@ -134,12 +134,12 @@ def stop(started: dict | None = None, timeout_s: float = 60.0) -> None:
         return
     if ray.is_initialized():
         with contextlib.suppress(Exception):
-            _bounded(ray.shutdown, timeout_s, "ray.shutdown")
+            bounded(ray.shutdown, timeout_s, "ray.shutdown")
     if started and started.get("local") and started.get("temp_dir"):
         shutil.rmtree(started["temp_dir"], ignore_errors=True)
 
 
-def _bounded(fn, timeout_s: float, what: str):
+def bounded(fn, timeout_s: float, what: str):
     """Run ``fn`` with a wall-clock bound (SIGALRM in the main thread; Ray wants its main thread)."""
     if threading.current_thread() is not threading.main_thread():
         return fn()

@@ -84,6 +84,7 @@ def resolve(cfg: DictConfig) -> TrialSpec:
         (d.image_size >= 4, f"data.image_size={d.image_size} must be >= 4"),
         (d.augment in AUGMENTS, f"data.augment={d.augment!r} must be one of {', '.join(AUGMENTS)}"),
         (t.mode in ("sequential", "pipeline"), f"train.mode={t.mode!r} must be sequential or pipeline"),
+        (t.chunk >= 1, f"train.chunk={t.chunk} must be >= 1 (micro-batches per pipeline message)"),
     ]
     for ok, msg in checks:
         if not ok:

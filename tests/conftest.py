@@ -1,9 +1,12 @@
-"""Shared fixtures: the read-only real data mirror, a loopback HTTP server, small rule builders."""
+"""Shared fixtures: the read-only real data mirror, a loopback HTTP server, small rule builders, and the
+fault-injection rule in a loopback Ray for the sweep, reliability and cluster tests."""
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import http.server
+import importlib
 import os
 import threading
 from pathlib import Path
@@ -14,6 +17,36 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 # The real data mirror beside the checkout (read-only); BIOPLAUS_TEST_DATA points elsewhere.
 SHARED_DATA = Path(os.environ.get("BIOPLAUS_TEST_DATA", REPO.parent / "shared" / "data"))
+
+
+# algorithms/faulty.py registers only where this is set: the test process and the Ray workers it starts.
+FAULTY_ENV = {"BIOPLAUS_RULE_MODULES": "algorithms.faulty"}
+
+
+@contextlib.contextmanager
+def faulty_rule_everywhere():
+    """The ``faulty`` rule registered here and in every Ray process started meanwhile (they inherit the env)."""
+    saved = {k: os.environ.get(k) for k in FAULTY_ENV}
+    os.environ.update(FAULTY_ENV)
+    importlib.import_module("algorithms.faulty")
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
+
+
+@pytest.fixture(scope="module")
+def ray_session(tmp_path_factory):
+    """One loopback Ray (2 CPUs) per test module for in-process sweeps; its workers know the faulty rule."""
+    from orchestrator import ray_local
+
+    with faulty_rule_everywhere():
+        started = ray_local.start(tmp_path_factory.mktemp("ray"), num_cpus=2, timeout_s=240)
+        try:
+            yield
+        finally:
+            ray_local.stop(started)
 
 
 @pytest.fixture(autouse=True)

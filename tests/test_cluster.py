@@ -8,7 +8,6 @@ as on a cluster whose head only schedules.
 from __future__ import annotations
 
 import copy
-import importlib
 import os
 import re
 import signal
@@ -23,11 +22,11 @@ import pytest
 import yaml
 
 from cluster.local import LocalCluster
+from conftest import faulty_rule_everywhere
 from orchestrator import ray_local
 from orchestrator.sweep import Sweep, parse_sweep
 
 CLUSTER_DIR = Path(__file__).resolve().parent.parent / "cluster"
-FAULTY = {"BIOPLAUS_RULE_MODULES": "algorithms.faulty"}
 # Fully deterministic tuning: no ASHA stop (grace = max epochs) and fewer trials than TPE's random start-up,
 # so the same seeds give the same trials wherever they run.
 # faulty = backprop; its sleep makes each trial last long enough (~3 s) that two run at once, one per node.
@@ -38,13 +37,9 @@ SAME_EVERYWHERE = ["preset=smoke", "rules=[faulty]", "trial.hp.sleep_per_step_s=
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
     """Head (0 CPUs) + 2 worker nodes (1 CPU each) on 127.0.0.1; Ray workers load the faulty rule too."""
-    saved = {k: os.environ.get(k) for k in FAULTY}
-    os.environ.update(FAULTY)  # inherited by the nodes' raylets, hence by every Ray worker
-    importlib.import_module("algorithms.faulty")
-    with LocalCluster(tmp_path_factory.mktemp("cluster"), workers=2, cpus_per_worker=1, head_cpus=0) as c:
+    with faulty_rule_everywhere(), LocalCluster(tmp_path_factory.mktemp("cluster"), workers=2, cpus_per_worker=1,
+                                                head_cpus=0) as c:
         yield c
-    for k, v in saved.items():
-        os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
 
 
 def run_sweep(root: Path, *overrides: str) -> Sweep:

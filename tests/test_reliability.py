@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import ast
 import errno
-import importlib
 import io
 import os
 import signal
@@ -37,19 +36,6 @@ REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent / "bioplaus"
 FAULTY = {"BIOPLAUS_RULE_MODULES": "algorithms.faulty"}
 TABLES = ("trials", "epochs", "final_runs", "finals")
-
-
-@pytest.fixture(scope="module")
-def ray_session(tmp_path_factory):
-    """One loopback Ray for this module's in-process sweeps (workers inherit BIOPLAUS_RULE_MODULES)."""
-    saved = {k: os.environ.get(k) for k in FAULTY}
-    os.environ.update(FAULTY)
-    importlib.import_module("algorithms.faulty")
-    started = ray_local.start(tmp_path_factory.mktemp("ray"), num_cpus=2, timeout_s=240)
-    yield
-    ray_local.stop(started)
-    for k, v in saved.items():
-        os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
 
 
 def sweep(root: Path, *overrides: str, log=None) -> Sweep:

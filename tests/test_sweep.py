@@ -18,25 +18,11 @@ from pathlib import Path
 import polars as pl
 import pytest
 
-from orchestrator import ray_local
 from orchestrator.errors import UsageError
 from orchestrator.sweep import Sweep, parse_sweep, plan_cells
 
 BIN = Path(sys.executable).parent / "bioplaus"
 FAULTY = {"BIOPLAUS_RULE_MODULES": "algorithms.faulty"}
-
-
-@pytest.fixture(scope="module")
-def ray_session(tmp_path_factory):
-    """One loopback Ray for the in-process sweeps of this module (workers inherit BIOPLAUS_RULE_MODULES)."""
-    saved = {k: os.environ.get(k) for k in FAULTY}
-    os.environ.update(FAULTY)
-    importlib.import_module("algorithms.faulty")
-    started = ray_local.start(tmp_path_factory.mktemp("ray"), num_cpus=2, timeout_s=240)
-    yield
-    ray_local.stop(started)
-    for k, v in saved.items():
-        os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
 
 
 def sweep(root: Path, *overrides: str) -> Sweep:
