@@ -73,7 +73,7 @@ def run_bench(rules: list[str] | None, only: list[str] | None, overrides: list[s
     return 1 if failed else 0
 
 
-def pipeline_efficiency(overrides: list[str], stages: int = 2, rounds: int = 3, chunk: int = 4,
+def pipeline_efficiency(overrides: list[str], stages: int = 2, rounds: int = 3, chunk: int = 8,
                         markdown: str | None = None) -> dict:
     """Layer-parallel speed-up (``make bench ARGS=--pipeline``): the same training run sequentially on one
     thread, pipelined on ``stages`` one-thread stage actors (staleness 1) with one micro-batch per message
@@ -86,8 +86,8 @@ def pipeline_efficiency(overrides: list[str], stages: int = 2, rounds: int = 3, 
 
     base = ["rule=local_losses", "arch=mlp", "dataset=fashion_mnist", "train.epochs=1", "out=null", *overrides]
     modes = {"sequential, 1 thread": ["train.threads=1"],
-             f"pipeline K={stages}, s=1": ["train.threads=1", "train.mode=pipeline", f"train.stages={stages}",
-                                          "train.staleness=1"],
+             f"pipeline K={stages}, s=1, chunk=1": ["train.threads=1", "train.mode=pipeline",
+                                                   f"train.stages={stages}", "train.staleness=1", "train.chunk=1"],
              f"pipeline K={stages}, s=1, chunk={chunk}": ["train.threads=1", "train.mode=pipeline",
                                                        f"train.stages={stages}", "train.staleness=1",
                                                        f"train.chunk={chunk}"],

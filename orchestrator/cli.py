@@ -198,8 +198,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "pipelined on --stages one-thread stages vs sequential on --stages threads")
     b.add_argument("--stages", type=int, default=2, help="pipeline stages for --pipeline (default 2)")
     b.add_argument("--rounds", type=int, default=3, help="interleaved rounds for --pipeline (default 3)")
-    b.add_argument("--chunk", type=int, default=4, help="micro-batches per message of the chunked pipeline mode "
-                                                        "of --pipeline (default 4)")
+    b.add_argument("--chunk", type=int, default=8, help="micro-batches per message of the chunked pipeline mode "
+                                                        "of --pipeline (default 8)")
     b.set_defaults(func=cmd_bench)
 
     br = sub.add_parser("brain", help="RSA of every saved network's layers with human and monkey IT (92 images)")

@@ -15,12 +15,15 @@ trial that way:
 * Micro-batch ``b`` enters group 0 with its labels; each group applies ``block_step`` to its stages on
   arrival and hands the detached output (a fixed-shape CPU tensor, through Ray's object store) to the
   next group. Ray runs an actor's calls in submission order, so every group sees the micro-batches in
-  data order.
-* **Staleness bound** ``train.staleness = s``: group k may start micro-batch ``b`` only once group
+  data order. Micro-batches travel ``train.chunk`` to a message (one actor call): per-message costs
+  (submitting the call, the driver's and the object store's bookkeeping) are paid once per chunk, which
+  on 2 CPU cores is the difference between no speed-up and 1.3x (docs/benchmarks.md). Within a message
+  a group still updates its blocks micro-batch by micro-batch.
+* **Staleness bound** ``train.staleness = s``: group k may start message ``b`` only once group
   k + 1 has finished ``b - s - 1`` (passed as a dependency of the call), i.e. a group runs at most s
-  micro-batches ahead of the next. s = 0 is lock-step (no overlap); the metrics record the bound and
+  messages ahead of the next. s = 0 is lock-step (no overlap); the metrics record the bound and
   the observed lag (``staleness_bound``, ``staleness``: mean lag per step; ``pipeline.staleness_max``).
-* **Backpressure**: the driver keeps at most ``(K - 1) * s + 2`` micro-batches in flight (the most
+* **Backpressure**: the driver keeps at most ``(K - 1) * s + 2`` messages in flight (the most
   the staleness bound lets the pipeline hold, plus one queued at the entrance) and waits for the
   oldest to leave before feeding another, so the object store holds a bounded number of batches.
 * **Evaluation** gathers the stages: at the end of every epoch each actor sends back the tensors its

@@ -35,7 +35,7 @@ def _net_weights(path) -> dict[str, torch.Tensor]:
 
 
 # chunk 3: messages of 3 micro-batches, and the epoch's 22 batches leave a last message of one
-@pytest.mark.parametrize("rule,stages,staleness,chunk", [("local_losses", 2, 0, 1), ("ff", 3, 0, 1),
+@pytest.mark.parametrize("rule,stages,staleness,chunk", [("local_losses", 2, 0, 1), ("ff", 3, 0, 8),
                                                          ("local_losses", 3, 2, 1), ("local_losses", 2, 1, 3)])
 def test_pipeline_equals_sequential_block_local_training(ray_session, tmp_path, rule, stages, staleness, chunk):
     over = [f"rule={rule}", *BASE, "train.epochs=2"]
