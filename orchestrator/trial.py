@@ -100,8 +100,16 @@ def resolve(cfg: DictConfig) -> TrialSpec:
 
 def _model_size_checks(model_cfg: Any, arch: str) -> list[tuple[bool, str]]:
     """Every integer setting of an architecture config is a size or a count (widths, channels, kernel,
-    pool_every): each must be >= 1, or the network cannot be built or learns nothing."""
+    pool_every): each must be >= 1, or the network cannot be built or learns nothing. Named parts
+    (activation, norm, pool) must be ones the architecture knows: a typo is refused here, before a sweep
+    sends the config to its workers, not when a worker builds the network."""
+    from algorithms.arch import ACTIVATIONS, NORMS, POOLS
+
     out = []
+    for name, known in (("activation", ACTIVATIONS), ("norm", NORMS), ("pool", POOLS)):
+        value = getattr(model_cfg, name, None)
+        if value is not None and value not in known:
+            out.append((False, f"model.{name}={value!r} is not one of {', '.join(known)}"))
     for name, value in vars(model_cfg).items():
         values = value if isinstance(value, (list, tuple)) else [value]
         if any(isinstance(v, int) and not isinstance(v, bool) and v < 1 for v in values):

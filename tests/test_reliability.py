@@ -238,6 +238,7 @@ BAD_CONFIGS = [  # (overrides after preset=smoke, what the one-line error must s
     (["budget.trials=1e3"], "budget.trials"),
     (["budget.epochs=0"], "budget.epochs=0 must be >= 1"),
     (["budget.trials=0"], "budget.trials=0 must be >= 1"),
+    (["trial.model.activation=nope"], "model.activation='nope' is not one of relu"),
     (["rules=[]", "datasets=[]"], "no runnable cell"),
     (["budget.epochs=2", "budget.grace_epochs=5"], "grace_epochs=5 must be in 1..budget.epochs=2"),
     (["budget.final_epochs=0"], "final_epochs=0 must be >= 1"),
