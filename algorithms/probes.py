@@ -81,17 +81,22 @@ def gradient_crossings(rule: Rule, x: torch.Tensor, y: torch.Tensor) -> set[int]
     return crossed
 
 
-def layer_calls(rule: Rule, x: torch.Tensor, y: torch.Tensor) -> list[int]:
-    """How many times each stage's weight layer was evaluated during one train step."""
-    calls = [0] * len(rule.net.stages)
-    handles = [stage.layer.register_forward_hook(lambda *a, i=i: calls.__setitem__(i, calls[i] + 1))
+def layer_call_rows(rule: Rule, x: torch.Tensor, y: torch.Tensor) -> list[list[int]]:
+    """For every stage, the batch size of each evaluation of its weight layer during one train step."""
+    rows: list[list[int]] = [[] for _ in rule.net.stages]
+    handles = [stage.layer.register_forward_hook(lambda m, a, o, i=i: rows[i].append(a[0].shape[0]))
                for i, stage in enumerate(rule.net.stages)]
     try:
         rule.train_step(x, y)
     finally:
         for h in handles:
             h.remove()
-    return calls
+    return rows
+
+
+def layer_calls(rule: Rule, x: torch.Tensor, y: torch.Tensor) -> list[int]:
+    """How many times each stage's weight layer was evaluated during one train step."""
+    return [len(r) for r in layer_call_rows(rule, x, y)]
 
 
 def label_dependent_blocks(rule: Rule, x: torch.Tensor, y: torch.Tensor, seed: int = 0) -> set[int]:

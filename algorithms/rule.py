@@ -196,6 +196,12 @@ class ScheduledOptimizer:
         if self.scheduler is not None:
             self.scheduler.step()
 
+    def minimize(self, loss: torch.Tensor) -> None:
+        """One gradient step on ``loss``: zero the gradients, backpropagate, step (and the schedule)."""
+        self.zero_grad()
+        loss.backward()
+        self.step()
+
     @property
     def param_groups(self) -> list[dict]:
         return self.optimizer.param_groups

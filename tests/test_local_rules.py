@@ -163,24 +163,11 @@ def _later_dependent_blocks(rule: Rule, x: torch.Tensor, y: torch.Tensor) -> set
     return dependent
 
 
-def _rows_per_layer(rule: Rule, x: torch.Tensor, y: torch.Tensor) -> list[list[int]]:
-    """For every stage, the batch size of each evaluation of its weight layer during one train step."""
-    rows: list[list[int]] = [[] for _ in rule.net.stages]
-    handles = [stage.layer.register_forward_hook(lambda m, a, o, i=i: rows[i].append(a[0].shape[0]))
-               for i, stage in enumerate(rule.net.stages)]
-    try:
-        rule.train_step(x, y)
-    finally:
-        for h in handles:
-            h.remove()
-    return rows
-
-
 def _single_phase(name: str, arch: str = "mlp") -> bool:
     """C3 as measured: each weight layer evaluated exactly once, on the n samples of the batch (no extra copy
     of the data such as a negative pass), and no block's update depends on later blocks (no backward sweep)."""
     x, y = batch()
-    rows = _rows_per_layer(small_rule(name, arch=arch), x, y)
+    rows = probes.layer_call_rows(small_rule(name, arch=arch), x, y)
     once = all(r == [len(y)] for r in rows)
     return once and not _later_dependent_blocks(small_rule(name, arch=arch), x, y)
 
@@ -213,7 +200,7 @@ def test_ff_negative_pass_is_a_second_phase(readout, copies):
     local_losses (n rows, once), so it is not blind: see test_single_phase_and_no_dependence_on_later_blocks."""
     x, y = batch()
     rule = small_rule("ff", hp={"readout": readout})
-    rows = _rows_per_layer(copy.deepcopy(rule), x, y)
+    rows = probes.layer_call_rows(copy.deepcopy(rule), x, y)
     assert all(r == [copies * len(y)] for r in rows[:-1])
     assert not _single_phase("ff")
 

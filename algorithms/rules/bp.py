@@ -59,7 +59,5 @@ class Backprop(Rule):
     def train_step(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
         logits = self.net(x)
         loss = F.cross_entropy(logits, y, label_smoothing=self.hp.label_smoothing)
-        self.opt.zero_grad(set_to_none=True)
-        loss.backward()
-        self.opt.step()
+        self.opt.minimize(loss)
         return {"loss": loss.detach(), "correct": (logits.argmax(1) == y).sum()}

@@ -169,16 +169,12 @@ class DifferenceTargetPropagation(Rule):
         hs = [o.detach() for o in outs]
         # 2. feedback weights learn to invert their block.
         rec = self.reconstruction_loss(hs, x)
-        self.fb_opt.zero_grad(set_to_none=True)
-        rec.backward()
-        self.fb_opt.step()
+        self.fb_opt.minimize(rec)
         # 3. targets, top-down through the (updated) inverses.
         targets = self.targets(hs, y)
         # 4. local losses: hidden blocks regress onto their targets, the head onto the labels.
         ce = F.cross_entropy(outs[-1], y)
         local = ce + sum(0.5 * (o - t).pow(2).flatten(1).sum(1).mean() for o, t in zip(outs, targets) if t is not None)
-        self.opt.zero_grad(set_to_none=True)
-        local.backward()
-        self.opt.step()
+        self.opt.minimize(local)
         return {"loss": ce.detach(), "correct": (hs[-1].argmax(1) == y).sum(), "reconstruction": rec.detach(),
                 "inference_steps": float(len(self.inverses))}

@@ -171,10 +171,7 @@ class ForwardForward(Rule):
         else:
             out = self.net.stages[index](rms_normalize(h_in))
             loss = self.ff_loss(out, n)
-        opt = self.opts[index]
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        self.opts[index].minimize(loss)
         self._metrics[index] = loss.detach()
         return out.detach()
 

@@ -163,10 +163,7 @@ class LocalLosses(Rule):
         else:
             loss = F.cross_entropy(h, y)
             self._correct = (h.argmax(1) == y).sum()
-        opt = self.opts[index]
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        self.opts[index].minimize(loss)
         self._metrics[index] = loss.detach()
         return h.detach()
 
