@@ -123,3 +123,22 @@ def test_stage_split_balances_cost_and_sweeps_ask_one_bundle_per_stage():
     pgf = trial_resources(train, 1.0, 0.0)
     assert pgf.bundles[1:] == [{"CPU": 1.0}] * 3 and pgf.bundles[0]["CPU"] < 1
     assert trial_resources(parse_overrides([]).train, 1.0, 0.5) == {"cpu": 1.0, "gpu": 0.5}
+
+
+def test_pipeline_bench_reports_efficiency_against_the_machine_ceiling(ray_session, tmp_path):
+    """``bench --pipeline`` end to end on digits: every mode measured, the pipelined runs learn exactly what the
+    sequential one learns, and the machine ceiling (K independent runs at once) is reported beside the efficiency."""
+    from orchestrator.bench import pipeline_efficiency
+
+    md = tmp_path / "pipe.md"
+    result = pipeline_efficiency(["dataset=digits", "model.widths=[32,24]", "train.batch_size=64"], stages=2,
+                                 rounds=1, chunk=4, markdown=str(md))
+    assert len(result["samples_per_second"]) == 5
+    assert all(len(v) == 1 and v[0] > 0 for v in result["samples_per_second"].values())
+    acc = result["test_acc"]
+    seq = acc["sequential, 1 thread"]
+    assert acc["pipeline K=2, s=1, chunk=1"] == acc["pipeline K=2, s=1, chunk=4"] == seq
+    assert acc["2 sequential runs at once, 1 thread each (summed)"] == seq  # the same run, twice, side by side
+    assert result["machine_ceiling"] > 0
+    assert result["efficiency_of_ceiling"] == pytest.approx(result["efficiency"] / result["machine_ceiling"])
+    assert "machine ceiling" in md.read_text()
