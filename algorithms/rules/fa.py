@@ -59,8 +59,9 @@ class FeedbackAlignment(Rule):
     benchmarks = (
         Benchmark("mlp", "fashion_mnist", 0.85, ("train.epochs=5", "hp.lr=3e-4"),
                   "bp reaches 0.88 in the same budget; at lr 1e-3 FA's train loss rises after epoch 2"),
-        Benchmark("cnn", "fashion_mnist", 0.87, ("train.epochs=5", "hp.lr=3e-4"),
-                  "issue 3 target (biotorch LeNet FA figure); lr 1e-3 gave 0.83 with a rising train loss"),
+        Benchmark("cnn", "fashion_mnist", 0.87, ("train.epochs=15", "hp.lr=3e-4", "hp.schedule=cosine"),
+                  "issue 3 target (biotorch LeNet FA figure); lr 1e-3 gave 0.83 with a rising train loss, "
+                  "5 epochs at a constant 3e-4 0.859, 10 epochs cosine 0.8665 (val 0.879, train loss still falling)"),
         Benchmark("cnn", "cifar10", 0.50, ("train.epochs=10", "data.augment=crop_flip", "hp.schedule=cosine"),
                   "issue 3 target (biotorch LeNet FA figure)"),
     )

@@ -110,12 +110,12 @@ class ForwardGradient(Rule):
     benchmarks = (
         Benchmark("mlp", "mnist", 0.95, ("train.epochs=15", "hp.lr=2e-3", "hp.schedule=cosine", "hp.group_size=4"),
                   "issue 3 target; 10,000 training images in ../shared/data"),
-        Benchmark("mlp", "fashion_mnist", 0.80, ("train.epochs=5", "hp.lr=2e-3", "hp.schedule=cosine"),
-                  "issue 3 table; a floor, not yet measured"),
-        Benchmark("cnn", "fashion_mnist", 0.80, ("train.epochs=5", "hp.lr=2e-3", "hp.schedule=cosine"),
-                  "issue 3 table; a floor, not yet measured"),
-        Benchmark("cnn", "cifar10", 0.35, ("train.epochs=5", "hp.lr=2e-3", "hp.schedule=cosine"),
-                  "issue 3 table; a floor, not yet measured"),
+        Benchmark("mlp", "fashion_mnist", 0.85, ("train.epochs=5", "hp.lr=2e-3", "hp.schedule=cosine"),
+                  "issue 3 table, no issue target: 2-3 points under the measured 0.8708"),
+        Benchmark("cnn", "fashion_mnist", 0.84, ("train.epochs=5", "hp.lr=2e-3", "hp.schedule=cosine"),
+                  "issue 3 table, no issue target: 2-3 points under the measured 0.8616"),
+        Benchmark("cnn", "cifar10", 0.59, ("train.epochs=5", "hp.lr=2e-3", "hp.schedule=cosine"),
+                  "issue 3 table, no issue target: 2-3 points under the measured 0.6170"),
     )
 
     def __init__(self, net: Network, hp: ForwardGradientHParams, info: RunInfo):

@@ -112,12 +112,12 @@ class NodePerturbation(Rule):
     benchmarks = (
         Benchmark("mlp", "mnist", 0.90, ("train.epochs=10", "hp.lr=2e-3", "hp.schedule=cosine"),
                   "issue 3 target; 10,000 training images in ../shared/data"),
-        Benchmark("mlp", "fashion_mnist", 0.75, ("train.epochs=5", "hp.lr=2e-3", "hp.schedule=cosine"),
-                  "issue 3 table; a floor, not yet measured"),
-        Benchmark("cnn", "fashion_mnist", 0.75, ("train.epochs=5", "hp.lr=2e-3", "hp.schedule=cosine"),
-                  "issue 3 table; a floor, not yet measured"),
-        Benchmark("cnn", "cifar10", 0.30, ("train.epochs=5", "hp.lr=2e-3", "hp.schedule=cosine"),
-                  "issue 3 table; a floor, not yet measured"),
+        Benchmark("mlp", "fashion_mnist", 0.85, ("train.epochs=5", "hp.lr=2e-3", "hp.schedule=cosine"),
+                  "issue 3 table, no issue target: 2-3 points under the measured 0.8724"),
+        Benchmark("cnn", "fashion_mnist", 0.84, ("train.epochs=5", "hp.lr=2e-3", "hp.schedule=cosine"),
+                  "issue 3 table, no issue target: 2-3 points under the measured 0.8652"),
+        Benchmark("cnn", "cifar10", 0.59, ("train.epochs=5", "hp.lr=2e-3", "hp.schedule=cosine"),
+                  "issue 3 table, no issue target: 2-3 points under the measured 0.6223"),
     )
 
     def __init__(self, net: Network, hp: NodePerturbationHParams, info: RunInfo):

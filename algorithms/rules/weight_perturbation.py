@@ -115,12 +115,12 @@ class WeightPerturbation(Rule):
     benchmarks = (
         Benchmark("mlp", "mnist", 0.90, ("train.epochs=10", "hp.lr=2e-3", "hp.schedule=cosine"),
                   "issue 3 target; 10,000 training images in ../shared/data"),
-        Benchmark("mlp", "fashion_mnist", 0.75, ("train.epochs=5", "hp.lr=2e-3", "hp.schedule=cosine"),
-                  "issue 3 table; a floor, not yet measured"),
-        Benchmark("cnn", "fashion_mnist", 0.75, ("train.epochs=5", "hp.lr=2e-3", "hp.schedule=cosine"),
-                  "issue 3 table; a floor, not yet measured"),
-        Benchmark("cnn", "cifar10", 0.30, ("train.epochs=5", "hp.lr=2e-3", "hp.schedule=cosine"),
-                  "issue 3 table; a floor, not yet measured"),
+        Benchmark("mlp", "fashion_mnist", 0.79, ("train.epochs=5", "hp.lr=2e-3", "hp.schedule=cosine"),
+                  "issue 3 table, no issue target: 2-3 points under the measured 0.8095"),
+        Benchmark("cnn", "fashion_mnist", 0.78, ("train.epochs=5", "hp.lr=2e-3", "hp.schedule=cosine"),
+                  "issue 3 table, no issue target: 2-3 points under the measured 0.8004"),
+        Benchmark("cnn", "cifar10", 0.40, ("train.epochs=5", "hp.lr=2e-3", "hp.schedule=cosine"),
+                  "issue 3 table, no issue target: 2-3 points under the measured 0.4269"),
     )
 
     def __init__(self, net: Network, hp: WeightPerturbationHParams, info: RunInfo):
