@@ -30,10 +30,11 @@ trial that way:
   stages changed, the driver loads them into its own copy of the rule, and the trial evaluates,
   selects and checkpoints that rule exactly as in sequential mode (a rule's ``predict`` may combine
   all blocks, e.g. forward-forward's goodness readout, so evaluation uses the rule, not a chain).
-* **Placement**: one placement-group bundle per group: one GPU each when the cluster has GPUs and
-  ``train.device`` is not cpu, one CPU each otherwise. Inside a Ray Tune trial (``orchestrator/sweep.py``
-  asks for ``trial_resources``) the trial's own placement group holds the bundles; elsewhere the
-  pipeline reserves its own (starting a loopback-only local Ray first if none is running).
+* **Placement**: one placement-group bundle per group: one CPU each, and one GPU each when the cluster
+  has K GPUs and ``train.device`` is not cpu (an equal share each when it has fewer: K stages on one
+  GPU). Inside a Ray Tune trial (``orchestrator/sweep.py`` asks for ``trial_resources``) the trial's
+  own placement group holds the bundles; elsewhere the pipeline reserves its own (starting a
+  loopback-only local Ray first if none is running).
 
 Exactness: in a block-local rule the output block ``i`` sends for micro-batch ``b`` is computed with
 the weights block ``i`` has after ``b`` updates, whenever that computation happens, and each group
@@ -158,6 +159,15 @@ def final_options(train_cfg: Any, cpus: float, gpus: float) -> dict:
     return {"num_cpus": 0.01, "num_gpus": 0}
 
 
+def stage_bundles(k: int, cluster_gpus: float, device: str) -> list[dict]:
+    """One placement-group bundle per stage group when the pipeline reserves its own: one CPU each, plus a GPU
+    each when the cluster has ``k`` of them, or an equal share of fewer (``k`` stages on a one-GPU machine
+    share it, 1/k each: a whole GPU per stage could never be granted there and the start would time out)."""
+    if device == "cpu" or cluster_gpus <= 0:
+        return [_bundle(1, 0)] * k
+    return [_bundle(1, min(1.0, cluster_gpus / k))] * k
+
+
 def _bundle(cpus: float, gpus: float) -> dict:
     return {"CPU": cpus, "GPU": gpus} if gpus else {"CPU": cpus}
 
@@ -253,12 +263,11 @@ class Pipeline:
             self._tmp = tempfile.mkdtemp(prefix="bp-pipe-")
             self._started = ray_local.start(Path(self._tmp), num_cpus=self.k, timeout_s=start_timeout_s)
         try:
-            want_gpu = t["device"] != "cpu" and ray.cluster_resources().get("GPU", 0) >= 1
             current = get_current_placement_group()
             if current is not None and len(current.bundle_specs) >= self.k + 1:  # a Tune trial's group
                 pg, first, specs = current, 1, current.bundle_specs[1:self.k + 1]
             else:
-                specs = [_bundle(1, 1 if want_gpu else 0)] * self.k
+                specs = stage_bundles(self.k, ray.cluster_resources().get("GPU", 0), t["device"])
                 pg = self._own_pg = placement_group(specs, strategy="PACK")
                 # Our own Ray has the resources at once; in a shared one (a sweep's finals) others may hold them.
                 wait_s = start_timeout_s if self._started is not None else grant_timeout_s

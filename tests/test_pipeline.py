@@ -16,7 +16,7 @@ import torch
 from orchestrator import ray_local  # before any ray import: Ray's loopback environment
 from orchestrator.config import parse_overrides
 from orchestrator.errors import UsageError
-from orchestrator.pipeline import split_stages, trial_resources
+from orchestrator.pipeline import split_stages, stage_bundles, trial_resources
 from orchestrator.trial import resolve, run_trial
 
 BASE = ["dataset=digits", "arch=mlp", "model.widths=[32,24]", "train.batch_size=64", "train.threads=1",
@@ -123,6 +123,10 @@ def test_stage_split_balances_cost_and_sweeps_ask_one_bundle_per_stage():
     pgf = trial_resources(train, 1.0, 0.0)
     assert pgf.bundles[1:] == [{"CPU": 1.0}] * 3 and pgf.bundles[0]["CPU"] < 1
     assert trial_resources(parse_overrides([]).train, 1.0, 0.5) == {"cpu": 1.0, "gpu": 0.5}
+    # a pipeline's own reservation: whole GPUs when there are enough, equal shares of fewer, none on cpu
+    assert stage_bundles(2, 4, "auto") == [{"CPU": 1, "GPU": 1.0}] * 2
+    assert stage_bundles(4, 1, "cuda") == [{"CPU": 1, "GPU": 0.25}] * 4
+    assert stage_bundles(3, 1, "cpu") == stage_bundles(3, 0, "auto") == [{"CPU": 1}] * 3
 
 
 def test_pipeline_bench_reports_efficiency_against_the_machine_ceiling(ray_session, tmp_path):
