@@ -74,9 +74,9 @@ def run_bench(rules: list[str] | None, only: list[str] | None, overrides: list[s
 
 
 def pipeline_efficiency(overrides: list[str], stages: int = 2, rounds: int = 3, chunk: int = 8,
-                        markdown: str | None = None) -> dict:
+                        markdown: str | None = None, staleness: int = 1) -> dict:
     """Layer-parallel speed-up (``make bench ARGS=--pipeline``): the same training run sequentially on one
-    thread, pipelined on ``stages`` one-thread stage actors (staleness 1) with one micro-batch per message
+    thread, pipelined on ``stages`` one-thread stage actors (staleness bound ``staleness``) with one micro-batch per message
     and with ``chunk``, and sequentially on ``stages`` threads, interleaved ``rounds`` times so that
     drifting machine load hits every mode alike; medians of the training throughput. Parallel efficiency =
     (best pipelined / sequential 1-thread) / stages; the machine ceiling beside it is what ``stages`` copies of
@@ -89,11 +89,12 @@ def pipeline_efficiency(overrides: list[str], stages: int = 2, rounds: int = 3, 
 
     base = ["rule=local_losses", "arch=mlp", "dataset=fashion_mnist", "train.epochs=1", "out=null", *overrides]
     modes = {"sequential, 1 thread": ["train.threads=1"],
-             f"pipeline K={stages}, s=1, chunk=1": ["train.threads=1", "train.mode=pipeline",
-                                                   f"train.stages={stages}", "train.staleness=1", "train.chunk=1"],
-             f"pipeline K={stages}, s=1, chunk={chunk}": ["train.threads=1", "train.mode=pipeline",
-                                                       f"train.stages={stages}", "train.staleness=1",
-                                                       f"train.chunk={chunk}"],
+             f"pipeline K={stages}, s={staleness}, chunk=1": ["train.threads=1", "train.mode=pipeline",
+                                                            f"train.stages={stages}", f"train.staleness={staleness}",
+                                                            "train.chunk=1"],
+             f"pipeline K={stages}, s={staleness}, chunk={chunk}": ["train.threads=1", "train.mode=pipeline",
+                                                                f"train.stages={stages}",
+                                                                f"train.staleness={staleness}", f"train.chunk={chunk}"],
              f"sequential, {stages} threads": [f"train.threads={stages}"]}
     # The machine's own ceiling for K one-thread workers: K copies of the sequential run at once, each on its
     # own core and sharing nothing. Their summed throughput / (K x one alone) is the most any K-way

@@ -136,7 +136,7 @@ def cmd_bench(args) -> int:
         from orchestrator.bench import pipeline_efficiency
 
         result = pipeline_efficiency(args.overrides, stages=args.stages, rounds=args.rounds, chunk=args.chunk,
-                                     markdown=args.markdown)
+                                     staleness=args.staleness, markdown=args.markdown)
         print(json.dumps(result))
         return 0
     from orchestrator.bench import run_bench
@@ -198,6 +198,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "pipelined on --stages one-thread stages vs sequential on --stages threads")
     b.add_argument("--stages", type=int, default=2, help="pipeline stages for --pipeline (default 2)")
     b.add_argument("--rounds", type=int, default=3, help="interleaved rounds for --pipeline (default 3)")
+    b.add_argument("--staleness", type=int, default=1,
+                   help="staleness bound of the pipelined modes of --pipeline (default 1)")
     b.add_argument("--chunk", type=int, default=8, help="micro-batches per message of the chunked pipeline mode "
                                                         "of --pipeline (default 8)")
     b.set_defaults(func=cmd_bench)

@@ -136,12 +136,12 @@ def test_pipeline_bench_reports_efficiency_against_the_machine_ceiling(ray_sessi
 
     md = tmp_path / "pipe.md"
     result = pipeline_efficiency(["dataset=digits", "model.widths=[32,24]", "train.batch_size=64"], stages=2,
-                                 rounds=1, chunk=4, markdown=str(md))
+                                 rounds=1, chunk=4, markdown=str(md), staleness=2)
     assert len(result["samples_per_second"]) == 5
     assert all(len(v) == 1 and v[0] > 0 for v in result["samples_per_second"].values())
     acc = result["test_acc"]
     seq = acc["sequential, 1 thread"]
-    assert acc["pipeline K=2, s=1, chunk=1"] == acc["pipeline K=2, s=1, chunk=4"] == seq
+    assert acc["pipeline K=2, s=2, chunk=1"] == acc["pipeline K=2, s=2, chunk=4"] == seq
     assert acc["2 sequential runs at once, 1 thread each (summed)"] == seq  # the same run, twice, side by side
     assert result["machine_ceiling"] > 0
     assert result["efficiency_of_ceiling"] == pytest.approx(result["efficiency"] / result["machine_ceiling"])
