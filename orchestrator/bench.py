@@ -83,8 +83,6 @@ def pipeline_efficiency(overrides: list[str], stages: int = 2, rounds: int = 3, 
     the sequential run reach side by side, each on its own core."""
     import statistics
 
-    import ray
-
     from orchestrator import ray_local
 
     base = ["rule=local_losses", "arch=mlp", "dataset=fashion_mnist", "train.epochs=1", "out=null", *overrides]
@@ -108,9 +106,8 @@ def pipeline_efficiency(overrides: list[str], stages: int = 2, rounds: int = 3, 
     # (1: the stages do the sequential work and nothing more; 2: each stage computes at half speed).
     inflation: dict[str, list[float]] = {m: [] for m in modes if m.startswith("pipeline")}
     seq_seconds = None
-    # one Ray for all runs: the caller's if it has one (tests), else a loopback-only one of ours
-    started = None if ray.is_initialized() else ray_local.start(Path("runs/bench-pipeline"), num_cpus=stages,
-                                                                 timeout_s=180)
+    # one Ray for all runs (start leaves a caller's running Ray alone, e.g. a test's, and stop then too)
+    started = ray_local.start(Path("runs/bench-pipeline"), num_cpus=stages, timeout_s=180)
     try:
         for r in range(rounds):
             for mode, spec in specs.items():
@@ -131,8 +128,7 @@ def pipeline_efficiency(overrides: list[str], stages: int = 2, rounds: int = 3, 
                 print(f"   round {r + 1}/{rounds} {mode}: {record['samples_per_second']:.0f} samples/s, "
                       f"test {record['test_acc']:.4f}", file=sys.stderr, flush=True)
     finally:
-        if started is not None:
-            ray_local.stop(started)
+        ray_local.stop(started)
     median = {m: statistics.median(v) for m, v in speed.items()}
     seq1, seqk = median["sequential, 1 thread"], median[f"sequential, {stages} threads"]
     pipe = max(v for m, v in median.items() if m.startswith("pipeline"))
