@@ -86,13 +86,9 @@ def pipeline_efficiency(overrides: list[str], stages: int = 2, rounds: int = 3, 
     from orchestrator import ray_local
 
     base = ["rule=local_losses", "arch=mlp", "dataset=fashion_mnist", "train.epochs=1", "out=null", *overrides]
+    pipelined = ["train.threads=1", "train.mode=pipeline", f"train.stages={stages}", f"train.staleness={staleness}"]
     modes = {"sequential, 1 thread": ["train.threads=1"],
-             f"pipeline K={stages}, s={staleness}, chunk=1": ["train.threads=1", "train.mode=pipeline",
-                                                            f"train.stages={stages}", f"train.staleness={staleness}",
-                                                            "train.chunk=1"],
-             f"pipeline K={stages}, s={staleness}, chunk={chunk}": ["train.threads=1", "train.mode=pipeline",
-                                                                f"train.stages={stages}",
-                                                                f"train.staleness={staleness}", f"train.chunk={chunk}"],
+             **{f"pipeline K={stages}, s={staleness}, chunk={c}": [*pipelined, f"train.chunk={c}"] for c in (1, chunk)},
              f"sequential, {stages} threads": [f"train.threads={stages}"]}
     # The machine's own ceiling for K one-thread workers: K copies of the sequential run at once, each on its
     # own core and sharing nothing. Their summed throughput / (K x one alone) is the most any K-way
