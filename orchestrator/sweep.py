@@ -86,7 +86,8 @@ class ResourcesConfig:
     cpus_per_trial: float = 1.0
     """CPUs per trial (and per final run)."""
     gpus_per_trial: float = 0.0
-    """GPUs per trial; fractional values pack several trials on one GPU."""
+    """GPUs per trial; fractional values pack several trials on one GPU. With trial.train.mode=pipeline the
+    CPU and GPU requests are per stage (one GPU per stage on a cluster; 1/K each lets K stages share one)."""
     max_concurrent: Optional[int] = None
     """Cap on trials running at once (None: as many as the resources allow)."""
 
@@ -260,8 +261,11 @@ def check_local_resources(cfg: DictConfig) -> None:
         raise UsageError(f"a trial asks for resources.cpus_per_trial={res.cpus_per_trial}{per} CPUs but the local "
                          f"Ray has {cpus}; lower resources.cpus_per_trial or raise ray.num_cpus")
     if res.gpus_per_trial * groups > gpus:
+        # In pipeline mode the request is per stage (one GPU per stage on a cluster); K stages can share fewer.
+        share = f"resources.gpus_per_trial={gpus / groups:g} (the stages share the GPUs), " if groups > 1 and gpus else ""
         raise UsageError(f"a trial asks for resources.gpus_per_trial={res.gpus_per_trial}{per} GPUs but the local "
-                         f"Ray has {gpus}; set resources.gpus_per_trial=0, or ray.address=auto for a GPU cluster")
+                         f"Ray has {gpus}; set {share}resources.gpus_per_trial=0, or ray.address=auto for a GPU "
+                         "cluster")
 
 
 # --- cells ---------------------------------------------------------------------------------------

@@ -255,6 +255,8 @@ BAD_CONFIGS = [  # (overrides after preset=smoke, what the one-line error must s
     (["ray.address=not a host"], "ray.address"),
     (["resources.cpus_per_trial=64", "ray.num_cpus=2"], "asks for resources.cpus_per_trial=64.0 CPUs"),
     (["resources.gpus_per_trial=1", "ray.num_gpus=0"], "asks for resources.gpus_per_trial=1.0 GPUs"),
+    (["resources.gpus_per_trial=1", "ray.num_gpus=1", "trial.train.mode=pipeline", "trial.train.stages=2"],
+     r"gpus_per_trial=1.0 x train.stages=2 GPUs but the local Ray has 1; set resources.gpus_per_trial=0.5 \(the"),
     (["name=a/b"], "plain folder name"),
     (["name=.."], "plain folder name"),
     (["name=${oops}"], "Interpolation key 'oops' not found"),
