@@ -6,7 +6,6 @@ from __future__ import annotations
 import gzip
 import hashlib
 import io
-import shutil
 import struct
 import tarfile
 from pathlib import Path
