@@ -159,8 +159,8 @@ def test_block_steps_equal_train_step(readout):
                 before = _state(staged)
                 h = staged.block_step(index, h, y)
                 changed = {k for k, v in _state(staged).items() if not torch.equal(v, before[k])}
-                own = ("net.head.", "class_") if index == len(staged.net.blocks) else (f"net.blocks.{index}.",
-                                                                                        f"threshold{index}")
+                own = ("net.head.", "class_") if index == len(staged.net.blocks) else (
+                    f"net.blocks.{index}.", f"threshold{index}", f"updates{index}")
                 assert changed and all(k.startswith(own) for k in changed), (index, changed)
                 if index < len(staged.net.blocks):
                     assert h.shape[0] == len(y) and set(h.unique().tolist()) <= {0.0, 1.0}
@@ -189,6 +189,20 @@ def test_homeostasis_and_weight_normalisation():
         assert w.min() >= 0 and w.max() <= rule.hp.w_max
         assert torch.allclose(w.sum(1), torch.full((w.shape[0],), rule.hp.w_mean * w.shape[1]), rtol=1e-4)
         assert not w.requires_grad and torch.equal(block.layer.bias, torch.zeros_like(block.layer.bias))
+
+
+def test_plastic_epochs_freeze_the_hidden_layers_not_the_readout():
+    """hp.plastic_epochs=0.5 of 4 steps per epoch: STDP and homeostasis for 2 presentations, then only the readout."""
+    rule = small_rule("stdp", hp={"readout": "delta", "plastic_epochs": 0.5}, steps_per_epoch=4)
+    hidden, head = [], []
+    for step in range(4):
+        rule.train_step(*batch(seed=step))
+        hidden.append([t.clone() for t in _hidden(rule)])
+        head.append(rule.net.head.layer.weight.clone())
+    changed = [any(not torch.equal(a, b) for a, b in zip(hidden[i], hidden[i + 1])) for i in range(3)]
+    assert changed == [True, False, False]  # step 2 still plastic; steps 3 and 4 frozen
+    assert all(not torch.equal(head[i], head[i + 1]) for i in range(3))
+    assert [int(rule.updates0), int(rule.updates1)] == [2, 2]
 
 
 # --- criteria: instruments --------------------------------------------------------------------------

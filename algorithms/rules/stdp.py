@@ -93,6 +93,9 @@ class STDPHParams(OptimHParams):
     """label (Diehl & Cook neuron labelling by class response) or delta (linear delta-rule readout)."""
     label_window: float = 5000.0
     """Label readout: class responses are averaged over roughly this many recent training samples."""
+    plastic_epochs: float = 0.0
+    """Hidden plasticity (STDP and homeostasis) only during the first this many epochs, then frozen while the
+    readout keeps learning (Diehl & Cook label a frozen network); 0: plastic throughout."""
 
     def validate(self) -> None:
         if self.encoding not in ("poisson", "latency"):
@@ -105,8 +108,10 @@ class STDPHParams(OptimHParams):
             raise ValueError("hp.max_rate must be in (0, 1], hp.tau_mem and hp.target_spikes > 0")
         if not (0 < self.w_mean < self.w_max) or self.label_window <= 0:
             raise ValueError("need 0 < hp.w_mean < hp.w_max and hp.label_window > 0")
-        if min(self.inhibition, self.homeostasis_rate, self.eta_post, self.eta_pre, self.tau_pre, self.tau_post) < 0:
-            raise ValueError("hp.inhibition, homeostasis_rate, eta_post, eta_pre, tau_pre, tau_post must be >= 0")
+        if min(self.inhibition, self.homeostasis_rate, self.eta_post, self.eta_pre, self.tau_pre, self.tau_post,
+               self.plastic_epochs) < 0:
+            raise ValueError("hp.inhibition, homeostasis_rate, eta_post, eta_pre, tau_pre, tau_post, plastic_epochs "
+                             "must be >= 0")
 
 
 @register
@@ -158,6 +163,9 @@ class STDP(Rule):
         for i, block in enumerate(net.blocks):
             # Per-neuron firing threshold (0 = not yet initialised; set from the first training batch).
             self.register_buffer(f"threshold{i}", torch.zeros(block.layer.out_features))
+            # Plastic presentations so far: each layer counts its own (a pipeline stage holds only its layers).
+            self.register_buffer(f"updates{i}", torch.zeros((), dtype=torch.long))
+        self._plastic_steps = round(hp.plastic_epochs * info.steps_per_epoch) if hp.plastic_epochs > 0 else None
         width = net.head.layer.in_features
         self.register_buffer("class_response", torch.zeros(info.num_classes, width))  # label readout statistics
         self.register_buffer("class_seen", torch.zeros(info.num_classes))
@@ -262,7 +270,10 @@ class STDP(Rule):
         with torch.no_grad():
             if index < len(self.net.blocks):  # unsupervised: y is not read
                 spikes_in = self.encode(h_in) if index == 0 else h_in.transpose(0, 1)
-                return self.layer_run(index, spikes_in, learn=True).transpose(0, 1)
+                updates = getattr(self, f"updates{index}")
+                learn = self._plastic_steps is None or int(updates) < self._plastic_steps
+                updates.add_(int(learn))
+                return self.layer_run(index, spikes_in, learn=learn).transpose(0, 1)
             spikes = self.encode(h_in) if index == 0 else h_in.transpose(0, 1)  # no hidden block: read the input
             return self.readout_step(spikes, y)
 
