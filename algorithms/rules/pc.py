@@ -94,7 +94,8 @@ class PredictiveCoding(Rule):
     benchmarks = (
         Benchmark("mlp", "mnist", 0.945, ("train.epochs=5",),
                   "issue 5: within 0.5 point of bp on the same cell; bp-mlp-mnist measured 0.947 (docs/benchmarks.md)"),
-        Benchmark("cnn", "fashion_mnist", 0.88, ("train.epochs=5",), "issue 5"),
+        Benchmark("cnn", "fashion_mnist", 0.88, ("train.epochs=3",),
+                  "issue 5; 0.8914 in 3 epochs (19 min on 2 cores, 17.8x bp per sample)"),
     )
 
     def __init__(self, net: Network, hp: PCHParams, info: RunInfo):
