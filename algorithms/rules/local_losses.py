@@ -121,7 +121,8 @@ class LocalLosses(Rule):
     }
     benchmarks = (
         Benchmark("mlp", "fashion_mnist", 0.87, ("train.epochs=5",), "bp target 0.88; local losses within ~1 point"),
-        Benchmark("mlp", "mnist", 0.96, ("train.epochs=5",), "10,000 training images; bp target 0.965"),
+        Benchmark("mlp", "mnist", 0.96, ("train.epochs=10", "data.augment=shift", "hp.schedule=cosine"),
+                  "10,000 training images; bp target 0.965: 0.9699 (5 epochs, no augmentation: 0.9486)"),
         Benchmark("cnn", "fashion_mnist", 0.89, ("train.epochs=5",), "issue: within 1 point of bp (target 0.90)"),
         Benchmark("deep_cnn", "cifar10", 0.80,
                   ("train.epochs=30", "data.augment=crop_flip", "hp.optimizer=adamw", "hp.lr=2e-3", "hp.schedule=cosine",
