@@ -109,8 +109,10 @@ class DifferenceTargetPropagation(Rule):
         "C4": Claim(False, "hidden targets derive from the label-dependent output target", _PROBE),
     }
     benchmarks = (
-        Benchmark("mlp", "mnist", 0.97, ("train.epochs=5", "model.activation=tanh"),
-                  "issue 5; tanh as in Lee et al. 2015 (relu blocks learn slower under DTP)"),
+        Benchmark("mlp", "mnist", 0.97, ("train.epochs=60", "model.activation=tanh", "data.augment=shift",
+                                          "hp.schedule=cosine"),
+                  "issue 5; tanh as in Lee et al. 2015 (relu blocks learn slower under DTP); bp's shift/cosine recipe: "
+                  "0.9722 in 60 epochs (2.2 min), 0.9658 in 30; 5 plain epochs gave 0.9293"),
         Benchmark("cnn", "cifar10", 0.50, ("train.epochs=10", "model.activation=tanh", "hp.schedule=cosine"),
                   "issue 5: 0.6532; at a constant rate 0.6526 (best epoch 6), but epoch 10 diverged (val 0.26)"),
     )
