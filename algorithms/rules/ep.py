@@ -96,8 +96,9 @@ class EquilibriumPropagation(Rule):
         "C4": Claim(False, "the label nudges the output and, through the couplings, every hidden state", _PROBE),
     }
     benchmarks = (
-        Benchmark("mlp", "mnist", 0.97, ("train.epochs=5",),
-                  "issue 5; two recurrently coupled hidden layers (with one, the ce read-out makes the free phase trivial)"),
+        Benchmark("mlp", "mnist", 0.97, ("train.epochs=30", "data.augment=shift", "hp.schedule=cosine"),
+                  "issue 5; two recurrently coupled hidden layers (with one, the ce read-out makes the free phase "
+                  "trivial); bp's shift/cosine recipe: 0.9626 in 30 epochs (12 min), 0.9591 in 10; 5 plain: 0.9280"),
     )
 
     def __init__(self, net: Network, hp: EPHParams, info: RunInfo):
