@@ -28,6 +28,7 @@ from algorithms.registry import load_rules
 from algorithms.rule import Rule, RunInfo, validate_hparams
 from orchestrator.config import to_plain, typed
 from orchestrator.data import DATASETS, DataSplits, load_raw, make_splits
+from orchestrator.data.datasets import standardize
 from orchestrator.errors import UsageError
 
 Report = Callable[[dict[str, Any]], None]
@@ -156,6 +157,34 @@ def augment_batch(x: torch.Tensor, gen: torch.Generator, pad: int = 4, flip: boo
     return torch.where(flips[:, None, None, None], out.flip(3), out)
 
 
+class TrainFeed:
+    """Training batches from indices: the same uint8 gather, standardisation and augmentation wherever it runs
+    (the trial's own loop, or a pipeline's first stage, which reads the training set itself so that the
+    driver sends only indices). The augmentation stream is consumed batch by batch in data order, so two
+    feeds seeded alike produce the same batches."""
+
+    def __init__(self, splits: DataSplits, augment: str, aug_seed: int):
+        self.train_x, self.train_y = splits.train_x, splits.train_y
+        self.mean, self.std = splits.mean, splits.std
+        self.augment = AUGMENTS[augment]
+        self.aug_gen = torch.Generator().manual_seed(aug_seed)
+
+    def to(self, device: torch.device) -> "TrainFeed":
+        for k in ("train_x", "train_y", "mean", "std"):
+            setattr(self, k, getattr(self, k).to(device))
+        return self
+
+    def labels(self, idx: torch.Tensor) -> torch.Tensor:
+        return self.train_y[idx.to(self.train_y.device)]
+
+    def batch(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        idx = idx.to(self.train_x.device)
+        x = standardize(self.train_x[idx], self.mean, self.std)
+        if self.augment:
+            x = augment_batch(x, self.aug_gen, *self.augment)
+        return x, self.train_y[idx]
+
+
 @torch.no_grad()
 def evaluate(rule: Rule, splits: DataSplits, x: torch.Tensor, y: torch.Tensor, batch_size: int) -> tuple[float, float]:
     """(accuracy, mean cross-entropy of the rule's class scores) on a split."""
@@ -218,9 +247,8 @@ def run_trial(cfg: DictConfig | TrialSpec, report: Report | None = None, progres
     in_net = {id(t) for t in (*net.parameters(), *net.buffers())}  # the rule's own state: feedback weights, heads
     n_rule_params = sum(t.numel() for t in (*rule.parameters(), *rule.buffers()) if id(t) not in in_net)
 
-    augment = AUGMENTS[cfg.data.augment]
     order_gen = torch.Generator().manual_seed(seed)
-    aug_gen = torch.Generator().manual_seed(seed + 1)
+    feed = TrainFeed(splits, cfg.data.augment, aug_seed=seed + 1)
     record: dict[str, Any] = {
         "rule": cfg.rule, "arch": cfg.arch, "dataset": cfg.dataset, "seed": seed, "status": "ok", "error": None,
         "device": str(device), "n_params": n_params, "n_rule_params": n_rule_params,
@@ -236,7 +264,7 @@ def run_trial(cfg: DictConfig | TrialSpec, report: Report | None = None, progres
         if t.mode == "pipeline":  # the blocks learn on Ray actors, layer-parallel (orchestrator/pipeline.py)
             from orchestrator.pipeline import Pipeline
 
-            pipe = Pipeline(rule, to_plain(cfg), splits.input_shape, splits.num_classes, steps)
+            pipe = Pipeline(rule, to_plain(cfg), splits.input_shape, splits.num_classes, steps, feed)
         for epoch in range(1, t.epochs + 1):
             rule.train()
             perm = torch.randperm(n_train, generator=order_gen).to(device)
@@ -246,16 +274,9 @@ def run_trial(cfg: DictConfig | TrialSpec, report: Report | None = None, progres
             extra: dict[str, torch.Tensor] = {}  # the rule's own metrics (inference steps, ...), epoch means
             tick = time.perf_counter()
 
-            def batches(perm=perm):  # consumed within this epoch
-                for b in range(steps):
-                    idx = perm[b * batch:(b + 1) * batch]
-                    x = splits.normalize(splits.train_x[idx])
-                    if augment:
-                        x = augment_batch(x, aug_gen, *augment)
-                    yield x, splits.train_y[idx]
-
-            steps_metrics = ((rule.train_step(x, y) for x, y in batches()) if pipe is None
-                             else pipe.train_epoch(batches()))
+            batch_indices = (perm[b * batch:(b + 1) * batch] for b in range(steps))
+            steps_metrics = ((rule.train_step(*feed.batch(idx)) for idx in batch_indices) if pipe is None
+                             else pipe.train_epoch(batch_indices))  # its first stage builds the batches
             for b, metrics in enumerate(steps_metrics):
                 loss_sum += torch.as_tensor(metrics["loss"], device=device).detach().float() * batch
                 for key, value in metrics.items():

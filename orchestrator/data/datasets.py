@@ -237,8 +237,13 @@ class DataSplits:
 
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
         """uint8 batch -> float32, standardised with the training split's statistics."""
-        shape = (1, -1) + (1,) * (x.dim() - 2)
-        return (x.float().div_(255.0) - self.mean.view(shape)) / self.std.view(shape)
+        return standardize(x, self.mean, self.std)
+
+
+def standardize(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """uint8 batch -> float32 in [0, 1], minus the per-channel ``mean``, over the per-channel ``std``."""
+    shape = (1, -1) + (1,) * (x.dim() - 2)
+    return (x.float().div_(255.0) - mean.view(shape)) / std.view(shape)
 
 
 def make_splits(raw: RawDataset, cfg, seed: int) -> DataSplits:
