@@ -12,13 +12,17 @@ trial that way:
   the trial's initial weights) and using and updating only its own stages: their weights, the rule's
   state for them (auxiliary heads, ...) and their optimisers. Group 0 continues the trial's torch RNG
   stream; group k > 0 gets its own stream, seeded from the run seed and k.
-* Micro-batch ``b`` enters group 0 with its labels; each group applies ``block_step`` to its stages on
-  arrival and hands the detached output (a fixed-shape CPU tensor, through Ray's object store) to the
-  next group. Ray runs an actor's calls in submission order, so every group sees the micro-batches in
-  data order. Micro-batches travel ``train.chunk`` to a message (one actor call): per-message costs
-  (submitting the call, the driver's and the object store's bookkeeping) are paid once per chunk, which
-  on 2 CPU cores is the difference between no speed-up and 1.3x (docs/benchmarks.md). Within a message
-  a group still updates its blocks micro-batch by micro-batch.
+* **Data-local first stage**: the driver sends only each micro-batch's training-set indices (inline in the
+  call, a few KB). Group 0 holds the training set (uint8, sent once) and builds the batches itself with the
+  trial's own code (``TrainFeed``: gather, standardise, augment, continuing the trial's augmentation
+  stream), on its own device; the other groups hold the labels. So images never pass through the driver
+  or the object store, and the driver's per-message work is a few index slices and K calls.
+* Each group applies ``block_step`` to its stages on arrival and hands the detached output (a fixed-shape
+  CPU tensor, through Ray's object store) to the next group. Ray runs an actor's calls in submission
+  order, so every group sees the micro-batches in data order. Micro-batches travel ``train.chunk`` to a
+  message (one actor call): per-message costs (submitting the call, the driver's and the object store's
+  bookkeeping) are paid once per chunk, which on 2 CPU cores is the difference between no speed-up and
+  1.3x (docs/benchmarks.md). Within a message a group still updates its blocks micro-batch by micro-batch.
 * **Staleness bound** ``train.staleness = s``: group k may start message ``b`` only once group
   k + 1 has finished ``b - s - 1`` (passed as a dependency of the call), i.e. a group runs at most s
   messages ahead of the next. s = 0 is lock-step (no overlap); the metrics record the bound and
@@ -57,6 +61,7 @@ it after ``block_step`` (``Rule.block_loss``), so ``train_loss`` is the same sum
 from __future__ import annotations
 
 import contextlib
+import copy
 import itertools
 import shutil
 import tempfile
@@ -177,7 +182,7 @@ class StageWorker:
     """One group of consecutive stages: a full copy of the rule, of which it uses and updates its stages."""
 
     def __init__(self, group: int, indices: list[int], plain_cfg: dict, input_shape: tuple[int, ...],
-                 num_classes: int, steps: int, init_state: dict, threads: int, use_gpu: bool):
+                 num_classes: int, steps: int, init_state: dict, threads: int, use_gpu: bool, feed: Any):
         from omegaconf import OmegaConf
 
         from algorithms.rule import RunInfo
@@ -199,22 +204,29 @@ class StageWorker:
         if group > 0:  # group 0 continues the trial's own stream; the others get theirs
             torch.manual_seed(seed + 1_000_003 * group)
         self.group, self.indices = group, list(indices)
+        # Group 0 builds the batches from indices (gather, standardise, augment) on its own device; the others
+        # only look up labels. Either way a message carries indices, not images.
+        self.feed = feed.to(self.device) if group == 0 else _Labels(feed.train_y.to(self.device))
         self.last = len(net.stages) - 1
         self.initial = {k: v.detach().clone() for k, v in self.rule.state_dict().items()}
 
     def ready(self) -> str:
         return str(self.device)
 
-    def step(self, b: int, hs: list[torch.Tensor], ys: list[torch.Tensor], after: Any = None
+    def step(self, b: int, idxs: list[torch.Tensor], hs: list[torch.Tensor] | None, after: Any = None
              ) -> tuple[list[torch.Tensor], dict]:
-        """``block_step`` of this group's stages on the micro-batches of message ``b``, in order; ``after``
-        (ignored) is the token of the next group's message ``b - s - 1``, which Ray resolves first: that
-        enforces the staleness bound."""
-        t0 = time.time()
+        """``block_step`` of this group's stages on the micro-batches of message ``b`` (their training-set
+        indices ``idxs``; ``hs``: the previous group's outputs, None for group 0, which builds the inputs), in
+        order; ``after`` (ignored) is the token of the next group's message ``b - s - 1``, which Ray resolves
+        first: that enforces the staleness bound."""
+        t0, cpu0 = time.time(), time.process_time()  # busy wall minus CPU time = time descheduled
         rule = self.rule
         outs, losses, correct = [], [], []  # per micro-batch; losses per stage, summed by the driver in stage
-        for h, y in zip(hs, ys):            # order: the same float32 sum as train_step's
-            h, y = h.to(self.device), y.to(self.device)
+        for m, idx in enumerate(idxs):      # order: the same float32 sum as train_step's
+            if hs is None:
+                h, y = self.feed.batch(idx)
+            else:
+                h, y = hs[m].to(self.device), self.feed.labels(idx)
             mine, right = [], None
             for i in self.indices:
                 h = rule.block_step(i, h, y)
@@ -226,7 +238,8 @@ class StageWorker:
             outs.append(h.detach().cpu())
             losses.append(mine)
             correct.append(right)
-        return outs, {"b": b, "losses": losses, "correct": correct, "t0": t0, "t1": time.time()}
+        return outs, {"b": b, "losses": losses, "correct": correct, "t0": t0, "t1": time.time(),
+                      "cpu": time.process_time() - cpu0}
 
     def changed(self) -> dict[str, torch.Tensor]:
         """The state tensors this group has changed since the start (CPU copies)."""
@@ -234,12 +247,23 @@ class StageWorker:
                 if not torch.equal(v, self.initial[k])}
 
 
+class _Labels:
+    """What a group after the first needs of the training set: its labels."""
+
+    def __init__(self, train_y: torch.Tensor):
+        self.train_y = train_y
+
+    def labels(self, idx: torch.Tensor) -> torch.Tensor:
+        return self.train_y[idx.to(self.train_y.device)]
+
+
 # --- the driver side ------------------------------------------------------------------------------------
 class Pipeline:
     """K stage actors fed by the trial's driver; ``train_epoch`` yields each micro-batch's metrics in order."""
 
     def __init__(self, rule, plain_cfg: dict, input_shape: tuple[int, ...], num_classes: int, steps: int,
-                 start_timeout_s: float = 180.0, step_timeout_s: float = 600.0, grant_timeout_s: float = 3600.0):
+                 feed: Any, start_timeout_s: float = 180.0, step_timeout_s: float = 600.0,
+                 grant_timeout_s: float = 3600.0):
         import ray
         from ray.util.placement_group import (
             get_current_placement_group,
@@ -277,6 +301,9 @@ class Pipeline:
                                         f"{wait_s:.0f}s; free resources or lower train.stages")
                 first = 0
             init = ray.put({k: v.detach().cpu() for k, v in rule.state_dict().items()})
+            # The training set goes to the stages once (uint8, through the object store); group 0 continues the
+            # trial's augmentation stream, which the driver then never draws from.
+            feed_ref = ray.put(copy.copy(feed).to(torch.device("cpu")))
             threads = int(t.get("threads") or 1)  # one thread per stage unless told otherwise
             worker = ray.remote(StageWorker)
             tag = uuid.uuid4().hex[:8]
@@ -287,13 +314,14 @@ class Pipeline:
                     name=self.names[g], num_cpus=spec.get("CPU", 0), num_gpus=spec.get("GPU", 0), max_restarts=0,
                     scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=first + g),
                 ).remote(g, indices, plain_cfg, tuple(input_shape), num_classes, steps, init, threads,
-                         bool(spec.get("GPU", 0))))
+                         bool(spec.get("GPU", 0)), feed_ref))
             self.devices = self._get([a.ready.remote() for a in self.actors], start_timeout_s, "start")
         except BaseException:
             self.close()
             raise
         self.lags: list[int] = []
         self.busy = [0.0] * self.k
+        self.cpu = [0.0] * self.k
         self.epoch_wall = 0.0
 
     def _describe(self, g: int) -> str:
@@ -318,29 +346,27 @@ class Pipeline:
                 raise PipelineError(f"{self._describe(g)} failed during its {what}: {_first_line(e)}") from None
         return out
 
-    def train_epoch(self, batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> Iterator[dict[str, Any]]:
-        """Feed the batches through the stages; yield each micro-batch's metrics (``loss``, ``correct``,
-        ``staleness``, ``staleness_bound``) in batch order, as they leave the last stage."""
-        import ray
+    def train_epoch(self, batch_indices: Iterable[torch.Tensor]) -> Iterator[dict[str, Any]]:
+        """Send the batches' training-set indices through the stages (group 0 builds the batches); yield each
+        micro-batch's metrics (``loss``, ``correct``, ``staleness``, ``staleness_bound``) in batch order, as
+        they leave the last stage."""
 
         k, s = self.k, self.s
         pending: deque = deque()
         tokens: dict[tuple[int, int], Any] = {}
         ends: list[list[float]] = [[] for _ in range(k)]  # completion times of each group, in message order
         tick = time.time()
-        batches = iter(batches)
+        batch_indices = iter(batch_indices)
         for b in itertools.count():  # message b carries micro-batches b*chunk ... b*chunk + chunk - 1
-            chunk = list(itertools.islice(batches, self.chunk))
-            if not chunk:
+            idxs = [idx.cpu() for idx in itertools.islice(batch_indices, self.chunk)]  # small: sent inline
+            if not idxs:
                 break
             while len(pending) >= self.max_in_flight:  # backpressure: wait for the oldest message to leave
                 yield from self._finish(pending.popleft(), ends)
-            h = [x.detach().cpu() for x, _ in chunk]
-            y_ref = ray.put([y.detach().cpu() for _, y in chunk])
-            refs = []
+            h, refs = None, []
             for g, actor in enumerate(self.actors):
                 after = tokens.pop((g + 1, b - s - 1), None)  # the next group has finished b - s - 1
-                h, token = actor.step.options(num_returns=2).remote(b, h, y_ref, after)
+                h, token = actor.step.options(num_returns=2).remote(b, idxs, h, after)
                 tokens[(g, b)] = token
                 refs.append(token)
             tokens.pop((0, b - s - 1), None)  # group 0's tokens are nobody's dependency
@@ -357,6 +383,7 @@ class Pipeline:
         for g, tok in enumerate(tokens):
             ends[g].append(tok["t1"])
             self.busy[g] += tok["t1"] - tok["t0"]
+            self.cpu[g] += tok["cpu"]
             if g + 1 < len(tokens):  # how many micro-batches group g+1 had not finished when g started b
                 lag = max(lag, b - bisect_right(ends[g + 1], tok["t0"]))
         self.lags.append(lag)
@@ -387,7 +414,7 @@ class Pipeline:
                 "staleness_bound": self.s, "chunk": self.chunk, "max_in_flight": self.max_in_flight,
                 "staleness_max": max(self.lags, default=0),
                 "staleness_mean": sum(self.lags) / len(self.lags) if self.lags else 0.0,
-                "stage_busy_seconds": self.busy, "wall_seconds": self.epoch_wall,
+                "stage_busy_seconds": self.busy, "stage_cpu_seconds": self.cpu, "wall_seconds": self.epoch_wall,
                 "stage_utilisation": [b / self.epoch_wall if self.epoch_wall > 0 else float("nan") for b in self.busy]}
 
     def close(self) -> None:

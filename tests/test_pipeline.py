@@ -34,11 +34,14 @@ def _net_weights(path) -> dict[str, torch.Tensor]:
     return torch.load(path, weights_only=True)["state_dict"]
 
 
-# chunk 3: messages of 3 micro-batches, and the epoch's 22 batches leave a last message of one
-@pytest.mark.parametrize("rule,stages,staleness,chunk", [("local_losses", 2, 0, 1), ("ff", 3, 0, 8),
-                                                         ("local_losses", 3, 2, 1), ("local_losses", 2, 1, 3)])
-def test_pipeline_equals_sequential_block_local_training(ray_session, tmp_path, rule, stages, staleness, chunk):
-    over = [f"rule={rule}", *BASE, "train.epochs=2"]
+# chunk 3: messages of 3 micro-batches, and the epoch's 22 batches leave a last message of one;
+# augment: the first stage builds the batches itself and must draw the same random shifts as the trial's loop
+@pytest.mark.parametrize("rule,stages,staleness,chunk,augment", [
+    ("local_losses", 2, 0, 1, "none"), ("ff", 3, 0, 8, "none"), ("local_losses", 3, 2, 1, "none"),
+    ("local_losses", 2, 1, 3, "shift")])
+def test_pipeline_equals_sequential_block_local_training(ray_session, tmp_path, rule, stages, staleness, chunk,
+                                                         augment):
+    over = [f"rule={rule}", *BASE, "train.epochs=2", f"data.augment={augment}"]
     seq = run_trial(parse_overrides(over), save_model=str(tmp_path / "seq.pt"))
     pipe = run_trial(parse_overrides([*over, "train.mode=pipeline", f"train.stages={stages}",
                                       f"train.staleness={staleness}", f"train.chunk={chunk}"]),
@@ -146,3 +149,7 @@ def test_pipeline_bench_reports_efficiency_against_the_machine_ceiling(ray_sessi
     assert result["machine_ceiling"] > 0
     assert result["efficiency_of_ceiling"] == pytest.approx(result["efficiency"] / result["machine_ceiling"])
     assert "machine ceiling" in md.read_text()
+    # the stages computed (CPU time > 0) and, with one compute thread each, not much longer than their busy wall
+    # time (process CPU time also counts Ray's own threads in the actor, hence the slack below 0)
+    fractions = [f for fs in result["stage_descheduled_fraction"].values() for f in fs]
+    assert len(fractions) == 2 and all(-0.25 <= f < 1 for f in fractions), fractions
