@@ -235,6 +235,20 @@ def test_softhebb_hidden_blocks_use_no_label_and_no_error():
     assert _later_dependent_blocks(small_rule("softhebb"), x, y) == set()
 
 
+def test_softhebb_plastic_epochs_freeze_the_hidden_blocks_not_the_readout():
+    """hp.plastic_epochs=0.5 of 4 steps per epoch: Hebbian updates for 2 presentations, then only the readout."""
+    rule = small_rule("softhebb", hp={"plastic_epochs": 0.5}, steps_per_epoch=4)
+    hidden, head = [], []
+    for step in range(4):
+        rule.train_step(*batch(seed=step))
+        hidden.append([b.layer.weight.clone() for b in rule.net.blocks])
+        head.append(rule.net.head.layer.weight.clone())
+    changed = [any(not torch.equal(a, b) for a, b in zip(hidden[i], hidden[i + 1])) for i in range(3)]
+    assert changed == [True, False, False]  # step 2 still plastic; steps 3 and 4 frozen
+    assert all(not torch.equal(head[i], head[i + 1]) for i in range(3))
+    assert rule._updates == [2] * len(rule.net.blocks)
+
+
 # --- learning on digits ---------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def digits():

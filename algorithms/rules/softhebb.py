@@ -60,14 +60,18 @@ class SoftHebbHParams(OptimHParams):
     """Forward nonlinearity of hidden blocks: arch (the block's own) or triangle (Journé et al.)."""
     triangle_power: float = 1.0
     """Exponent of the triangle nonlinearity (activation=triangle)."""
+    plastic_epochs: float = 0.0
+    """Hidden plasticity only during the first this many epochs, then the hidden blocks are frozen while the
+    readout keeps learning (Journé et al. train the Hebbian layers for one epoch, then the classifier);
+    0: plastic throughout."""
 
     def validate(self) -> None:
         if self.activation not in ("arch", "triangle"):
             raise ValueError(f"hp.activation={self.activation!r} is not one of arch, triangle")
         if not self.hebb_lr > 0 or not self.t_invert > 0 or not self.init_scale > 0:
             raise ValueError("hp.hebb_lr, hp.t_invert and hp.init_scale must be > 0")
-        if self.lr_power < 0 or self.triangle_power <= 0:
-            raise ValueError("hp.lr_power must be >= 0 and hp.triangle_power > 0")
+        if self.lr_power < 0 or self.triangle_power <= 0 or self.plastic_epochs < 0:
+            raise ValueError("hp.lr_power and hp.plastic_epochs must be >= 0 and hp.triangle_power > 0")
 
 
 def standardize(h: torch.Tensor) -> torch.Tensor:
@@ -133,6 +137,10 @@ class SoftHebb(Rule):
         self.head_opt = make_optimizer(net.head.parameters(), hp, info.epochs * info.steps_per_epoch)
         self._loss = torch.zeros(())
         self._correct = torch.zeros(())
+        # Plastic presentations per hidden block, a Python int each: a pipeline stage counts its own, and
+        # deciding whether a block still learns reads no tensor (no device sync per step).
+        self._updates = [0] * len(net.blocks)
+        self._plastic_steps = round(hp.plastic_epochs * info.steps_per_epoch) if hp.plastic_epochs > 0 else None
 
     # --- the hidden blocks ---------------------------------------------------------------------------
     def forward_block(self, index: int, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -175,7 +183,9 @@ class SoftHebb(Rule):
         with torch.no_grad():
             if index < len(self.net.blocks):  # unsupervised: y is not read
                 z, u, out = self.forward_block(index, h_in)
-                self.hebbian_update(self.net.blocks[index].layer, z, u)
+                if self._plastic_steps is None or self._updates[index] < self._plastic_steps:
+                    self.hebbian_update(self.net.blocks[index].layer, z, u)
+                    self._updates[index] += 1
                 return out
             z, logits = self.readout(h_in)
             err = torch.softmax(logits, 1) - F.one_hot(y, logits.shape[1]).to(logits.dtype)
