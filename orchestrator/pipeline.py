@@ -204,9 +204,9 @@ class StageWorker:
         if group > 0:  # group 0 continues the trial's own stream; the others get theirs
             torch.manual_seed(seed + 1_000_003 * group)
         self.group, self.indices = group, list(indices)
-        # Group 0 builds the batches from indices (gather, standardise, augment) on its own device; the others
-        # only look up labels. Either way a message carries indices, not images.
-        self.feed = feed.to(self.device) if group == 0 else _Labels(feed.train_y.to(self.device))
+        # Group 0 builds the batches from indices (gather, standardise, augment: a TrainFeed) on its own device;
+        # the others only look up labels (_Labels). Either way a message carries indices, not images.
+        self.feed = feed.to(self.device)
         self.last = len(net.stages) - 1
         self.initial = {k: v.detach().clone() for k, v in self.rule.state_dict().items()}
 
@@ -252,6 +252,9 @@ class _Labels:
 
     def __init__(self, train_y: torch.Tensor):
         self.train_y = train_y
+
+    def to(self, device: torch.device) -> "_Labels":
+        return _Labels(self.train_y.to(device))
 
     def labels(self, idx: torch.Tensor) -> torch.Tensor:
         return self.train_y[idx.to(self.train_y.device)]
@@ -301,9 +304,10 @@ class Pipeline:
                                         f"{wait_s:.0f}s; free resources or lower train.stages")
                 first = 0
             init = ray.put({k: v.detach().cpu() for k, v in rule.state_dict().items()})
-            # The training set goes to the stages once (uint8, through the object store); group 0 continues the
-            # trial's augmentation stream, which the driver then never draws from.
-            feed_ref = ray.put(copy.copy(feed).to(torch.device("cpu")))
+            # The training set goes to group 0 once (uint8, through the object store), the labels to the others;
+            # group 0 continues the trial's augmentation stream, which the driver then never draws from.
+            feeds = [ray.put(copy.copy(feed).to(torch.device("cpu")))]
+            feeds += [ray.put(_Labels(feed.train_y.cpu()))] * (self.k - 1)
             threads = int(t.get("threads") or 1)  # one thread per stage unless told otherwise
             worker = ray.remote(StageWorker)
             tag = uuid.uuid4().hex[:8]
@@ -314,7 +318,7 @@ class Pipeline:
                     name=self.names[g], num_cpus=spec.get("CPU", 0), num_gpus=spec.get("GPU", 0), max_restarts=0,
                     scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=first + g),
                 ).remote(g, indices, plain_cfg, tuple(input_shape), num_classes, steps, init, threads,
-                         bool(spec.get("GPU", 0)), feed_ref))
+                         bool(spec.get("GPU", 0)), feeds[g]))
             self.devices = self._get([a.ready.remote() for a in self.actors], start_timeout_s, "start")
         except BaseException:
             self.close()
