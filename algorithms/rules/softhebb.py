@@ -109,9 +109,12 @@ class SoftHebb(Rule):
                     "error", f"{_OWN}::test_softhebb_hidden_blocks_use_no_label_and_no_error"),
     }
     benchmarks = (
-        Benchmark("mlp", "mnist", 0.97, ("train.epochs=10", "hp.hebb_lr=0.5", "hp.triangle_power=3"),
+        Benchmark("mlp", "mnist", 0.97, ("train.epochs=40", "hp.hebb_lr=0.5", "hp.triangle_power=3",
+                                          "model.widths=[4000]", "hp.plastic_epochs=5", "data.augment=shift",
+                                          "hp.schedule=cosine"),
                   "issue target; 10,000 training images (fully connected blocks need a larger Hebbian rate: each "
-                  "unit competes once per sample, not once per position)"),
+                  "unit competes once per sample, not once per position). One wide layer, Hebbian for 5 epochs, "
+                  "then the readout alone: 0.9714 (seed 1: 0.9743); the 2x1000 net plastic throughout: 0.9367"),
         Benchmark("mlp", "fashion_mnist", 0.84, ("train.epochs=3", "hp.triangle_power=3"),
                   "bp target 0.88; hebb_lr=0.5 collapses here after ~800 steps (val 0.79 -> 0.18), 0.05 is stable"),
         Benchmark("cnn", "mnist", 0.97, ("train.epochs=10", "hp.lr=3e-3", "hp.schedule=cosine", "model.channels=[96,384]"),
