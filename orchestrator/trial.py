@@ -174,9 +174,6 @@ class TrainFeed:
             setattr(self, k, getattr(self, k).to(device))
         return self
 
-    def labels(self, idx: torch.Tensor) -> torch.Tensor:
-        return self.train_y[idx.to(self.train_y.device)]
-
     def batch(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         idx = idx.to(self.train_x.device)
         x = standardize(self.train_x[idx], self.mean, self.std)
@@ -274,7 +271,7 @@ def run_trial(cfg: DictConfig | TrialSpec, report: Report | None = None, progres
             extra: dict[str, torch.Tensor] = {}  # the rule's own metrics (inference steps, ...), epoch means
             tick = time.perf_counter()
 
-            batch_indices = (perm[b * batch:(b + 1) * batch] for b in range(steps))
+            batch_indices = (perm[b * batch:(b + 1) * batch] for b in range(steps))  # consumed within this epoch
             steps_metrics = ((rule.train_step(*feed.batch(idx)) for idx in batch_indices) if pipe is None
                              else pipe.train_epoch(batch_indices))  # its first stage builds the batches
             for b, metrics in enumerate(steps_metrics):
