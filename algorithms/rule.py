@@ -207,6 +207,23 @@ class ScheduledOptimizer:
         return self.optimizer.param_groups
 
 
+class PlasticWindow:
+    """Which hidden blocks still learn when plasticity is limited to the first ``epochs`` epochs (unsupervised
+    rules: learn the features, then freeze them and train only the readout). Each block counts its own
+    plastic presentations, a Python int, so a pipeline stage running only some blocks keeps its own count and
+    deciding whether a block learns reads no tensor (no device sync per step). ``epochs`` <= 0: always plastic."""
+
+    def __init__(self, epochs: float, steps_per_epoch: int, n_blocks: int):
+        self.limit = round(epochs * steps_per_epoch) if epochs > 0 else None
+        self.counts = [0] * n_blocks
+
+    def step(self, index: int) -> bool:
+        """Whether block ``index`` learns on this presentation (and count it if so)."""
+        learn = self.limit is None or self.counts[index] < self.limit
+        self.counts[index] += learn
+        return learn
+
+
 def make_optimizer(params, hp: OptimHParams, total_steps: int) -> ScheduledOptimizer:
     """The optimiser and per-step LR schedule :class:`OptimHParams` asks for (cosine over ``total_steps``)."""
     params = [p for p in params if p.requires_grad]

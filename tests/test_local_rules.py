@@ -246,7 +246,7 @@ def test_softhebb_plastic_epochs_freeze_the_hidden_blocks_not_the_readout():
     changed = [any(not torch.equal(a, b) for a, b in zip(hidden[i], hidden[i + 1])) for i in range(3)]
     assert changed == [True, False, False]  # step 2 still plastic; steps 3 and 4 frozen
     assert all(not torch.equal(head[i], head[i + 1]) for i in range(3))
-    assert rule._updates == [2] * len(rule.net.blocks)
+    assert rule.plastic.counts == [2] * len(rule.net.blocks)
 
 
 # --- learning on digits ---------------------------------------------------------------------------

@@ -37,7 +37,7 @@ from torch import nn
 
 from algorithms.arch import Network
 from algorithms.registry import register
-from algorithms.rule import Benchmark, Claim, OptimHParams, Rule, RunInfo, make_optimizer
+from algorithms.rule import Benchmark, Claim, OptimHParams, PlasticWindow, Rule, RunInfo, make_optimizer
 
 _OWN = "tests/test_local_rules.py"
 
@@ -140,10 +140,7 @@ class SoftHebb(Rule):
         self.head_opt = make_optimizer(net.head.parameters(), hp, info.epochs * info.steps_per_epoch)
         self._loss = torch.zeros(())
         self._correct = torch.zeros(())
-        # Plastic presentations per hidden block, a Python int each: a pipeline stage counts its own, and
-        # deciding whether a block still learns reads no tensor (no device sync per step).
-        self._updates = [0] * len(net.blocks)
-        self._plastic_steps = round(hp.plastic_epochs * info.steps_per_epoch) if hp.plastic_epochs > 0 else None
+        self.plastic = PlasticWindow(hp.plastic_epochs, info.steps_per_epoch, len(net.blocks))
 
     # --- the hidden blocks ---------------------------------------------------------------------------
     def forward_block(self, index: int, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -186,9 +183,8 @@ class SoftHebb(Rule):
         with torch.no_grad():
             if index < len(self.net.blocks):  # unsupervised: y is not read
                 z, u, out = self.forward_block(index, h_in)
-                if self._plastic_steps is None or self._updates[index] < self._plastic_steps:
+                if self.plastic.step(index):
                     self.hebbian_update(self.net.blocks[index].layer, z, u)
-                    self._updates[index] += 1
                 return out
             z, logits = self.readout(h_in)
             err = torch.softmax(logits, 1) - F.one_hot(y, logits.shape[1]).to(logits.dtype)

@@ -45,7 +45,7 @@ import torch.nn.functional as F
 
 from algorithms.arch import Network
 from algorithms.registry import register
-from algorithms.rule import Benchmark, Claim, OptimHParams, Rule, RunInfo, make_optimizer
+from algorithms.rule import Benchmark, Claim, OptimHParams, PlasticWindow, Rule, RunInfo, make_optimizer
 from algorithms.spiking import latency_encode, lif_run, poisson_encode, stdp_update, to_intensity
 
 _OWN = "tests/test_stdp.py"
@@ -164,10 +164,7 @@ class STDP(Rule):
         for i, block in enumerate(net.blocks):
             # Per-neuron firing threshold (0 = not yet initialised; set from the first training batch).
             self.register_buffer(f"threshold{i}", torch.zeros(block.layer.out_features))
-        # Plastic presentations so far, per layer (a pipeline stage runs only its own layers); Python ints, so
-        # deciding whether a layer still learns costs no device sync per step.
-        self._updates = [0] * len(net.blocks)
-        self._plastic_steps = round(hp.plastic_epochs * info.steps_per_epoch) if hp.plastic_epochs > 0 else None
+        self.plastic = PlasticWindow(hp.plastic_epochs, info.steps_per_epoch, len(net.blocks))
         width = net.head.layer.in_features
         self.register_buffer("class_response", torch.zeros(info.num_classes, width))  # label readout statistics
         self.register_buffer("class_seen", torch.zeros(info.num_classes))
@@ -272,9 +269,7 @@ class STDP(Rule):
         with torch.no_grad():
             if index < len(self.net.blocks):  # unsupervised: y is not read
                 spikes_in = self.encode(h_in) if index == 0 else h_in.transpose(0, 1)
-                learn = self._plastic_steps is None or self._updates[index] < self._plastic_steps
-                self._updates[index] += learn
-                return self.layer_run(index, spikes_in, learn=learn).transpose(0, 1)
+                return self.layer_run(index, spikes_in, learn=self.plastic.step(index)).transpose(0, 1)
             spikes = self.encode(h_in) if index == 0 else h_in.transpose(0, 1)  # no hidden block: read the input
             return self.readout_step(spikes, y)
 
