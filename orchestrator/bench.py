@@ -103,6 +103,8 @@ def pipeline_efficiency(overrides: list[str], stages: int = 2, rounds: int = 3, 
     inflation: dict[str, list[float]] = {m: [] for m in modes if m.startswith("pipeline")}
     # ... and how much of the stages' busy time they spent descheduled (waiting for a core, not computing)
     descheduled: dict[str, list[float]] = {m: [] for m in inflation}
+    # ... and how much of their CPU time went to the actors' other threads (Ray's), not the stage's own thread
+    other_threads: dict[str, list[float]] = {m: [] for m in inflation}
     seq_seconds = None
     # one Ray for all runs (start leaves a caller's running Ray alone, e.g. a test's, and stop then too)
     started = ray_local.start(Path("runs/bench-pipeline"), num_cpus=stages, timeout_s=180)
@@ -125,6 +127,8 @@ def pipeline_efficiency(overrides: list[str], stages: int = 2, rounds: int = 3, 
                     info = record["pipeline"]
                     inflation[mode].append(sum(info["stage_busy_seconds"]) / seq_seconds)
                     descheduled[mode].append(1 - sum(info["stage_cpu_seconds"]) / sum(info["stage_busy_seconds"]))
+                    other_threads[mode].append(1 - sum(info["stage_thread_cpu_seconds"])
+                                               / sum(info["stage_cpu_seconds"]))
                 print(f"   round {r + 1}/{rounds} {mode}: {record['samples_per_second']:.0f} samples/s, "
                       f"test {record['test_acc']:.4f}", file=sys.stderr, flush=True)
     finally:
@@ -137,7 +141,8 @@ def pipeline_efficiency(overrides: list[str], stages: int = 2, rounds: int = 3, 
               "speedup_vs_1_thread": pipe / seq1, "efficiency": pipe / seq1 / stages,
               "machine_ceiling": ceiling, "efficiency_of_ceiling": pipe / seq1 / stages / ceiling,
               "speedup_vs_k_threads": pipe / seqk, "test_acc": accuracy, "overrides": base,
-              "stage_compute_inflation": inflation, "stage_descheduled_fraction": descheduled}
+              "stage_compute_inflation": inflation, "stage_descheduled_fraction": descheduled,
+              "stage_other_threads_fraction": other_threads}
     lines = [f"| mode | samples/s (median of {rounds}) | all rounds | test acc |", "|---|---|---|---|"]
     lines += [f"| {m} | {median[m]:.0f} | {', '.join(f'{v:.0f}' for v in speed[m])} | {accuracy[m]:.4f} |"
               for m in modes]
@@ -148,7 +153,9 @@ def pipeline_efficiency(overrides: list[str], stages: int = 2, rounds: int = 3, 
                  "stage compute / sequential compute: "
                  + "; ".join(f"{m}: {', '.join(f'{v:.2f}' for v in vs)}" for m, vs in inflation.items())
                  + "; fraction of it descheduled: "
-                 + "; ".join(f"{m}: {', '.join(f'{v:.2f}' for v in vs)}" for m, vs in descheduled.items()))
+                 + "; ".join(f"{m}: {', '.join(f'{v:.2f}' for v in vs)}" for m, vs in descheduled.items())
+                 + "; fraction of their CPU time on other threads than the stage's: "
+                 + "; ".join(f"{m}: {', '.join(f'{v:.2f}' for v in vs)}" for m, vs in other_threads.items()))
     print("\n".join(lines))
     if markdown:
         with open(markdown, "a") as f:

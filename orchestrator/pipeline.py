@@ -219,7 +219,9 @@ class StageWorker:
         indices ``idxs``; ``hs``: the previous group's outputs, None for group 0, which builds the inputs), in
         order; ``after`` (ignored) is the token of the next group's message ``b - s - 1``, which Ray resolves
         first: that enforces the staleness bound."""
-        t0, cpu0 = time.time(), time.process_time()  # busy wall minus CPU time = time descheduled
+        # busy wall minus process CPU time = time descheduled; process minus this thread's CPU time = what the
+        # actor's other threads (Ray's own) burned while this stage computed
+        t0, cpu0, thread0 = time.time(), time.process_time(), time.thread_time()
         rule = self.rule
         outs, losses, correct = [], [], []  # per micro-batch; losses per stage, summed by the driver in stage
         for m, idx in enumerate(idxs):      # order: the same float32 sum as train_step's
@@ -239,7 +241,7 @@ class StageWorker:
             losses.append(mine)
             correct.append(right)
         return outs, {"b": b, "losses": losses, "correct": correct, "t0": t0, "t1": time.time(),
-                      "cpu": time.process_time() - cpu0}
+                      "cpu": time.process_time() - cpu0, "thread_cpu": time.thread_time() - thread0}
 
     def changed(self) -> dict[str, torch.Tensor]:
         """The state tensors this group has changed since the start (CPU copies)."""
@@ -326,6 +328,7 @@ class Pipeline:
         self.lags: list[int] = []
         self.busy = [0.0] * self.k
         self.cpu = [0.0] * self.k
+        self.thread_cpu = [0.0] * self.k
         self.epoch_wall = 0.0
 
     def _describe(self, g: int) -> str:
@@ -388,6 +391,7 @@ class Pipeline:
             ends[g].append(tok["t1"])
             self.busy[g] += tok["t1"] - tok["t0"]
             self.cpu[g] += tok["cpu"]
+            self.thread_cpu[g] += tok["thread_cpu"]
             if g + 1 < len(tokens):  # how many micro-batches group g+1 had not finished when g started b
                 lag = max(lag, b - bisect_right(ends[g + 1], tok["t0"]))
         self.lags.append(lag)
@@ -418,7 +422,8 @@ class Pipeline:
                 "staleness_bound": self.s, "chunk": self.chunk, "max_in_flight": self.max_in_flight,
                 "staleness_max": max(self.lags, default=0),
                 "staleness_mean": sum(self.lags) / len(self.lags) if self.lags else 0.0,
-                "stage_busy_seconds": self.busy, "stage_cpu_seconds": self.cpu, "wall_seconds": self.epoch_wall,
+                "stage_busy_seconds": self.busy, "stage_cpu_seconds": self.cpu,
+                "stage_thread_cpu_seconds": self.thread_cpu, "wall_seconds": self.epoch_wall,
                 "stage_utilisation": [b / self.epoch_wall if self.epoch_wall > 0 else float("nan") for b in self.busy]}
 
     def close(self) -> None:

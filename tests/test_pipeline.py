@@ -153,3 +153,6 @@ def test_pipeline_bench_reports_efficiency_against_the_machine_ceiling(ray_sessi
     # time (process CPU time also counts Ray's own threads in the actor, hence the slack below 0)
     fractions = [f for fs in result["stage_descheduled_fraction"].values() for f in fs]
     assert len(fractions) == 2 and all(-0.25 <= f < 1 for f in fractions), fractions
+    # the share of that CPU time on the actors' other threads: a fraction (thread CPU <= process CPU)
+    others = [f for fs in result["stage_other_threads_fraction"].values() for f in fs]
+    assert len(others) == 2 and all(-0.01 <= f <= 1 for f in others), others
