@@ -159,7 +159,8 @@ def pipeline_efficiency(overrides: list[str], stages: int = 2, rounds: int = 3, 
     print("\n".join(lines))
     if markdown:
         with open(markdown, "a") as f:
-            f.write(f"\n`bioplaus bench --pipeline {' '.join(overrides)}` on {time.strftime('%Y-%m-%d %H:%M')}:\n\n")
+            f.write(f"\n`bioplaus bench --pipeline --stages {stages} --rounds {rounds} --chunk {chunk} --staleness "
+                    f"{staleness} {' '.join(overrides)}` on {time.strftime('%Y-%m-%d %H:%M')}:\n\n")
             f.write("\n".join(lines) + "\n")
     return result
 

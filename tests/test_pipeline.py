@@ -149,6 +149,7 @@ def test_pipeline_bench_reports_efficiency_against_the_machine_ceiling(ray_sessi
     assert result["machine_ceiling"] > 0
     assert result["efficiency_of_ceiling"] == pytest.approx(result["efficiency"] / result["machine_ceiling"])
     assert "machine ceiling" in md.read_text()
+    assert "--stages 2 --rounds 1 --chunk 4 --staleness 2 dataset=digits" in md.read_text()  # the whole command
     # the stages computed (CPU time > 0) and, with one compute thread each, not much longer than their busy wall
     # time (process CPU time also counts Ray's own threads in the actor, hence the slack below 0)
     fractions = [f for fs in result["stage_descheduled_fraction"].values() for f in fs]
