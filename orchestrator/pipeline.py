@@ -220,7 +220,7 @@ class StageWorker:
         order; ``after`` (ignored) is the token of the next group's message ``b - s - 1``, which Ray resolves
         first: that enforces the staleness bound."""
         # busy wall minus process CPU time = time descheduled; process minus this thread's CPU time = what the
-        # actor's other threads (Ray's own) burned while this stage computed
+        # actor's other threads burned while this stage computed (Ray's; also torch's intra-op pool if threads > 1)
         t0, cpu0, thread0 = time.time(), time.process_time(), time.thread_time()
         rule = self.rule
         outs, losses, correct = [], [], []  # per micro-batch; losses per stage, summed by the driver in stage
