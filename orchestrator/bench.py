@@ -150,12 +150,9 @@ def pipeline_efficiency(overrides: list[str], stages: int = 2, rounds: int = 3, 
                  f"{result['efficiency']:.2f} (goal >= 0.8); machine ceiling ({stages} independent runs at once) "
                  f"{ceiling:.2f}, so the pipeline reaches {result['efficiency_of_ceiling']:.2f} of what this machine "
                  f"allows; vs {stages} threads {result['speedup_vs_k_threads']:.2f}x; "
-                 "stage compute / sequential compute: "
-                 + "; ".join(f"{m}: {', '.join(f'{v:.2f}' for v in vs)}" for m, vs in inflation.items())
-                 + "; fraction of it descheduled: "
-                 + "; ".join(f"{m}: {', '.join(f'{v:.2f}' for v in vs)}" for m, vs in descheduled.items())
-                 + "; fraction of their CPU time on other threads than the stage's: "
-                 + "; ".join(f"{m}: {', '.join(f'{v:.2f}' for v in vs)}" for m, vs in other_threads.items()))
+                 f"stage compute / sequential compute: {_per_mode(inflation)}; fraction of it descheduled: "
+                 f"{_per_mode(descheduled)}; fraction of their CPU time on other threads than the stage's: "
+                 f"{_per_mode(other_threads)}")
     print("\n".join(lines))
     if markdown:
         with open(markdown, "a") as f:
@@ -163,6 +160,11 @@ def pipeline_efficiency(overrides: list[str], stages: int = 2, rounds: int = 3, 
                     f"{staleness} {' '.join(overrides)}` on {time.strftime('%Y-%m-%d %H:%M')}:\n\n")
             f.write("\n".join(lines) + "\n")
     return result
+
+
+def _per_mode(series: dict[str, list[float]]) -> str:
+    """``mode: v1, v2, ...; mode: ...`` with two decimals: one counter's value per round for each mode."""
+    return "; ".join(f"{m}: {', '.join(f'{v:.2f}' for v in vs)}" for m, vs in series.items())
 
 
 def _run_at_once(args: list[str], n: int) -> list[dict]:
