@@ -34,6 +34,7 @@ VARIANTS = [  # (rule, arch, hp): every code path of block_step
     ("ff", "mlp", {}), ("ff", "cnn", {}), ("ff", "mlp", {"readout": "goodness", "loss": "symba"}),
     ("ff", "cnn", {"readout": "goodness", "embed": "pixels"}),
     ("softhebb", "mlp", {}), ("softhebb", "cnn", {}), ("softhebb", "mlp", {"activation": "arch", "optimizer": "sgd"}),
+    ("softhebb", "cnn", {"readout_dropout": 0.5}),
 ]
 
 
@@ -247,6 +248,21 @@ def test_softhebb_plastic_epochs_freeze_the_hidden_blocks_not_the_readout():
     assert changed == [True, False, False]  # step 2 still plastic; steps 3 and 4 frozen
     assert all(not torch.equal(head[i], head[i + 1]) for i in range(3))
     assert rule.plastic.counts == [2] * len(rule.net.blocks)
+
+
+def test_softhebb_readout_dropout_reaches_the_readout_only_and_never_predict():
+    """hp.readout_dropout changes the readout's update, not the hidden blocks' (they never see it); predict and
+    a rule rebuilt with the same seed are deterministic."""
+    plain, dropped, again = (small_rule("softhebb", arch="cnn", hp={"readout_dropout": p}) for p in (0.0, 0.5, 0.5))
+    x, y = batch()
+    assert torch.equal(plain.predict(x), dropped.predict(x))  # same seed, same weights: dropout is not in predict
+    for rule in (plain, dropped, again):
+        rule.train_step(x, y)
+    for a, b in zip(plain.net.blocks, dropped.net.blocks):
+        assert torch.equal(a.layer.weight, b.layer.weight)
+    assert not torch.equal(plain.net.head.layer.weight, dropped.net.head.layer.weight)
+    assert torch.equal(dropped.net.head.layer.weight, again.net.head.layer.weight)
+    assert torch.equal(dropped.predict(x), dropped.predict(x))
 
 
 # --- learning on digits ---------------------------------------------------------------------------

@@ -64,6 +64,10 @@ class SoftHebbHParams(OptimHParams):
     """Hidden plasticity only during the first this many epochs, then the hidden blocks are frozen while the
     readout keeps learning (Journé et al. train the Hebbian layers for one epoch, then the classifier);
     0: plastic throughout."""
+    readout_dropout: float = 0.0
+    """Dropout probability on the readout's standardised input while it learns (Journé et al. 2023 drop 50 %
+    before the classifier: a wide frozen feature map otherwise lets the readout memorise the training set);
+    the hidden blocks never see it, and predict never drops."""
 
     def validate(self) -> None:
         if self.activation not in ("arch", "triangle"):
@@ -72,6 +76,8 @@ class SoftHebbHParams(OptimHParams):
             raise ValueError("hp.hebb_lr, hp.t_invert and hp.init_scale must be > 0")
         if self.lr_power < 0 or self.triangle_power <= 0 or self.plastic_epochs < 0:
             raise ValueError("hp.lr_power and hp.plastic_epochs must be >= 0 and hp.triangle_power > 0")
+        if not 0 <= self.readout_dropout < 1:
+            raise ValueError(f"hp.readout_dropout={self.readout_dropout} must be in [0, 1)")
 
 
 def standardize(h: torch.Tensor) -> torch.Tensor:
@@ -142,6 +148,9 @@ class SoftHebb(Rule):
         self._loss = torch.zeros(())
         self._correct = torch.zeros(())
         self.plastic = PlasticWindow(hp.plastic_epochs, info.steps_per_epoch, len(net.blocks))
+        # The readout's own dropout stream: only the output stage draws from it, so a pipeline's last stage and
+        # the sequential run draw the same masks in the same order.
+        self.dropout_gen = torch.Generator(device=info.device).manual_seed(info.seed)
 
     # --- the hidden blocks ---------------------------------------------------------------------------
     def forward_block(self, index: int, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -188,6 +197,10 @@ class SoftHebb(Rule):
                     self.hebbian_update(self.net.blocks[index].layer, z, u)
                 return out
             z, logits = self.readout(h_in)
+            if self.hp.readout_dropout:
+                keep = 1.0 - self.hp.readout_dropout
+                z = z * torch.empty_like(z).bernoulli_(keep, generator=self.dropout_gen) / keep
+                logits = self.net.head.layer(z)
             err = torch.softmax(logits, 1) - F.one_hot(y, logits.shape[1]).to(logits.dtype)
             layer = self.net.head.layer
             # Delta rule: output error times presynaptic activity (the local top-layer cross-entropy gradient).
