@@ -66,8 +66,8 @@ class SoftHebbHParams(OptimHParams):
     0: plastic throughout."""
     readout_dropout: float = 0.0
     """Dropout probability on the readout's standardised input while it learns (Journé et al. 2023 drop 50 %
-    before the classifier: a wide frozen feature map otherwise lets the readout memorise the training set);
-    the hidden blocks never see it, and predict never drops."""
+    before the classifier, against a readout memorising a wide frozen feature map); the hidden blocks never
+    see it, and predict never drops."""
 
     def validate(self) -> None:
         if self.activation not in ("arch", "triangle"):
@@ -185,10 +185,13 @@ class SoftHebb(Rule):
         w.add_(lr.view(-1, *[1] * (w.dim() - 1)) * delta)
 
     # --- the readout -------------------------------------------------------------------------------
-    def readout(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(standardised input, logits) of the output block."""
+    def readout(self, h: torch.Tensor, drop: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """(standardised input, logits) of the output block; ``drop``: the input dropped out (hp.readout_dropout)."""
         head = self.net.head
         z = standardize(head.pre(h))
+        if drop and self.hp.readout_dropout:
+            keep = 1.0 - self.hp.readout_dropout
+            z = z * torch.empty_like(z).bernoulli_(keep, generator=self.dropout_gen) / keep
         return z, head.layer(z)
 
     def block_step(self, index: int, h_in: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -198,11 +201,7 @@ class SoftHebb(Rule):
                 if self.plastic.step(index):
                     self.hebbian_update(self.net.blocks[index].layer, z, u)
                 return out
-            z, logits = self.readout(h_in)
-            if self.hp.readout_dropout:
-                keep = 1.0 - self.hp.readout_dropout
-                z = z * torch.empty_like(z).bernoulli_(keep, generator=self.dropout_gen) / keep
-                logits = self.net.head.layer(z)
+            z, logits = self.readout(h_in, drop=True)
             err = torch.softmax(logits, 1) - F.one_hot(y, logits.shape[1]).to(logits.dtype)
             layer = self.net.head.layer
             # Delta rule: output error times presynaptic activity (the local top-layer cross-entropy gradient).
