@@ -37,7 +37,9 @@ class DataConfig:
     """Use only the first this many test images; None for all."""
     augment: str = "none"
     """Training-batch augmentation: none, shift (random shifts up to 2 pixels, for digits and
-    characters) or crop_flip (random 4-pixel-padded crop and horizontal flip, for natural images)."""
+    characters), crop_flip (random 4-pixel-padded crop and horizontal flip, for natural images) or affine
+    (random rotation up to 10 degrees, scaling up to 10 %, shift up to 2 pixels, bilinear, the border
+    black: for digits and characters). shift and crop_flip pad with the standardised zero (the mean pixel)."""
     image_size: int = 32
     """imagefolder: images are resized to image_size x image_size."""
     imagefolder: Optional[str] = None

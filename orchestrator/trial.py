@@ -140,7 +140,8 @@ def seed_everything(seed: int, deterministic: bool) -> None:
     torch.backends.cudnn.benchmark = not deterministic
 
 
-AUGMENTS = {"none": None, "shift": (2, False), "crop_flip": (4, True)}
+# name -> (pad, flip) of augment_batch, or "affine" (affine_batch)
+AUGMENTS = {"none": None, "shift": (2, False), "crop_flip": (4, True), "affine": "affine"}
 
 
 def augment_batch(x: torch.Tensor, gen: torch.Generator, pad: int = 4, flip: bool = True) -> torch.Tensor:
@@ -155,6 +156,26 @@ def augment_batch(x: torch.Tensor, gen: torch.Generator, pad: int = 4, flip: boo
     out = padded[torch.arange(n, device=x.device)[:, None, None, None],
                  torch.arange(c, device=x.device)[None, :, None, None], rows, cols]
     return torch.where(flips[:, None, None, None], out.flip(3), out)
+
+
+def affine_batch(x: torch.Tensor, gen: torch.Generator, fill: torch.Tensor, degrees: float = 10.0,
+                 scale: float = 0.1, shift: float = 2.0) -> torch.Tensor:
+    """Random affine distortion of a whole batch: rotation by up to ``degrees``, scaling by up to ``scale``
+    (a fraction), translation by up to ``shift`` pixels, each drawn uniformly per sample; bilinear sampling.
+    The pixels brought in from outside the image take ``fill`` (per channel: a raw black pixel after
+    standardisation, the background of digits and characters), not the standardised zero (the mean pixel)."""
+    n, c, h, w = x.shape
+    u = torch.rand(4, n, generator=gen, dtype=torch.float32).to(x.device) * 2 - 1  # uniform in [-1, 1]
+    angle = u[0] * math.radians(degrees)
+    zoom = 1 + u[1] * scale  # > 1 enlarges the digit: the sampling grid shrinks by 1 / zoom
+    cos, sin = torch.cos(angle) / zoom, torch.sin(angle) / zoom
+    # affine_grid's coordinates run over [-1, 1]: one pixel is 2 / size of them
+    theta = torch.stack([torch.stack([cos, -sin, u[2] * shift * 2 / w], 1),
+                         torch.stack([sin, cos, u[3] * shift * 2 / h], 1)], 1)
+    grid = F.affine_grid(theta, [n, c, h, w], align_corners=False)
+    fill = fill.view(1, -1, 1, 1).to(x.dtype)
+    return F.grid_sample(x - fill, grid, mode="bilinear", padding_mode="zeros", align_corners=False) + fill
+
 
 
 class TrainFeed:
@@ -177,7 +198,9 @@ class TrainFeed:
     def batch(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         idx = idx.to(self.train_x.device)
         x = standardize(self.train_x[idx], self.mean, self.std)
-        if self.augment:
+        if self.augment == "affine":  # the border takes a raw black pixel, standardised
+            x = affine_batch(x, self.aug_gen, fill=-self.mean / self.std)
+        elif self.augment:
             x = augment_batch(x, self.aug_gen, *self.augment)
         return x, self.train_y[idx]
 

@@ -253,3 +253,39 @@ def test_every_registered_dataset_has_official_sha256_or_no_files():
     for spec in DATASETS.values():
         for f in spec.files:
             assert f.sha256 and len(f.sha256) == 64 and f.url.startswith("http"), (spec.name, f.name)
+
+
+def test_affine_augmentation_moves_digits_and_fills_the_border_with_black():
+    """data.augment=affine: reproducible from its generator, the identity when every range is 0, a different
+    distortion per sample, and what enters from outside the image is the standardised black pixel (``fill``),
+    not the standardised zero (the mean pixel) that shift's padding uses."""
+    from orchestrator.trial import affine_batch
+
+    fill = torch.tensor([-0.42])  # MNIST: (0 - mean) / std
+    x = torch.full((64, 1, 28, 28), -0.42)
+    x[:, :, 8:20, 12:16] = 2.0  # a bar on a black background
+    a = affine_batch(x, torch.Generator().manual_seed(3), fill)
+    b = affine_batch(x, torch.Generator().manual_seed(3), fill)
+    assert torch.equal(a, b)
+    assert not torch.equal(a, affine_batch(x, torch.Generator().manual_seed(4), fill))
+    assert len({tuple(s.flatten().round(decimals=3).tolist()) for s in a}) == 64  # one distortion per sample
+    # a black background stays black everywhere: no grey strip comes in at the border
+    assert torch.allclose(a[:, :, :2, :], fill.view(1, -1, 1, 1).expand(64, 1, 2, 28), atol=1e-5)
+    assert a.min() >= -0.42 - 1e-5 and a.max() <= 2.0 + 1e-5  # bilinear: never outside the input's range
+    ident = affine_batch(x, torch.Generator().manual_seed(3), fill, degrees=0, scale=0, shift=0)
+    assert torch.allclose(ident, x, atol=1e-5)
+    # on a bright constant image the border pulls towards black, the centre does not move
+    c = affine_batch(torch.ones(64, 1, 28, 28), torch.Generator().manual_seed(5), fill)
+    assert torch.allclose(c[:, :, 14, 14], torch.ones(64, 1), atol=1e-5)
+    assert (c[:, 0, [0, -1]].amin(dim=(1, 2)) < 0.99).float().mean() > 0.9
+
+
+def test_affine_augmentation_trains_through_the_trial_and_is_refused_when_misspelt():
+    from orchestrator.trial import resolve, run_trial
+
+    over = ["rule=bp", "arch=mlp", "dataset=digits", "train.epochs=1", "out=null"]
+    record = run_trial(resolve(parse_overrides([*over, "data.augment=affine"])))
+    assert record["status"] == "ok" and record["test_acc"] > 0.5
+    assert record["test_acc"] != run_trial(resolve(parse_overrides(over)))["test_acc"]
+    with pytest.raises(UsageError, match="data.augment='afine' must be one of none, shift, crop_flip, affine"):
+        resolve(parse_overrides([*over, "data.augment=afine"]))
