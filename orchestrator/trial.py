@@ -177,7 +177,6 @@ def affine_batch(x: torch.Tensor, gen: torch.Generator, fill: torch.Tensor, degr
     return F.grid_sample(x - fill, grid, mode="bilinear", padding_mode="zeros", align_corners=False) + fill
 
 
-
 class TrainFeed:
     """Training batches from indices: the same uint8 gather, standardisation and augmentation wherever it runs
     (the trial's own loop, or a pipeline's first stage, which reads the training set itself so that the
