@@ -32,7 +32,8 @@ VARIANTS = [  # (rule, arch, hp): every code path of block_step
     ("local_losses", "mlp", {"aux": "dgl", "loss": "pred"}), ("local_losses", "cnn", {"aux": "dgl", "loss": "sim"}),
     ("local_losses", "deep_cnn", {}),
     ("ff", "mlp", {}), ("ff", "cnn", {}), ("ff", "mlp", {"readout": "goodness", "loss": "symba"}),
-    ("ff", "cnn", {"readout": "goodness", "embed": "pixels"}),
+    ("ff", "cnn", {"readout": "goodness", "embed": "pixels"}), ("ff", "mlp", {"negatives": 3, "loss": "symba"}),
+    ("ff", "cnn", {"negatives": 2, "readout": "goodness"}), ("ff", "cnn", {"negatives": 2, "goodness": "position"}),
     ("softhebb", "mlp", {}), ("softhebb", "cnn", {}), ("softhebb", "mlp", {"activation": "arch", "optimizer": "sgd"}),
     ("softhebb", "cnn", {"readout_dropout": 0.5}),
 ]
@@ -116,11 +117,63 @@ def test_ff_negative_label_is_never_the_true_one(classes):
         counts = torch.zeros(classes, classes)
         for step in range(20):
             y = torch.randint(0, classes, (256,), generator=torch.Generator().manual_seed(100 * seed + step))
-            neg = rule.negative_labels(y)
+            (neg,) = rule.negative_labels(y)  # hp.negatives=1: one row of wrong labels
             assert (neg != y).all() and neg.min() >= 0 and neg.max() < classes
             counts.index_put_((y, neg), torch.ones(len(y)), accumulate=True)
         off_diag = counts[~torch.eye(classes, dtype=torch.bool)]
         assert counts.diag().sum() == 0 and (off_diag > 0).all()
+
+
+@pytest.mark.parametrize("classes,k", [(3, 2), (10, 3), (10, 9)])
+def test_ff_several_negatives_are_distinct_wrong_labels(classes, k):
+    """Property: with hp.negatives=k every sample gets k wrong labels, all different (k = C-1: exactly the
+    C-1 wrong ones), and every wrong class is used."""
+    rule = small_rule("ff", num_classes=classes, hp={"negatives": k})
+    for step in range(10):
+        y = torch.randint(0, classes, (256,), generator=torch.Generator().manual_seed(step))
+        neg = rule.negative_labels(y)
+        assert neg.shape == (k, len(y)) and (neg != y).all() and neg.min() >= 0 and neg.max() < classes
+        assert (neg.sort(0).values.diff(dim=0) > 0).all(), "a sample got the same wrong label twice"
+        assert set(neg.flatten().tolist()) == set(range(classes))
+        if k == classes - 1:
+            assert (neg.sum(0) + y == classes * (classes - 1) // 2).all()
+
+
+def test_ff_too_many_negatives_is_refused():
+    """Asking for more wrong labels than exist is an error naming both numbers, not a silent repeat."""
+    with pytest.raises(ValueError, match="negatives=4: only 3 wrong labels exist with 4 classes"):
+        small_rule("ff", num_classes=4, hp={"negatives": 4})
+
+
+def test_ff_softmax_loss_over_negatives():
+    """loss=symba with k negatives is -log softmax(alpha * G) of the positive among its k+1 copies; with k = 1
+    it is SymBa's softplus(-alpha (G+ - G-)). loss=threshold averages the k negative terms."""
+    n, k, alpha, theta = 5, 3, 4.0, 2.0
+    h = torch.rand((k + 1) * n, 7, generator=torch.Generator().manual_seed(0))
+    g = h.pow(2).mean(1).view(k + 1, n)
+    rule = small_rule("ff", hp={"negatives": k, "loss": "symba", "alpha": alpha})
+    expected = -torch.log_softmax(alpha * g, 0)[0].mean()
+    assert torch.allclose(rule.ff_loss(h, n), expected)
+    one = small_rule("ff", hp={"negatives": 1, "loss": "symba", "alpha": alpha})
+    assert torch.allclose(one.ff_loss(h[:2 * n], n), -torch.log_softmax(alpha * g[:2], 0)[0].mean())
+    thr = small_rule("ff", hp={"negatives": k, "loss": "threshold", "alpha": alpha, "theta": theta})
+    sp = torch.nn.functional.softplus
+    assert torch.allclose(thr.ff_loss(h, n), (sp(-alpha * (g[0] - theta)) + sp(alpha * (g[1:] - theta)).mean(0)).mean())
+
+
+def test_ff_position_goodness_contrasts_each_position():
+    """hp.goodness=position on a conv output: one goodness per spatial position (mean square over channels), each
+    position its own softmax over the copies, averaged; it differs from the layer-wide loss, and on a flat (mlp)
+    output the two are the same."""
+    n, k, alpha = 4, 2, 3.0
+    h = torch.rand((k + 1) * n, 6, 3, 5, generator=torch.Generator().manual_seed(1))
+    pos = small_rule("ff", arch="cnn", hp={"negatives": k, "loss": "symba", "alpha": alpha, "goodness": "position"})
+    g = h.pow(2).mean(1).view(k + 1, n, 15)
+    assert torch.allclose(pos.ff_loss(h, n), -torch.log_softmax(alpha * g, 0)[0].mean())
+    layer = small_rule("ff", arch="cnn", hp={"negatives": k, "loss": "symba", "alpha": alpha})
+    assert not torch.allclose(layer.ff_loss(h, n), pos.ff_loss(h, n))
+    flat = h.flatten(1)
+    assert torch.equal(pos.ff_loss(flat, n), layer.ff_loss(flat, n))
 
 
 def test_ff_training_step_embeds_a_wrong_label_in_every_negative_sample():

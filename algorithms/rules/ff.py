@@ -12,10 +12,17 @@ gradient descent on its own weights only,
 
 where G is the block's goodness, the mean of its squared output (Hinton's sum of squares divided by
 the number of units, so one threshold fits every width). ``loss=symba`` is the symmetric variant of
-Lee & Song 2023 (SymBa).
+Lee & Song 2023 (SymBa). With ``negatives=k`` every sample has k negative copies with k distinct wrong
+labels, and SymBa's two-way contrast becomes a softmax over the k+1 copies,
+
+    log softmax_0(alpha * [G_pos, G_neg_1, ..., G_neg_k])                                (loss=symba)
+
+which weights the wrong labels the block finds hardest (Hinton's "hard negatives", without a prediction
+pass to pick them). On conv blocks ``goodness=position`` takes one goodness per spatial position (over
+the channels there) and contrasts each position on its own.
 
 The positive and negative copies of the batch travel through the network together (concatenated
-along the batch), so each weight layer is evaluated once per step, on twice the batch.
+along the batch), so each weight layer is evaluated once per step, on k+1 times the batch.
 
 Prediction: ``readout=goodness`` embeds every label in turn and picks the one with the largest
 goodness summed over all blocks (one pass per class); ``readout=linear`` trains the output block as
@@ -61,16 +68,28 @@ class FFHParams(OptimHParams):
     """Label embedding: pattern (add a fixed random image per class) or pixels (first C inputs = one-hot)."""
     label_scale: float = 1.0
     """Amplitude of the embedded label (pattern std, or the one-hot value) relative to the normalised image."""
+    goodness: str = "layer"
+    """What one goodness is taken over: layer (the whole block output, Hinton) or position (conv blocks: the
+    channels at each spatial position, each position its own positive/negative contrast, the loss averaged
+    over positions; on an mlp the two are the same)."""
+    negatives: int = 1
+    """Wrong labels per sample, each a negative copy of the batch (distinct labels, 1 to C-1). With k > 1,
+    loss=symba becomes a softmax over the goodness of the positive and its k negatives (k = 1: SymBa itself)
+    and loss=threshold averages the k negative terms. Costs k+1 (+1 neutral) copies per step."""
 
     def validate(self) -> None:
         if self.loss not in ("threshold", "symba"):
             raise ValueError(f"hp.loss={self.loss!r} is not one of threshold, symba")
         if self.readout not in ("goodness", "linear"):
             raise ValueError(f"hp.readout={self.readout!r} is not one of goodness, linear")
+        if self.goodness not in ("layer", "position"):
+            raise ValueError(f"hp.goodness={self.goodness!r} is not one of layer, position")
         if self.embed not in ("pattern", "pixels"):
             raise ValueError(f"hp.embed={self.embed!r} is not one of pattern, pixels")
         if not self.alpha > 0:
             raise ValueError(f"hp.alpha={self.alpha} must be > 0")
+        if self.negatives < 1:
+            raise ValueError(f"hp.negatives={self.negatives} must be >= 1 (wrong labels per sample)")
 
 
 def rms_normalize(h: torch.Tensor) -> torch.Tensor:
@@ -104,8 +123,10 @@ class ForwardForward(Rule):
                     _PROBE),
     }
     benchmarks = (
-        Benchmark("mlp", "mnist", 0.975, ("train.epochs=20", "hp.loss=symba", "hp.alpha=4"),
-                  "issue target; Hinton 2022 reports 98.6% with 4x2000 units, 60 epochs, 60k images, hard negatives"),
+        Benchmark("mlp", "mnist", 0.975, ("train.epochs=60", "hp.loss=symba", "hp.alpha=64", "hp.negatives=9",
+                                          "hp.readout=goodness", "hp.schedule=cosine", "data.augment=affine"),
+                  "issue target; all nine wrong labels per sample, prediction by goodness (session 9: 0.9802; "
+                  "one negative, alpha 4, no augmentation: 0.938); Hinton 2022: 98.6% with 4x2000 units, 60k images"),
         Benchmark("mlp", "fashion_mnist", 0.85, ("train.epochs=20", "hp.loss=symba", "hp.alpha=4"), "bp target 0.88"),
         Benchmark("cnn", "cifar10", 0.55, ("train.epochs=30", "hp.loss=symba", "hp.alpha=4"), "issue target"),
     )
@@ -115,6 +136,8 @@ class ForwardForward(Rule):
         c, dev = info.num_classes, info.device
         if c < 2:
             raise ValueError("forward-forward needs at least two classes to build negative data")
+        if hp.negatives > c - 1:
+            raise ValueError(f"hp.negatives={hp.negatives}: only {c - 1} wrong labels exist with {c} classes")
         gen = torch.Generator().manual_seed(info.seed)
         self.register_buffer("patterns", hp.label_scale * torch.randn((c, *info.input_shape), generator=gen).to(dev))
         # The negative labels are the only random draw; they belong to stage 0 (its own RNG, seeded by the run).
@@ -139,24 +162,35 @@ class ForwardForward(Rule):
         return flat.view_as(x)
 
     def negative_labels(self, y: torch.Tensor) -> torch.Tensor:
-        """A wrong label for every sample, uniform over the other C-1 classes (never the true one)."""
-        shift = torch.randint(1, self.info.num_classes, y.shape, generator=self.neg_gen, device=y.device)
-        return (y + shift) % self.info.num_classes
+        """``hp.negatives`` wrong labels per sample, shape (k, n): distinct, uniform over the other C-1 classes
+        (never the true one)."""
+        c, k = self.info.num_classes, self.hp.negatives
+        if k == 1:  # one draw per sample (the stream earlier runs were recorded with)
+            shift = torch.randint(1, c, (1, *y.shape), generator=self.neg_gen, device=y.device)
+        else:  # k distinct shifts per sample: the first k of a random order of 1..C-1
+            keys = torch.rand((len(y), c - 1), generator=self.neg_gen, device=y.device)
+            shift = keys.argsort(1)[:, :k].T + 1
+        return (y + shift) % c
 
     # --- training -------------------------------------------------------------------------------
     def ff_loss(self, h: torch.Tensor, n: int) -> torch.Tensor:
-        g_pos, g_neg = goodness(h[:n]), goodness(h[n:2 * n])
+        k = self.hp.negatives
+        h = h[:(k + 1) * n]
+        if self.hp.goodness == "position" and h.dim() == 4:  # (copies x n, C, H, W): one goodness per position
+            g = h.pow(2).mean(1).view(k + 1, n, -1)
+        else:
+            g = goodness(h).view(k + 1, n)  # row 0 positive, rows 1..k negatives
         a, theta = self.hp.alpha, self.hp.theta
-        if self.hp.loss == "symba":
-            return F.softplus(-a * (g_pos - g_neg)).mean()
-        return (F.softplus(-a * (g_pos - theta)) + F.softplus(a * (g_neg - theta))).mean()
+        if self.hp.loss == "symba":  # -log softmax of the positive among its copies; k = 1: softplus(-a(G+ - G-))
+            return (torch.logsumexp(a * (g - g[0]), 0)).mean() if k > 1 else F.softplus(-a * (g[0] - g[1])).mean()
+        return (F.softplus(-a * (g[0] - theta)) + F.softplus(a * (g[1:] - theta)).mean(0)).mean()
 
     def block_step(self, index: int, h_in: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """Stage ``index`` on its input; hidden stages take and return the stacked [positive; negative(; neutral)]
+        """Stage ``index`` on its input; hidden stages take and return the stacked [positive; k negatives(; neutral)]
         copies of the batch (stage 0 builds them from the images), the output block reads the neutral copy."""
-        n = len(y)
+        n, k = len(y), self.hp.negatives
         if index == 0:
-            copies = [self.embed(h_in, y), self.embed(h_in, self.negative_labels(y))]
+            copies = [self.embed(h_in, y), *(self.embed(h_in, neg) for neg in self.negative_labels(y))]
             if self.hp.readout == "linear":
                 copies.append(self.embed(h_in, None))
             h_in = torch.cat(copies)
@@ -164,7 +198,7 @@ class ForwardForward(Rule):
         if index == len(self.net.blocks):  # output block
             if self.hp.readout != "linear":
                 return h_in  # prediction by goodness: the output block takes no part
-            logits = self.net.head(rms_normalize(h_in[2 * n:]))
+            logits = self.net.head(rms_normalize(h_in[(k + 1) * n:]))
             loss = F.cross_entropy(logits, y)
             self._correct = (logits.argmax(1) == y).sum()
             out = logits
