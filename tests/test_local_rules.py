@@ -176,10 +176,11 @@ def test_ff_position_goodness_contrasts_each_position():
     assert torch.equal(pos.ff_loss(flat, n), layer.ff_loss(flat, n))
 
 
-def test_ff_training_step_embeds_a_wrong_label_in_every_negative_sample():
-    """The labels actually embedded by a training step: the true one in the positive copy, a wrong one in the
-    negative copy, for every sample (not just what negative_labels returns)."""
-    rule = small_rule("ff")
+@pytest.mark.parametrize("k", [1, 3])
+def test_ff_training_step_embeds_a_wrong_label_in_every_negative_sample(k):
+    """The labels actually embedded by a training step: the true one in the positive copy, a wrong one in each of
+    the k negative copies (k different ones per sample), for every sample (not just what negative_labels returns)."""
+    rule = small_rule("ff", hp={"negatives": k})
     embedded = []
     original = rule.embed
 
@@ -192,8 +193,10 @@ def test_ff_training_step_embeds_a_wrong_label_in_every_negative_sample():
         x, y = batch(seed=step)
         embedded.clear()
         rule.train_step(x, y)
-        pos, neg, neutral = embedded  # the linear readout's neutral copy carries no label
-        assert torch.equal(pos, y) and (neg != y).all() and neutral is None
+        pos, *negs, neutral = embedded  # the linear readout's neutral copy carries no label
+        assert torch.equal(pos, y) and len(negs) == k and neutral is None
+        assert all((neg != y).all() for neg in negs)
+        assert (torch.stack(negs).sort(0).values.diff(dim=0) > 0).all()
 
 
 # --- criteria: instruments ------------------------------------------------------------------------

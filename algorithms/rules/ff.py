@@ -183,8 +183,9 @@ class ForwardForward(Rule):
         else:
             g = goodness(h).view(k + 1, n)  # row 0 positive, rows 1..k negatives
         a, theta = self.hp.alpha, self.hp.theta
-        if self.hp.loss == "symba":  # -log softmax of the positive among its copies; k = 1: softplus(-a(G+ - G-))
-            return (torch.logsumexp(a * (g - g[0]), 0)).mean() if k > 1 else F.softplus(-a * (g[0] - g[1])).mean()
+        if self.hp.loss == "symba":  # -log softmax of the positive among its k+1 copies; for k = 1 that is SymBa's
+            # softplus(-a (G+ - G-)), kept in that form so one-negative runs give the floats they always gave
+            return torch.logsumexp(a * (g - g[0]), 0).mean() if k > 1 else F.softplus(-a * (g[0] - g[1])).mean()
         return (F.softplus(-a * (g[0] - theta)) + F.softplus(a * (g[1:] - theta)).mean(0)).mean()
 
     def block_step(self, index: int, h_in: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
