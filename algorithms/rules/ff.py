@@ -131,7 +131,7 @@ class ForwardForward(Rule):
         Benchmark("cnn", "cifar10", 0.55, ("model.channels=[128,256,512]", "hp.lr=5e-4", "train.epochs=16",
                                             "hp.loss=symba", "hp.alpha=4", "hp.goodness=position",
                                             "hp.schedule=cosine"),
-                  "issue target; session 10 on an H200: 0.5733 (seed 1: 0.5665; about 3 h on two CPU cores); "
+                  "issue target; session 10 on an H200: 0.5733 (seed 1: 0.5665; about 3.6 h on two CPU cores); "
                   "32-64-128 channels at lr 1e-3: 0.4893, layer-wide goodness: 0.39"),
     )
 
