@@ -29,7 +29,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q $(ARGS)
+	$(BIN)/pytest -q $(ARGS)
 
 train: $(STAMP)
 	$(BIN)/bioplaus train $(ARGS)

@@ -1,7 +1,7 @@
 """``faulty``: backprop with injectable faults, for the orchestrator's fault-injection tests.
 
 Not a learning rule of the comparison: it lives outside ``algorithms/rules/`` and is registered only
-when ``BIOPLAUS_RULE_MODULES=algorithms.faulty`` is set (the tests set it for their Ray workers).
+when ``BIOPLAUS_RULE_MODULES=bioplaus.algorithms.faulty`` is set (the tests set it for their Ray workers).
 """
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ from pathlib import Path
 
 import torch
 
-from algorithms.registry import register
-from algorithms.rules.bp import Backprop, BPHParams
+from bioplaus.algorithms.registry import register
+from bioplaus.algorithms.rules.bp import Backprop, BPHParams
 
 
 @dataclass

@@ -6,7 +6,7 @@ Shared by the feedback-alignment rules: ``fa`` (B fixed and random, Lillicrap et
 Forward is the layer's own function of (x, W, b). Backward gives dL/dW and dL/db exactly as autograd
 does (they need the layer input and the incoming error, never W) and sends the error to the layer
 input through B in place of W. W is not saved for the backward pass at all, so no backward pass can
-read it — which is what the C1 probe (``algorithms.probes.weight_reads``) looks for. With B = W the
+read it — which is what the C1 probe (``bioplaus.algorithms.probes.weight_reads``) looks for. With B = W the
 result is backprop's, bit for bit (tests/test_feedback_alignment.py).
 """
 
@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from algorithms.arch import Block
+from bioplaus.algorithms.arch import Block
 
 
 class _LinearFeedback(torch.autograd.Function):

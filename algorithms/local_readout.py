@@ -10,8 +10,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from algorithms.arch import Network
-from algorithms.rule import Rule, RunInfo, make_optimizer
+from bioplaus.algorithms.arch import Network
+from bioplaus.algorithms.rule import Rule, RunInfo, make_optimizer
 
 
 def _cells(size: int, cells: int) -> torch.Tensor:

@@ -22,7 +22,7 @@ from contextlib import contextmanager
 
 import torch
 
-from algorithms.rule import Rule
+from bioplaus.algorithms.rule import Rule
 
 
 def _layer_weights(rule: Rule) -> dict[int, int]:

@@ -10,7 +10,7 @@ import importlib
 import os
 import pkgutil
 
-from algorithms.rule import CRITERIA, Rule
+from bioplaus.algorithms.rule import CRITERIA, Rule
 
 _RULES: dict[str, type[Rule]] = {}
 _loaded = False
@@ -36,10 +36,10 @@ def register(cls: type[Rule]) -> type[Rule]:
 
 
 def load_rules() -> dict[str, type[Rule]]:
-    """Import every module in algorithms.rules (once) and return the registry."""
+    """Import every module in bioplaus.algorithms.rules (once) and return the registry."""
     global _loaded
     if not _loaded:
-        import algorithms.rules as pkg
+        import bioplaus.algorithms.rules as pkg
 
         for mod in sorted(pkgutil.iter_modules(pkg.__path__), key=lambda m: m.name):
             if not mod.name.startswith("_"):

@@ -1,7 +1,7 @@
 """The rule contract: what every learning rule declares and does.
 
 A rule is one file in ``algorithms/rules/`` holding one subclass of :class:`Rule`, registered by
-name with :func:`algorithms.registry.register`. The orchestrator only ever talks to this base
+name with :func:`bioplaus.algorithms.registry.register`. The orchestrator only ever talks to this base
 class, so adding a rule touches nothing else.
 
 A rule is an ``nn.Module`` that owns the network plus whatever extra state the rule needs
@@ -18,7 +18,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from algorithms.arch import Network
+from bioplaus.algorithms.arch import Network
 
 # The plausibility criteria. Each rule states, for every criterion, whether it holds and which
 # test proves the statement (see algorithms/probes.py for the measuring instruments).

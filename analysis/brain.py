@@ -56,7 +56,7 @@ import pyarrow as pa
 import torch
 import torch.nn.functional as F
 
-from orchestrator.errors import UsageError
+from bioplaus.orchestrator.errors import UsageError
 
 STIMULI_FILE = "Kriegeskorte_Neuron2008_supplementalData.mat"
 BRAIN_FILE = "92_brainRDMs.mat"
@@ -168,7 +168,7 @@ class RSA92:
 
 def default_rsa92_dir(data_root: str | Path | None = None) -> Path:
     """``<data root>/rsa92``; the data root defaults like the trials' (env BIOPLAUS_DATA, else the cache)."""
-    from orchestrator.data.datasets import default_data_root
+    from bioplaus.orchestrator.data.datasets import default_data_root
 
     return (Path(data_root).expanduser() if data_root else default_data_root()) / "rsa92"
 
@@ -478,8 +478,8 @@ def untrained_network(meta: dict, seed: int):
     """The checkpoint's architecture freshly initialised with ``seed`` (torch's global RNG untouched)."""
     from omegaconf import OmegaConf
 
-    from algorithms.arch import ARCHS
-    from orchestrator.config import typed
+    from bioplaus.algorithms.arch import ARCHS
+    from bioplaus.orchestrator.config import typed
 
     spec = ARCHS[meta["arch"]]
     model_cfg = typed(spec.config, OmegaConf.create(meta["config"].get("model", {})), "model")
@@ -589,8 +589,8 @@ def brain_table(sweep_dir: str | Path, rsa92_dir: str | Path | None = None, cfg:
     """
     import datetime as dt
 
-    from orchestrator.checkpoint import load_network
-    from orchestrator.results import git_commit, partition_dir, write_table
+    from bioplaus.orchestrator.checkpoint import load_network
+    from bioplaus.orchestrator.results import git_commit, partition_dir, write_table
 
     cfg = cfg or BrainConfig()
     sweep_dir = Path(sweep_dir)
@@ -738,7 +738,7 @@ def run_command(sweep_dir: str, overrides: list[str], rsa92: str | None = None, 
     import polars as pl
     from omegaconf import OmegaConf
 
-    from orchestrator.config import parse_overrides
+    from bioplaus.orchestrator.config import parse_overrides
 
     if not Path(sweep_dir).is_dir():
         raise UsageError(f"{sweep_dir} is not a folder; pass a sweep folder holding models/*.pt")

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import polars as pl
 
-from orchestrator.errors import UsageError
+from bioplaus.orchestrator.errors import UsageError
 
 PARTITIONS = ("rule", "arch", "dataset")
 HIVE_TABLES = ("trials", "epochs", "final_runs", "finals", "brain")

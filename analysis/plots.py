@@ -18,7 +18,7 @@ import numpy as np
 import polars as pl
 from matplotlib import ticker
 
-from analysis.tables import REFERENCE
+from bioplaus.analysis.tables import REFERENCE
 
 DPI = 110
 

@@ -1,7 +1,7 @@
 """The sweep report: ``bioplaus report SWEEP_DIR`` (``make report SWEEP_DIR=...``).
 
-Reads a sweep folder (:mod:`analysis.load`), computes the tables (:mod:`analysis.tables`) and figures
-(:mod:`analysis.plots`) and writes, under ``SWEEP_DIR/report/``:
+Reads a sweep folder (:mod:`bioplaus.analysis.load`), computes the tables (:mod:`bioplaus.analysis.tables`) and figures
+(:mod:`bioplaus.analysis.plots`) and writes, under ``SWEEP_DIR/report/``:
 
 * ``index.html`` - self-contained (CSS inline, figures embedded as data URIs, each linking its PNG);
 * ``report.md``  - the same tables in Markdown, figures linked from ``plots/``;
@@ -26,8 +26,8 @@ from pathlib import Path
 
 import polars as pl
 
-from analysis import plots, tables
-from analysis.load import SweepData, load_sweep
+from bioplaus.analysis import plots, tables
+from bioplaus.analysis.load import SweepData, load_sweep
 
 Value = "str | Cell"
 
@@ -262,14 +262,14 @@ BRAIN_NOTE = ("Similarity of each network's most brain-like layer with the targe
 
 
 def brain_part(d: SweepData, out: Path, colors: dict) -> tuple[Section | None, pl.DataFrame | None, list[str]]:
-    """The brain-similarity section, from the brain step's own summary and figure (analysis.brain) when
+    """The brain-similarity section, from the brain step's own summary and figure (bioplaus.analysis.brain) when
     they run on this table, else a generic best-layer view of whatever the table holds."""
     if d.brain is None:
         return None, None, []
     df = d.brain.collect()
     notes = []
     try:
-        from analysis.brain import brain_summary, plot_brain
+        from bioplaus.analysis.brain import brain_summary, plot_brain
 
         methods = sorted(set(df["method"].drop_nulls())) if "method" in df.columns else []
         method = "spearman" if "spearman" in methods or not methods else methods[0]

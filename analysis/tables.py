@@ -1,4 +1,4 @@
-"""The comparison tables, computed with Polars from a sweep folder (see :mod:`analysis.load`).
+"""The comparison tables, computed with Polars from a sweep folder (see :mod:`bioplaus.analysis.load`).
 
 Every table is one tidy DataFrame (one row per rule x cell, or per rule), saved as Parquet by the
 report so it can be queried further; the report formats them for reading. Definitions:
@@ -30,7 +30,7 @@ import math
 import numpy as np
 import polars as pl
 
-from analysis.load import SweepData
+from bioplaus.analysis.load import SweepData
 
 CELL = ["arch", "dataset"]
 KEYS = ["rule", "arch", "dataset"]
@@ -208,8 +208,8 @@ CRITERIA_SCHEMA = {"rule": pl.String, "registered": pl.Boolean, "summary": pl.St
 def criteria_table(rules: list[str]) -> tuple[pl.DataFrame, str | None]:
     """(each rule's declared claims, an error line if the registry could not be loaded)."""
     try:
-        from algorithms.registry import load_rules
-        from algorithms.rule import CRITERIA
+        from bioplaus.algorithms.registry import load_rules
+        from bioplaus.algorithms.rule import CRITERIA
 
         registry = load_rules()
     except Exception as e:  # noqa: BLE001  (a rule module being edited must not take the whole report down)
@@ -239,7 +239,7 @@ def tuning_table(d: SweepData, cells: pl.DataFrame) -> pl.DataFrame:
         failed=(pl.col("status") == "failed").sum(), diverged=(pl.col("status") == "diverged").sum(),
         epochs_run=pl.col("epochs_run").sum(), tuning_seconds=pl.col("train_seconds").sum(),
         max_val_acc=pl.col("val_acc").max(), first_error=pl.col("error").drop_nulls().first())
-    # The orchestrator's selection (orchestrator.sweep.best_configs): ok trials before pruned ones,
+    # The orchestrator's selection (bioplaus.orchestrator.sweep.best_configs): ok trials before pruned ones,
     # then the best validation accuracy, then the lowest trial number.
     best = (tr.filter(pl.col("status").is_in(["ok", "pruned"]) & pl.col("val_acc").is_not_null())
             .sort(pl.col("status") != "ok", pl.col("val_acc"), pl.col("trial_number"),

@@ -7,9 +7,9 @@ stopped (with their temp dir) when it leaves the ``with`` block or exits.
 
 Why not ``ray start`` processes: a worker ``ray start`` insists on ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=1``,
 and with that set Ray resolves "this node's IP" by routing towards a public address. Here every
-process keeps the loopback environment of ``orchestrator.ray_local``.
+process keeps the loopback environment of ``bioplaus.orchestrator.ray_local``.
 
-    python -m cluster.local --workers 2 --cpus-per-worker 2     # prints the address, Ctrl-C stops it
+    python -m bioplaus.cluster.local --workers 2 --cpus-per-worker 2     # prints the address, Ctrl-C stops it
     make sweep ARGS="ray.address=127.0.0.1:<port>"
 """
 
@@ -25,7 +25,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from orchestrator import ray_local
+from bioplaus.orchestrator import ray_local
 
 
 class LocalCluster:
@@ -132,7 +132,7 @@ class LocalCluster:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m cluster.local",
+    p = argparse.ArgumentParser(prog="python -m bioplaus.cluster.local",
                                 description="Run a loopback multi-node Ray cluster until Ctrl-C.")
     p.add_argument("--workers", type=int, default=2, help="worker nodes (default 2)")
     p.add_argument("--cpus-per-worker", type=float, default=1, help="CPUs of each worker node (default 1)")

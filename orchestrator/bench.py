@@ -12,11 +12,11 @@ import sys
 import time
 from pathlib import Path
 
-from algorithms.registry import load_rules
-from orchestrator.config import parse_overrides
-from orchestrator.errors import UsageError
-from orchestrator.results import write_run
-from orchestrator.trial import resolve, run_trial
+from bioplaus.algorithms.registry import load_rules
+from bioplaus.orchestrator.config import parse_overrides
+from bioplaus.orchestrator.errors import UsageError
+from bioplaus.orchestrator.results import write_run
+from bioplaus.orchestrator.trial import resolve, run_trial
 
 
 def cases(rules: list[str] | None, only: list[str] | None):
@@ -83,7 +83,7 @@ def pipeline_efficiency(overrides: list[str], stages: int = 2, rounds: int = 3, 
     the sequential run reach side by side, each on its own core."""
     import statistics
 
-    from orchestrator import ray_local
+    from bioplaus.orchestrator import ray_local
 
     base = ["rule=local_losses", "arch=mlp", "dataset=fashion_mnist", "train.epochs=1", "out=null", *overrides]
     pipelined = ["train.threads=1", "train.mode=pipeline", f"train.stages={stages}", f"train.staleness={staleness}"]

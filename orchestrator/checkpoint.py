@@ -14,8 +14,8 @@ from typing import Any
 import torch
 from omegaconf import OmegaConf
 
-from algorithms.arch import ARCHS, Network
-from orchestrator.config import typed
+from bioplaus.algorithms.arch import ARCHS, Network
+from bioplaus.orchestrator.config import typed
 
 
 def save_network(path: str | Path, net: Network, config: dict, mean: torch.Tensor, std: torch.Tensor,

@@ -14,7 +14,7 @@ import sys
 import time
 from typing import Any
 
-from orchestrator.errors import UsageError
+from bioplaus.orchestrator.errors import UsageError
 
 JSON_KEYS = ("rule", "arch", "dataset", "seed", "status", "epochs", "val_acc", "test_acc", "train_seconds",
              "samples_per_second", "best_epoch", "test_loss", "val_loss", "peak_mem_mb", "mem_kind", "n_params",
@@ -37,9 +37,9 @@ def summary(record: dict[str, Any]) -> dict[str, Any]:
 
 
 def cmd_train(args) -> int:
-    from orchestrator.config import parse_overrides
-    from orchestrator.results import write_run
-    from orchestrator.trial import load_splits, resolve, run_trial
+    from bioplaus.orchestrator.config import parse_overrides
+    from bioplaus.orchestrator.results import write_run
+    from bioplaus.orchestrator.trial import load_splits, resolve, run_trial
 
     spec = resolve(parse_overrides(args.overrides))
     cfg = spec.cfg
@@ -64,7 +64,7 @@ def cmd_train(args) -> int:
 
 
 def cmd_rules(args) -> int:
-    from algorithms.registry import load_rules
+    from bioplaus.algorithms.registry import load_rules
 
     described = [cls.describe() for cls in load_rules().values()]
     if args.json:
@@ -79,7 +79,7 @@ def cmd_rules(args) -> int:
 
 
 def cmd_datasets(args) -> int:
-    from orchestrator.data import DATASETS
+    from bioplaus.orchestrator.data import DATASETS
 
     for spec in DATASETS.values():
         print(f"{spec.name:<15} {spec.summary}")
@@ -87,7 +87,7 @@ def cmd_datasets(args) -> int:
 
 
 def cmd_archs(args) -> int:
-    from algorithms.arch import ARCHS
+    from bioplaus.algorithms.arch import ARCHS
 
     for spec in ARCHS.values():
         print(f"{spec.name:<10} {spec.summary}")
@@ -95,7 +95,7 @@ def cmd_archs(args) -> int:
 
 
 def cmd_sweep(args) -> int:
-    from orchestrator.sweep import Sweep, parse_sweep
+    from bioplaus.orchestrator.sweep import Sweep, parse_sweep
 
     import polars as pl
 
@@ -111,7 +111,7 @@ def cmd_sweep(args) -> int:
 
 
 def cmd_cells(args) -> int:
-    from orchestrator.sweep import parse_sweep, plan_cells
+    from bioplaus.orchestrator.sweep import parse_sweep, plan_cells
 
     cells, skipped = plan_cells(parse_sweep(args.overrides))
     for c in cells:
@@ -124,7 +124,7 @@ def cmd_cells(args) -> int:
 
 def cmd_bench(args) -> int:
     if args.orchestrator:
-        from orchestrator.efficiency import measure
+        from bioplaus.orchestrator.efficiency import measure
 
         result = measure()
         print(json.dumps(result))
@@ -133,25 +133,25 @@ def cmd_bench(args) -> int:
               file=sys.stderr)
         return 0
     if args.pipeline:
-        from orchestrator.bench import pipeline_efficiency
+        from bioplaus.orchestrator.bench import pipeline_efficiency
 
         result = pipeline_efficiency(args.overrides, stages=args.stages, rounds=args.rounds, chunk=args.chunk,
                                      staleness=args.staleness, markdown=args.markdown)
         print(json.dumps(result))
         return 0
-    from orchestrator.bench import run_bench
+    from bioplaus.orchestrator.bench import run_bench
 
     return run_bench(args.rule, args.only, args.overrides, args.markdown)
 
 
 def cmd_brain(args) -> int:
-    from analysis.brain import run_command
+    from bioplaus.analysis.brain import run_command
 
     return run_command(args.sweep_dir, args.overrides, rsa92=args.rsa92, plot=args.plot)
 
 
 def cmd_report(args) -> int:
-    from analysis.report import build_report
+    from bioplaus.analysis.report import build_report
 
     report = build_report(args.sweep_dir, out=args.out)
     if not args.quiet:
@@ -163,7 +163,10 @@ def cmd_report(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from bioplaus import __version__
+
     p = _Parser(prog="bioplaus", description="Compare biologically plausible learning rules against backprop.")
+    p.add_argument("--version", action="version", version=f"bioplaus {__version__}")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     t = sub.add_parser("train", help="train and evaluate one configuration (key=value overrides)")

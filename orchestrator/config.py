@@ -16,7 +16,7 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from orchestrator.errors import UsageError
+from bioplaus.orchestrator.errors import UsageError
 
 
 @dataclass

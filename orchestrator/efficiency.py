@@ -8,7 +8,7 @@ work time / (wall time of ``Tuner.fit`` x concurrency); 1.0 means no scheduling 
 
 from __future__ import annotations
 
-from orchestrator import ray_local  # noqa: I001  (Ray's loopback environment first)
+from bioplaus.orchestrator import ray_local  # noqa: I001  (Ray's loopback environment first)
 
 import tempfile
 import time

@@ -76,8 +76,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from orchestrator import ray_local  # before any ray import: Ray's loopback environment
-from orchestrator.errors import UsageError
+from bioplaus.orchestrator import ray_local  # before any ray import: Ray's loopback environment
+from bioplaus.orchestrator.errors import UsageError
 
 
 class PipelineError(RuntimeError):
@@ -185,9 +185,9 @@ class StageWorker:
                  num_classes: int, steps: int, init_state: dict, threads: int, use_gpu: bool, feed: Any):
         from omegaconf import OmegaConf
 
-        from algorithms.rule import RunInfo
-        from orchestrator.config import Config
-        from orchestrator.trial import resolve, seed_everything
+        from bioplaus.algorithms.rule import RunInfo
+        from bioplaus.orchestrator.config import Config
+        from bioplaus.orchestrator.trial import resolve, seed_everything
 
         spec = resolve(OmegaConf.merge(OmegaConf.structured(Config), plain_cfg))
         t, seed = spec.cfg.train, int(spec.cfg.seed)

@@ -19,7 +19,7 @@ import tempfile
 import threading
 from pathlib import Path
 
-from orchestrator.errors import UsageError
+from bioplaus.orchestrator.errors import UsageError
 
 # Ray reads these when it is imported (ray_constants), so they are set when this module is
 # imported, before any ``import ray``: every Ray-using module of the project imports this one first.

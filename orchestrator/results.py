@@ -19,6 +19,7 @@ import contextlib
 import errno
 import json
 import os
+import re
 import subprocess
 import tempfile
 import uuid
@@ -28,7 +29,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from orchestrator.errors import UsageError
+from bioplaus.orchestrator.errors import UsageError
 
 PARTITIONS = ("rule", "arch", "dataset")
 
@@ -186,16 +187,32 @@ _COMMIT: list[str | None] = []
 
 
 def git_commit() -> str | None:
-    """The source tree's git commit (with ``-dirty`` when modified), or None outside a checkout."""
+    """The source tree's git commit (with ``-dirty`` when modified); outside a checkout (an installed wheel,
+    a cluster image), the commit the package was built from, as its version records it; else None."""
     if not _COMMIT:
         here = Path(__file__).resolve().parent.parent
+        sha, dirty = "", ""
         try:
             head = subprocess.run(["git", "rev-parse", "--verify", "-q", "HEAD"], cwd=here, capture_output=True,
                                   text=True, timeout=5)
-            sha = head.stdout.strip() if head.returncode == 0 else ""
-            dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
-                                   capture_output=True, text=True, timeout=5).stdout.strip()
-            _COMMIT.append(f"{sha}-dirty" if sha and dirty else (sha or None))
+            sha = head.stdout.strip() if head.returncode == 0 and (here / ".git").exists() else ""
+            if sha:
+                dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+                                       capture_output=True, text=True, timeout=5).stdout.strip()
         except (OSError, subprocess.SubprocessError):
-            _COMMIT.append(None)
+            pass
+        _COMMIT.append(f"{sha}-dirty" if sha and dirty else (sha or built_commit()))
     return _COMMIT[0]
+
+
+def built_commit() -> str | None:
+    """The commit the installed package was built from (setuptools-scm writes it at build time), with
+    ``-dirty`` when the tree it was built from had uncommitted changes; None when unknown."""
+    try:
+        from bioplaus._version import __commit_id__, __version__
+    except ImportError:
+        return None
+    if not __commit_id__:
+        return None
+    sha = __commit_id__[1:] if __commit_id__.startswith("g") else __commit_id__
+    return f"{sha}-dirty" if re.search(r"\.d\d{8}$", __version__) else sha

@@ -15,6 +15,7 @@ Errors name the file and the key.
 from __future__ import annotations
 
 import dataclasses
+import importlib.resources
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,9 +24,10 @@ import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from orchestrator.errors import UsageError
+from bioplaus.orchestrator.errors import UsageError
 
-SEARCH_SPACES = Path(__file__).resolve().parent.parent / "search_spaces"
+# Package data, so an installed wheel finds them wherever it runs (not only inside a checkout).
+SEARCH_SPACES = Path(str(importlib.resources.files("bioplaus.search_spaces")))
 KINDS = {"loguniform": ("low", "high"), "uniform": ("low", "high"), "int": ("low", "high"),
          "categorical": ("choices",)}
 

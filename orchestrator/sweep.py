@@ -20,7 +20,7 @@ Data flows one way: sweep config -> cells -> tuning trials (Ray Tune) -> finals 
 
 from __future__ import annotations
 
-from orchestrator import ray_local  # noqa: I001  (sets Ray's loopback environment before ray is imported)
+from bioplaus.orchestrator import ray_local  # noqa: I001  (sets Ray's loopback environment before ray is imported)
 
 import contextlib
 import json
@@ -39,18 +39,18 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from ray.tune import Callback
 from ray.tune.stopper import Stopper
 
-from algorithms.arch import ARCHS
-from algorithms.registry import load_rules
-from orchestrator.checkpoint import write_network_file
-from orchestrator.config import Config, apply_smoke, parse_overrides, smoke_model, to_plain
-from orchestrator.data import DATASETS
-from orchestrator.data.datasets import data_root, ensure_files
-from orchestrator.errors import UsageError
-from orchestrator.pipeline import final_options, trial_resources
-from orchestrator.results import (git_commit, partition_dir, remove_interrupted_writes, unwritable, version,
+from bioplaus.algorithms.arch import ARCHS
+from bioplaus.algorithms.registry import load_rules
+from bioplaus.orchestrator.checkpoint import write_network_file
+from bioplaus.orchestrator.config import Config, apply_smoke, parse_overrides, smoke_model, to_plain
+from bioplaus.orchestrator.data import DATASETS
+from bioplaus.orchestrator.data.datasets import data_root, ensure_files
+from bioplaus.orchestrator.errors import UsageError
+from bioplaus.orchestrator.pipeline import final_options, trial_resources
+from bioplaus.orchestrator.results import (git_commit, partition_dir, remove_interrupted_writes, unwritable, version,
                                   write_run, write_table)
-from orchestrator.search_space import Param, defaults_in_space, load_search_space
-from orchestrator.trial import resolve, run_trial
+from bioplaus.orchestrator.search_space import Param, defaults_in_space, load_search_space
+from bioplaus.orchestrator.trial import resolve, run_trial
 
 METRIC = "best_val_acc"
 
@@ -740,7 +740,7 @@ class Sweep:
         finally:
             ray_local.stop(ray_started)
         if cfg.brain:
-            from analysis.brain import brain_table
+            from bioplaus.analysis.brain import brain_table
 
             brain_table(self.dir, cfg.rsa92, log=log)
         self.write_manifest("complete", started, {"finished_at": time.time()})

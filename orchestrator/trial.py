@@ -23,13 +23,13 @@ import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig
 
-from algorithms.arch import ARCHS, ArchSpec
-from algorithms.registry import load_rules
-from algorithms.rule import Rule, RunInfo, validate_hparams
-from orchestrator.config import to_plain, typed
-from orchestrator.data import DATASETS, DataSplits, load_raw, make_splits
-from orchestrator.data.datasets import standardize
-from orchestrator.errors import UsageError
+from bioplaus.algorithms.arch import ARCHS, ArchSpec
+from bioplaus.algorithms.registry import load_rules
+from bioplaus.algorithms.rule import Rule, RunInfo, validate_hparams
+from bioplaus.orchestrator.config import to_plain, typed
+from bioplaus.orchestrator.data import DATASETS, DataSplits, load_raw, make_splits
+from bioplaus.orchestrator.data.datasets import standardize
+from bioplaus.orchestrator.errors import UsageError
 
 Report = Callable[[dict[str, Any]], None]
 
@@ -91,7 +91,7 @@ def resolve(cfg: DictConfig) -> TrialSpec:
         if not ok:
             raise UsageError(msg)
     if t.mode == "pipeline":
-        from orchestrator.pipeline import check
+        from bioplaus.orchestrator.pipeline import check
 
         check(rule_cls, cfg.rule, model_cfg, t.stages, t.staleness)
     if t.device.startswith("cuda") and not torch.cuda.is_available():
@@ -104,7 +104,7 @@ def _model_size_checks(model_cfg: Any, arch: str) -> list[tuple[bool, str]]:
     pool_every): each must be >= 1, or the network cannot be built or learns nothing. Named parts
     (activation, norm, pool) must be ones the architecture knows: a typo is refused here, before a sweep
     sends the config to its workers, not when a worker builds the network."""
-    from algorithms.arch import ACTIVATIONS, NORMS, POOLS
+    from bioplaus.algorithms.arch import ACTIVATIONS, NORMS, POOLS
 
     out = []
     for name, known in (("activation", ACTIVATIONS), ("norm", NORMS), ("pool", POOLS)):
@@ -281,7 +281,7 @@ def run_trial(cfg: DictConfig | TrialSpec, report: Report | None = None, progres
     pipe = None
     try:
         if t.mode == "pipeline":  # the blocks learn on Ray actors, layer-parallel (orchestrator/pipeline.py)
-            from orchestrator.pipeline import Pipeline
+            from bioplaus.orchestrator.pipeline import Pipeline
 
             pipe = Pipeline(rule, to_plain(cfg), splits.input_shape, splits.num_classes, steps, feed)
         for epoch in range(1, t.epochs + 1):
@@ -352,7 +352,7 @@ def run_trial(cfg: DictConfig | TrialSpec, report: Report | None = None, progres
     else:
         test_acc = test_loss = float("nan")
     if save_model and record["status"] != "failed":
-        from orchestrator.checkpoint import save_network
+        from bioplaus.orchestrator.checkpoint import save_network
 
         save_network(save_model, rule.net, to_plain(cfg), splits.mean, splits.std, splits.classes)
         record["model_path"] = str(save_model)

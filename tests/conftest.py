@@ -20,7 +20,7 @@ SHARED_DATA = Path(os.environ.get("BIOPLAUS_TEST_DATA", REPO.parent / "shared" /
 
 
 # algorithms/faulty.py registers only where this is set: the test process and the Ray workers it starts.
-FAULTY_ENV = {"BIOPLAUS_RULE_MODULES": "algorithms.faulty"}
+FAULTY_ENV = {"BIOPLAUS_RULE_MODULES": "bioplaus.algorithms.faulty"}
 
 
 @contextlib.contextmanager
@@ -28,7 +28,7 @@ def faulty_rule_everywhere():
     """The ``faulty`` rule registered here and in every Ray process started meanwhile (they inherit the env)."""
     saved = {k: os.environ.get(k) for k in FAULTY_ENV}
     os.environ.update(FAULTY_ENV)
-    importlib.import_module("algorithms.faulty")
+    importlib.import_module("bioplaus.algorithms.faulty")
     try:
         yield
     finally:
@@ -39,7 +39,7 @@ def faulty_rule_everywhere():
 @pytest.fixture(scope="module")
 def ray_session(tmp_path_factory):
     """One loopback Ray (2 CPUs) per test module for in-process sweeps; its workers know the faulty rule."""
-    from orchestrator import ray_local
+    from bioplaus.orchestrator import ray_local
 
     with faulty_rule_everywhere():
         started = ray_local.start(tmp_path_factory.mktemp("ray"), num_cpus=2, timeout_s=240)
@@ -90,10 +90,10 @@ def http_serve():
 def small_rule(name: str, arch: str = "mlp", input_shape=(1, 8, 8), num_classes: int = 10, seed: int = 0,
                hp: dict | None = None, model: dict | None = None, steps_per_epoch: int = 10, epochs: int = 1):
     """A freshly built rule on a small network, for unit tests of rules and probes."""
-    from algorithms.arch import ARCHS
-    from algorithms.registry import get_rule
-    from algorithms.rule import RunInfo
-    from orchestrator.config import typed
+    from bioplaus.algorithms.arch import ARCHS
+    from bioplaus.algorithms.registry import get_rule
+    from bioplaus.algorithms.rule import RunInfo
+    from bioplaus.orchestrator.config import typed
 
     torch.manual_seed(seed)
     spec = ARCHS[arch]

@@ -25,12 +25,12 @@ import polars as pl
 import pyarrow as pa
 import pytest
 
-from analysis import tables
-from analysis.load import load_sweep
-from orchestrator import cli
-from orchestrator.config import parse_overrides
-from orchestrator.results import write_run, write_table
-from orchestrator.trial import load_splits, resolve, run_trial
+from bioplaus.analysis import tables
+from bioplaus.analysis.load import load_sweep
+from bioplaus.orchestrator import cli
+from bioplaus.orchestrator.config import parse_overrides
+from bioplaus.orchestrator.results import write_run, write_table
+from bioplaus.orchestrator.trial import load_splits, resolve, run_trial
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 T_975_2DF = 4.302652729911275  # Student t, 97.5 % quantile, 2 degrees of freedom (3 seeds)
@@ -40,7 +40,7 @@ FINAL_EPOCHS = 2
 
 def _other_rule() -> str:
     """The second rule of the tiny sweep: fa if registered (it is in this repository), else any mlp rule."""
-    from algorithms.registry import load_rules
+    from bioplaus.algorithms.registry import load_rules
 
     rules = load_rules()
     if "fa" in rules:
@@ -67,7 +67,7 @@ def _tune(root: Path, splits, cell: dict, number: int, planned: int, run_epochs:
 
 @pytest.fixture(scope="module")
 def sweep(tmp_path_factory):
-    from orchestrator.sweep import Sweep, best_configs, parse_sweep, write_finals
+    from bioplaus.orchestrator.sweep import Sweep, best_configs, parse_sweep, write_finals
 
     root = tmp_path_factory.mktemp("sweeps")
     other = _other_rule()
@@ -224,7 +224,7 @@ def test_cost_table(sweep, data, main_df):
 
 
 def test_criteria_table_matches_the_registry(sweep):
-    from algorithms.registry import load_rules
+    from bioplaus.algorithms.registry import load_rules
 
     rules = ["bp", sweep["other"], "no_such_rule"]
     crit, error = tables.criteria_table(rules)
@@ -242,7 +242,7 @@ def test_criteria_table_matches_the_registry(sweep):
 
 
 def test_tuning_table_counts_and_selection(sweep, data):
-    from orchestrator.sweep import best_configs
+    from bioplaus.orchestrator.sweep import best_configs
 
     tuning = tables.tuning_table(data, tables.cells_table(data))
     got = {(r["rule"], r["arch"]): (r["trials"], r["ok"], r["pruned"], r["failed"], r["diverged"])
@@ -306,7 +306,7 @@ def test_partial_sweep_reports_without_finals(sweep, tmp_path):
         shutil.copytree(sweep["dir"] / name, part / name)
     for name in ("cells.parquet", "manifest.parquet"):
         shutil.copy(sweep["dir"] / name, part / name)
-    from analysis.report import build_report
+    from bioplaus.analysis.report import build_report
 
     report = build_report(part)
     main = pl.read_parquet(report.tables["main"])
@@ -346,10 +346,10 @@ def _brain_rows(rules: list[str]) -> list[dict]:
 def test_report_includes_brain_section_when_present(sweep, tmp_path, monkeypatch, helpers):
     import sys
 
-    from analysis.report import build_report
+    from bioplaus.analysis.report import build_report
 
     if helpers == "generic":
-        monkeypatch.setitem(sys.modules, "analysis.brain", None)  # the brain step's helpers unavailable
+        monkeypatch.setitem(sys.modules, "bioplaus.analysis.brain", None)  # the brain step's helpers unavailable
     copy = tmp_path / "with_brain"
     shutil.copytree(sweep["dir"], copy, ignore=shutil.ignore_patterns("report"))
     rows = _brain_rows(["bp", sweep["other"]])

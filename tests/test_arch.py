@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from algorithms.arch import ARCHS, Block
-from orchestrator.config import typed
+from bioplaus.algorithms.arch import ARCHS, Block
+from bioplaus.orchestrator.config import typed
 
 
 def build(arch, input_shape, num_classes=10, **model):

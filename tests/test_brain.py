@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from analysis import brain
-from analysis.brain import (
+from bioplaus.analysis import brain
+from bioplaus.analysis.brain import (
     STIMULI_FILE,
     TARGETS,
     BrainConfig,
@@ -25,7 +25,7 @@ from analysis.brain import (
     noise_ceiling,
     stimuli_tensor,
 )
-from orchestrator.errors import UsageError
+from bioplaus.orchestrator.errors import UsageError
 
 
 @functools.lru_cache(maxsize=1)
@@ -183,10 +183,10 @@ def test_stimuli_tensor_shapes_and_normalisation():
 def test_trained_and_untrained_profiles_differ(rsa92_dir, tmp_path):
     import polars as pl
 
-    from orchestrator.checkpoint import load_network
-    from orchestrator.cli import main
-    from orchestrator.config import parse_overrides
-    from orchestrator.trial import resolve, run_trial
+    from bioplaus.orchestrator.checkpoint import load_network
+    from bioplaus.orchestrator.cli import main
+    from bioplaus.orchestrator.config import parse_overrides
+    from bioplaus.orchestrator.trial import resolve, run_trial
 
     model = tmp_path / "sweep" / "models" / "bp.cnn.digits.final7.pt"
     cfg = parse_overrides(["rule=bp", "arch=cnn", "dataset=digits", "seed=7", "train.epochs=4", "model.channels=[8,16]",
@@ -240,9 +240,9 @@ def test_trained_and_untrained_profiles_differ(rsa92_dir, tmp_path):
 
 def test_untrained_control_is_the_runs_initial_network(rsa92_dir, tmp_path):
     """The untrained control is the architecture built with the run's seed, as run_trial builds it."""
-    from algorithms.arch import ARCHS
-    from orchestrator.checkpoint import save_network
-    from orchestrator.config import typed
+    from bioplaus.algorithms.arch import ARCHS
+    from bioplaus.orchestrator.checkpoint import save_network
+    from bioplaus.orchestrator.config import typed
 
     spec = ARCHS["cnn"]
     torch.manual_seed(11)
@@ -258,7 +258,7 @@ def test_untrained_control_is_the_runs_initial_network(rsa92_dir, tmp_path):
 
 
 def test_cli_errors(tmp_path):
-    from orchestrator.cli import main
+    from bioplaus.orchestrator.cli import main
 
     assert main(["brain", str(tmp_path / "absent")]) == 2
     (tmp_path / "sweep" / "models").mkdir(parents=True)

@@ -21,10 +21,10 @@ import polars as pl
 import pytest
 import yaml
 
-from cluster.local import LocalCluster
+from bioplaus.cluster.local import LocalCluster
 from conftest import faulty_rule_everywhere
-from orchestrator import ray_local
-from orchestrator.sweep import Sweep, parse_sweep
+from bioplaus.orchestrator import ray_local
+from bioplaus.orchestrator.sweep import Sweep, parse_sweep
 
 CLUSTER_DIR = Path(__file__).resolve().parent.parent / "cluster"
 # Fully deterministic tuning: no ASHA stop (grace = max epochs) and fewer trials than TPE's random start-up,
@@ -109,7 +109,7 @@ def test_cluster_address_rules_keep_loopback_clusters_on_loopback():
 
 
 def test_local_cluster_command_prints_its_address_and_cleans_up_on_sigterm(tmp_path):
-    proc = subprocess.Popen([sys.executable, "-m", "cluster.local", "--workers", "1", "--dir", str(tmp_path)],
+    proc = subprocess.Popen([sys.executable, "-m", "bioplaus.cluster.local", "--workers", "1", "--dir", str(tmp_path)],
                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, start_new_session=True,
                             cwd=Path(__file__).resolve().parent.parent)
     try:
@@ -177,5 +177,5 @@ def test_slurm_script_parses_and_starts_head_workers_and_the_sweep():
 def test_cluster_readme_shows_the_exact_commands():
     text = (CLUSTER_DIR / "README.md").read_text()
     for command in ("ray up cluster/ray-cluster.yaml", "kubectl apply -f cluster/kuberay.yaml",
-                    "sbatch cluster/slurm.sbatch", "make sweep CLUSTER=auto", "python -m cluster.local"):
+                    "sbatch cluster/slurm.sbatch", "make sweep CLUSTER=auto", "python -m bioplaus.cluster.local"):
         assert command in text, command

@@ -11,8 +11,8 @@ import ast
 
 import pytest
 
-from algorithms import probes
-from algorithms.registry import load_rules
+from bioplaus.algorithms import probes
+from bioplaus.algorithms.registry import load_rules
 from tests.conftest import REPO, batch, small_rule
 
 RULES = list(load_rules())

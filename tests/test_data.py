@@ -14,11 +14,11 @@ import numpy as np
 import pytest
 import torch
 
-from orchestrator.config import parse_overrides
-from orchestrator.data import DATASETS, load_raw, make_splits
-from orchestrator.data.datasets import data_root
-from orchestrator.data.formats import read_idx
-from orchestrator.errors import DataError, UsageError
+from bioplaus.orchestrator.config import parse_overrides
+from bioplaus.orchestrator.data import DATASETS, load_raw, make_splits
+from bioplaus.orchestrator.data.datasets import data_root
+from bioplaus.orchestrator.data.formats import read_idx
+from bioplaus.orchestrator.errors import DataError, UsageError
 
 
 def data_cfg(*overrides: str):
@@ -259,7 +259,7 @@ def test_affine_augmentation_moves_digits_and_fills_the_border_with_black():
     """data.augment=affine: reproducible from its generator, the identity when every range is 0, a different
     distortion per sample, and what enters from outside the image is the standardised black pixel (``fill``),
     not the standardised zero (the mean pixel) that shift's padding uses."""
-    from orchestrator.trial import affine_batch
+    from bioplaus.orchestrator.trial import affine_batch
 
     fill = torch.tensor([-0.42])  # MNIST: (0 - mean) / std
     x = torch.full((64, 1, 28, 28), -0.42)
@@ -281,7 +281,7 @@ def test_affine_augmentation_moves_digits_and_fills_the_border_with_black():
 
 
 def test_affine_augmentation_trains_through_the_trial_and_is_refused_when_misspelt():
-    from orchestrator.trial import resolve, run_trial
+    from bioplaus.orchestrator.trial import resolve, run_trial
 
     over = ["rule=bp", "arch=mlp", "dataset=digits", "train.epochs=1", "out=null"]
     record = run_trial(resolve(parse_overrides([*over, "data.augment=affine"])))

@@ -14,11 +14,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from algorithms import probes
-from algorithms.arch import ARCHS
-from algorithms.rule import RunInfo
-from orchestrator.config import parse_overrides
-from orchestrator.trial import load_splits, resolve, run_trial
+from bioplaus.algorithms import probes
+from bioplaus.algorithms.arch import ARCHS
+from bioplaus.algorithms.rule import RunInfo
+from bioplaus.orchestrator.config import parse_overrides
+from bioplaus.orchestrator.trial import load_splits, resolve, run_trial
 from tests.conftest import batch, small_rule
 
 

@@ -18,10 +18,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from algorithms import probes
-from algorithms.registry import get_rule
-from orchestrator.config import parse_overrides
-from orchestrator.trial import resolve, run_trial
+from bioplaus.algorithms import probes
+from bioplaus.algorithms.registry import get_rule
+from bioplaus.orchestrator.config import parse_overrides
+from bioplaus.orchestrator.trial import resolve, run_trial
 from tests.conftest import batch, small_rule
 
 FAMILY = ["fa", "dfa", "sign_symmetry"]

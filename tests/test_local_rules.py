@@ -20,10 +20,10 @@ import copy
 import pytest
 import torch
 
-from algorithms import probes
-from algorithms.rule import Rule
-from orchestrator.config import parse_overrides
-from orchestrator.trial import load_splits, resolve, run_trial
+from bioplaus.algorithms import probes
+from bioplaus.algorithms.rule import Rule
+from bioplaus.orchestrator.config import parse_overrides
+from bioplaus.orchestrator.trial import load_splits, resolve, run_trial
 from tests.conftest import batch, small_rule
 
 LOCAL = ("local_losses", "ff", "softhebb")

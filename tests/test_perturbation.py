@@ -21,9 +21,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from algorithms import probes
-from orchestrator.config import parse_overrides
-from orchestrator.trial import resolve, run_trial
+from bioplaus.algorithms import probes
+from bioplaus.orchestrator.config import parse_overrides
+from bioplaus.orchestrator.trial import resolve, run_trial
 from tests.conftest import batch, small_rule
 
 RULES = ["node_perturbation", "weight_perturbation", "forward_gradient"]
@@ -178,7 +178,7 @@ def test_learns_digits_within_seconds(name):
 @pytest.mark.parametrize("name,override", [("node_perturbation", "hp.sigma=0"), ("weight_perturbation", "hp.group_size=0"),
                                            ("forward_gradient", "hp.perturbations=0")])
 def test_bad_hyperparameters_are_refused_before_training(name, override):
-    from orchestrator.errors import UsageError
+    from bioplaus.orchestrator.errors import UsageError
 
     with pytest.raises(UsageError, match=override.split("=")[0]):
         resolve(parse_overrides([f"rule={name}", override]))

@@ -13,11 +13,11 @@ import time
 import pytest
 import torch
 
-from orchestrator import ray_local  # before any ray import: Ray's loopback environment
-from orchestrator.config import parse_overrides
-from orchestrator.errors import UsageError
-from orchestrator.pipeline import split_stages, stage_bundles, trial_resources
-from orchestrator.trial import resolve, run_trial
+from bioplaus.orchestrator import ray_local  # before any ray import: Ray's loopback environment
+from bioplaus.orchestrator.config import parse_overrides
+from bioplaus.orchestrator.errors import UsageError
+from bioplaus.orchestrator.pipeline import split_stages, stage_bundles, trial_resources
+from bioplaus.orchestrator.trial import resolve, run_trial
 
 BASE = ["dataset=digits", "arch=mlp", "model.widths=[32,24]", "train.batch_size=64", "train.threads=1",
         "train.select=last", "out=null"]
@@ -135,7 +135,7 @@ def test_stage_split_balances_cost_and_sweeps_ask_one_bundle_per_stage():
 def test_pipeline_bench_reports_efficiency_against_the_machine_ceiling(ray_session, tmp_path):
     """``bench --pipeline`` end to end on digits: every mode measured, the pipelined runs learn exactly what the
     sequential one learns, and the machine ceiling (K independent runs at once) is reported beside the efficiency."""
-    from orchestrator.bench import pipeline_efficiency
+    from bioplaus.orchestrator.bench import pipeline_efficiency
 
     md = tmp_path / "pipe.md"
     result = pipeline_efficiency(["dataset=digits", "model.widths=[32,24]", "train.batch_size=64"], stages=2,

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import pytest
 
-from orchestrator import ray_local  # before any ray import: Ray's loopback environment
-from orchestrator.config import parse_overrides
-from orchestrator.trial import run_trial
+from bioplaus.orchestrator import ray_local  # before any ray import: Ray's loopback environment
+from bioplaus.orchestrator.config import parse_overrides
+from bioplaus.orchestrator.trial import run_trial
 
 
 @pytest.fixture(scope="module")

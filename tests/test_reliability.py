@@ -28,13 +28,13 @@ import numpy as np
 import polars as pl
 import pytest
 
-from orchestrator import ray_local
-from orchestrator.errors import DataError, UsageError
-from orchestrator.sweep import Sweep, parse_sweep, read_table
+from bioplaus.orchestrator import ray_local
+from bioplaus.orchestrator.errors import DataError, UsageError
+from bioplaus.orchestrator.sweep import Sweep, parse_sweep, read_table
 
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent / "bioplaus"
-FAULTY = {"BIOPLAUS_RULE_MODULES": "algorithms.faulty"}
+FAULTY = {"BIOPLAUS_RULE_MODULES": "bioplaus.algorithms.faulty"}
 TABLES = ("trials", "epochs", "final_runs", "finals")
 
 
@@ -91,7 +91,7 @@ def replace(src, dst, *args, **kwargs):
             os.killpg(os.getpgrp(), signal.SIGKILL)
     return real_replace(src, dst, *args, **kwargs)
 os.replace = replace
-from orchestrator.cli import main
+from bioplaus.orchestrator.cli import main
 sys.exit(main(sys.argv[3:]))
 """
 
@@ -190,7 +190,7 @@ def test_unwritable_results_folder_is_one_line_exit_2_before_ray(tmp_path):
 @pytest.mark.skipif(os.geteuid() == 0, reason="root ignores permission bits; the same path is tested as root "
                                               "through the in-process read-only case")
 def test_read_only_sweep_folder_is_one_line_exit_2_and_earlier_results_intact(tmp_path):
-    from orchestrator.results import write_run
+    from bioplaus.orchestrator.results import write_run
 
     d = tmp_path / "ro"
     record = {"rule": "bp", "arch": "mlp", "dataset": "digits", "seed": 0, "status": "ok", "phase": "tune",
@@ -294,7 +294,7 @@ def no_ray(monkeypatch):
 def test_bad_sweep_config_is_one_line_exit_2_before_ray(overrides, message, tmp_path, capsys, no_ray):
     import re
 
-    from orchestrator.cli import main
+    from bioplaus.orchestrator.cli import main
 
     code = main(["sweep", "preset=smoke", f"root={tmp_path}", "name=bad", *overrides])
     err = capsys.readouterr().err
@@ -317,7 +317,7 @@ BAD_TRAIN_INPUTS = [  # `bioplaus train` inputs that gave a traceback, a failed 
 def test_bad_train_input_is_one_line_exit_2(overrides, message, tmp_path, capsys):
     import re
 
-    from orchestrator.cli import main
+    from bioplaus.orchestrator.cli import main
 
     code = main(["train", "smoke=true", f"data.root={tmp_path}", f"out={tmp_path / 'res'}", *overrides])
     err = capsys.readouterr().err
@@ -357,8 +357,8 @@ MALFORMED_SEARCH_SPACES = [  # (search_spaces/bp.yaml text, what the error must 
 @pytest.mark.parametrize("text,message", MALFORMED_SEARCH_SPACES, ids=[m for _, m in MALFORMED_SEARCH_SPACES])
 def test_malformed_search_space_file_stops_the_sweep_before_ray(text, message, tmp_path, capsys, monkeypatch,
                                                                 no_ray):
-    from orchestrator import search_space
-    from orchestrator.cli import main
+    from bioplaus.orchestrator import search_space
+    from bioplaus.orchestrator.cli import main
 
     spaces = tmp_path / "spaces"
     spaces.mkdir()
@@ -429,8 +429,8 @@ def _batches() -> dict[str, bytes]:
 
 
 def _load(name: str, root: Path):
-    from orchestrator.config import parse_overrides
-    from orchestrator.data import load_raw
+    from bioplaus.orchestrator.config import parse_overrides
+    from bioplaus.orchestrator.data import load_raw
 
     return load_raw(name, parse_overrides([f"data.root={root}", "data.download=false"]).data)
 
@@ -614,7 +614,7 @@ def test_wandb_online_with_unreachable_server_and_no_key_logs_offline_and_the_sw
 
 
 def test_wandb_online_problem_names_a_missing_key_or_nothing(http_serve, tmp_path, monkeypatch):
-    from orchestrator.sweep import wandb_online_problem
+    from bioplaus.orchestrator.sweep import wandb_online_problem
 
     (tmp_path / "site").mkdir()
     monkeypatch.setenv("WANDB_BASE_URL", http_serve(tmp_path / "site"))  # a loopback server that answers

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from algorithms.registry import get_rule, load_rules
-from orchestrator.errors import UsageError
-from orchestrator.search_space import load_search_space
+from bioplaus.algorithms.registry import get_rule, load_rules
+from bioplaus.orchestrator.errors import UsageError
+from bioplaus.orchestrator.search_space import load_search_space
 
 
 @pytest.mark.parametrize("name", list(load_rules()))

@@ -21,11 +21,11 @@ import copy
 import pytest
 import torch
 
-from algorithms import probes
-from algorithms.rule import Rule
-from algorithms.spiking import latency_encode, lif_run, poisson_encode, stdp_update, to_intensity
-from orchestrator.config import parse_overrides
-from orchestrator.trial import load_splits, resolve, run_trial
+from bioplaus.algorithms import probes
+from bioplaus.algorithms.rule import Rule
+from bioplaus.algorithms.spiking import latency_encode, lif_run, poisson_encode, stdp_update, to_intensity
+from bioplaus.orchestrator.config import parse_overrides
+from bioplaus.orchestrator.trial import load_splits, resolve, run_trial
 from tests.conftest import batch, small_rule
 
 READOUTS = ["label", "delta"]

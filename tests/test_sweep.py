@@ -18,11 +18,11 @@ from pathlib import Path
 import polars as pl
 import pytest
 
-from orchestrator.errors import UsageError
-from orchestrator.sweep import Sweep, parse_sweep
+from bioplaus.orchestrator.errors import UsageError
+from bioplaus.orchestrator.sweep import Sweep, parse_sweep
 
 BIN = Path(sys.executable).parent / "bioplaus"
-FAULTY = {"BIOPLAUS_RULE_MODULES": "algorithms.faulty"}
+FAULTY = {"BIOPLAUS_RULE_MODULES": "bioplaus.algorithms.faulty"}
 
 
 def sweep(root: Path, *overrides: str) -> Sweep:
@@ -119,11 +119,11 @@ def test_cells_lists_supported_cells_and_cli_errors_are_one_line():
 def test_hyperparameter_set_on_the_command_line_is_pinned_not_searched(tmp_path):
     s = Sweep(parse_sweep(["preset=smoke", "rules=[bp]", f"root={tmp_path}", "trial.hp.lr=0.0123"]))
     assert "lr" not in s.spaces["bp"] and {"optimizer", "momentum", "weight_decay"} <= set(s.spaces["bp"])
-    from orchestrator.sweep import trial_config
+    from bioplaus.orchestrator.sweep import trial_config
 
     searched = {"lr": 0.5, "optimizer": "sgd"}  # what a searcher could hand over is ignored for a pinned key
     point = {k: v for k, v in searched.items() if k in s.spaces["bp"]}
     assert trial_config(s.cfg, s.cells[0], point, 0, 1)["hp"] == {"lr": 0.0123, "optimizer": "sgd"}
     with pytest.raises(UsageError, match="pins every searched hyperparameter of faulty"):
-        importlib.import_module("algorithms.faulty")
+        importlib.import_module("bioplaus.algorithms.faulty")
         Sweep(parse_sweep(["preset=smoke", "rules=[faulty]", f"root={tmp_path}", "trial.hp.lr=0.01"]))

@@ -9,10 +9,10 @@ import math
 import polars as pl
 import pytest
 
-from algorithms.registry import load_rules
-from orchestrator.config import parse_overrides
-from orchestrator.results import EPOCH_SCHEMA, RUN_SCHEMA, write_run
-from orchestrator.trial import resolve, run_trial
+from bioplaus.algorithms.registry import load_rules
+from bioplaus.orchestrator.config import parse_overrides
+from bioplaus.orchestrator.results import EPOCH_SCHEMA, RUN_SCHEMA, write_run
+from bioplaus.orchestrator.trial import resolve, run_trial
 
 CELLS = [(name, arch) for name, cls in load_rules().items() for arch, why in cls.archs.items() if why is None]
 
@@ -81,7 +81,7 @@ def test_results_tables_have_the_stable_schema_and_hive_partitions(tmp_path):
 
 
 def test_failed_rule_step_is_a_recorded_result(monkeypatch):
-    from algorithms.rules.bp import Backprop
+    from bioplaus.algorithms.rules.bp import Backprop
 
     def boom(self, x, y):
         raise RuntimeError("kaboom")
@@ -100,8 +100,8 @@ def test_every_declared_benchmark_is_a_valid_config(name):
 def test_saved_network_reloads_safely_and_predicts_the_same(tmp_path):
     import torch
 
-    from orchestrator.checkpoint import load_network
-    from orchestrator.trial import load_splits
+    from bioplaus.orchestrator.checkpoint import load_network
+    from bioplaus.orchestrator.trial import load_splits
 
     path = tmp_path / "m.pt"
     record = run_trial(resolve(parse_overrides(["smoke=true", "train.epochs=1"])), save_model=str(path))
@@ -116,7 +116,7 @@ def test_saved_network_reloads_safely_and_predicts_the_same(tmp_path):
 
 
 def test_a_rules_extra_metrics_reach_the_epoch_table(monkeypatch, tmp_path):
-    from algorithms.rules.bp import Backprop
+    from bioplaus.algorithms.rules.bp import Backprop
 
     original = Backprop.train_step
 

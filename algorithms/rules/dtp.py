@@ -32,9 +32,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from algorithms.arch import Block, Network
-from algorithms.registry import register
-from algorithms.rule import Benchmark, Claim, OptimHParams, Rule, RunInfo, make_optimizer
+from bioplaus.algorithms.arch import Block, Network
+from bioplaus.algorithms.registry import register
+from bioplaus.algorithms.rule import Benchmark, Claim, OptimHParams, Rule, RunInfo, make_optimizer
 
 _PROBE = "tests/test_criteria.py::test_claims_match_probes[dtp]"
 _OWN = "tests/test_energy_rules.py::"

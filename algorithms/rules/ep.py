@@ -37,9 +37,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from algorithms.arch import Network
-from algorithms.registry import register
-from algorithms.rule import Benchmark, Claim, OptimHParams, Rule, RunInfo, make_optimizer
+from bioplaus.algorithms.arch import Network
+from bioplaus.algorithms.registry import register
+from bioplaus.algorithms.rule import Benchmark, Claim, OptimHParams, Rule, RunInfo, make_optimizer
 
 _PROBE = "tests/test_criteria.py::test_claims_match_probes[ep]"
 

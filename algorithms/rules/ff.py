@@ -43,9 +43,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from algorithms.arch import Network
-from algorithms.registry import register
-from algorithms.rule import Benchmark, Claim, OptimHParams, Rule, RunInfo, make_optimizer
+from bioplaus.algorithms.arch import Network
+from bioplaus.algorithms.registry import register
+from bioplaus.algorithms.rule import Benchmark, Claim, OptimHParams, Rule, RunInfo, make_optimizer
 
 _PROBE = "tests/test_criteria.py::test_claims_match_probes[ff]"
 _OWN = "tests/test_local_rules.py"

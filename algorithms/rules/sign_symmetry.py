@@ -25,10 +25,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from algorithms.arch import Network
-from algorithms.feedback import fan_in, feedback_preact
-from algorithms.registry import register
-from algorithms.rule import Benchmark, Claim, OptimHParams, Rule, RunInfo, make_optimizer
+from bioplaus.algorithms.arch import Network
+from bioplaus.algorithms.feedback import fan_in, feedback_preact
+from bioplaus.algorithms.registry import register
+from bioplaus.algorithms.rule import Benchmark, Claim, OptimHParams, Rule, RunInfo, make_optimizer
 
 _TESTS = "tests/test_feedback_alignment.py"
 

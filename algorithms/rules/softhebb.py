@@ -35,9 +35,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from algorithms.arch import Network
-from algorithms.registry import register
-from algorithms.rule import Benchmark, Claim, OptimHParams, PlasticWindow, Rule, RunInfo, make_optimizer
+from bioplaus.algorithms.arch import Network
+from bioplaus.algorithms.registry import register
+from bioplaus.algorithms.rule import Benchmark, Claim, OptimHParams, PlasticWindow, Rule, RunInfo, make_optimizer
 
 _OWN = "tests/test_local_rules.py"
 

@@ -43,10 +43,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from algorithms.arch import Network
-from algorithms.registry import register
-from algorithms.rule import Benchmark, Claim, OptimHParams, PlasticWindow, Rule, RunInfo, make_optimizer
-from algorithms.spiking import latency_encode, lif_run, poisson_encode, stdp_update, to_intensity
+from bioplaus.algorithms.arch import Network
+from bioplaus.algorithms.registry import register
+from bioplaus.algorithms.rule import Benchmark, Claim, OptimHParams, PlasticWindow, Rule, RunInfo, make_optimizer
+from bioplaus.algorithms.spiking import latency_encode, lif_run, poisson_encode, stdp_update, to_intensity
 
 _OWN = "tests/test_stdp.py"
 

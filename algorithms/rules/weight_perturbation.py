@@ -38,10 +38,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from algorithms.arch import Block, Network
-from algorithms.local_readout import attach_local_readouts
-from algorithms.registry import register
-from algorithms.rule import Benchmark, Claim, OptimHParams, Rule, RunInfo, validate_hparams
+from bioplaus.algorithms.arch import Block, Network
+from bioplaus.algorithms.local_readout import attach_local_readouts
+from bioplaus.algorithms.registry import register
+from bioplaus.algorithms.rule import Benchmark, Claim, OptimHParams, Rule, RunInfo, validate_hparams
 
 _TESTS = "tests/test_perturbation.py"
 

@@ -1,5 +1,5 @@
 """Datasets: official formats, checksummed downloads, splits held as tensors."""
 
-from orchestrator.data.datasets import DATASETS, DataSplits, data_root, load_raw, make_splits
+from bioplaus.orchestrator.data.datasets import DATASETS, DataSplits, data_root, load_raw, make_splits
 
 __all__ = ["DATASETS", "DataSplits", "data_root", "load_raw", "make_splits"]

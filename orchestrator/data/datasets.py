@@ -15,9 +15,9 @@ from typing import Callable
 import numpy as np
 import torch
 
-from orchestrator.data.download import RemoteFile, fetch, mirror_checksums, tar_members
-from orchestrator.data.formats import parse_cifar_records, read_idx_pair, read_image_folder, read_svhn_mat
-from orchestrator.errors import DataError, UsageError
+from bioplaus.orchestrator.data.download import RemoteFile, fetch, mirror_checksums, tar_members
+from bioplaus.orchestrator.data.formats import parse_cifar_records, read_idx_pair, read_image_folder, read_svhn_mat
+from bioplaus.orchestrator.errors import DataError, UsageError
 
 DIGIT_NAMES = [str(i) for i in range(10)]
 

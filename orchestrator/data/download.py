@@ -18,7 +18,7 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from orchestrator.errors import DataError
+from bioplaus.orchestrator.errors import DataError
 
 TIMEOUT_S = 60
 _CHUNK = 1 << 20

@@ -1,0 +1,1 @@
+"""The search spaces, one ``<rule>.yaml`` per rule; read as package data (importlib.resources)."""
