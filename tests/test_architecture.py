@@ -1,0 +1,67 @@
+"""The package's shape: one ``bioplaus`` namespace, and layers that point one way.
+
+The layer contract itself lives in pyproject.toml (``[tool.importlinter]``) and is checked with
+import-linter; docs/architecture.md explains it. A back-edge planted into a copy of the source must
+break it, so the contract is known to bite."""
+
+from __future__ import annotations
+
+import ast
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+LINT_IMPORTS = Path(sys.executable).with_name("lint-imports")
+OLD_TOP_LEVEL = {"algorithms", "orchestrator", "analysis", "cluster", "search_spaces"}
+
+
+def project_sources() -> list[Path]:
+    skip = {".venv", ".git", "build", "dist", "runs", ".shim"}
+    return sorted(p for p in REPO.rglob("*.py") if not skip & set(p.relative_to(REPO).parts))
+
+
+def lint_imports(cwd: Path, pythonpath: Path | None = None) -> subprocess.CompletedProcess:
+    env = dict(os.environ)
+    if pythonpath is not None:
+        env["PYTHONPATH"] = str(pythonpath)
+    return subprocess.run([str(LINT_IMPORTS), "--no-cache"], cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=300)
+
+
+def test_no_code_imports_the_folders_as_top_level_packages():
+    found = []
+    for path in project_sources():
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom) and node.level == 0 else [])
+            found += [f"{path.relative_to(REPO)}:{node.lineno}: {n}" for n in names
+                      if n.split(".")[0] in OLD_TOP_LEVEL]
+    assert not found, "import through bioplaus.<folder> instead:\n" + "\n".join(found)
+
+
+@pytest.mark.skipif(not LINT_IMPORTS.exists(), reason=f"import-linter not installed beside {sys.executable}")
+def test_the_layer_contract_holds():
+    result = lint_imports(REPO)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+@pytest.mark.skipif(not LINT_IMPORTS.exists(), reason=f"import-linter not installed beside {sys.executable}")
+def test_a_planted_back_edge_breaks_the_contract(tmp_path):
+    copy = tmp_path / "src" / "bioplaus"
+    for path in project_sources():
+        rel = path.relative_to(REPO)
+        if rel.parts[0] != "tests":
+            (copy / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(path, copy / rel)
+    shutil.copy2(REPO / "pyproject.toml", tmp_path / "pyproject.toml")
+    assert lint_imports(tmp_path, tmp_path / "src").returncode == 0  # the copy alone keeps the contract
+    rule = copy / "algorithms" / "rule.py"
+    rule.write_text(rule.read_text() + "\nfrom bioplaus.orchestrator import results  # noqa: E402,F401\n")
+    result = lint_imports(tmp_path, tmp_path / "src")
+    assert result.returncode != 0
+    assert "bioplaus.algorithms.rule -> bioplaus.orchestrator.results" in result.stdout, result.stdout
