@@ -729,7 +729,7 @@ def plot_brain(df_or_dir, path: str | Path, target: str = "human_it_mean", metho
     df = read_brain(df_or_dir) if isinstance(df_or_dir, (str, Path)) else df_or_dir
     if df.is_empty():
         raise UsageError("no brain results to plot (run `bioplaus brain SWEEP_DIR` first)")
-    sel = df.filter((pl.col("target") == target) & (pl.col("method") == method) & pl.col("best_layer"))
+    sel, cv = brain_pairs.figure_rows(df, target, method)
     panels = sel.select("arch", "dataset").unique().sort("arch", "dataset").rows()
     fig, axes = plt.subplots(1, len(panels), figsize=(max(4.0, 1.1 * sel["rule"].n_unique() + 2) * len(panels), 4),
                              squeeze=False)
@@ -756,11 +756,12 @@ def plot_brain(df_or_dir, path: str | Path, target: str = "human_it_mean", metho
                                 yerr=[[row["similarity"] - lo], [hi - row["similarity"]]], capsize=2, ms=5,
                                 label=("trained" if control == "none" else "untrained") if x == 0 and j == 0 else None,
                                 **style)
+        brain_pairs.mark_unresolved(ax, df, arch, dataset, order) if cv else None
         ax.set_xticks(range(len(order)), order, rotation=45, ha="right")
         ax.set_xlim(-0.6, len(order) - 0.4)
         ax.axhline(0, color="k", lw=0.5)
-        ax.set_title(f"{arch} / {dataset}")
-        ax.set_ylabel(f"best-layer {method} vs {target}")
+        ax.set_title(f"{arch} / {dataset}" + ("" if brain_pairs.in_domain(dataset) else " (out of domain)"))
+        ax.set_ylabel(f"{'cross-validated ' if cv else ''}best-layer {method} vs {target}")
         ax.legend(fontsize=7, loc="upper right")
     fig.tight_layout()
     path = Path(path)

@@ -196,3 +196,38 @@ def write_pairs(sweep_dir: Path, df, data, method: str, ci: float, log) -> None:
     if pairs.height:
         log(f"brain: {pairs.height} paired comparisons ({int(pairs['resolved'].sum())} resolved after Holm) "
             f"in {sweep_dir / 'brain_pairs'}")
+
+
+# --- the report's figure ------------------------------------------------------------------------------------
+def figure_rows(df, target: str, method: str):
+    """(rows to plot, whether they are the cross-validated scores): per network and control, the layer_cv row
+    with similarity / ci_low / ci_high replaced by the cv score and its stimulus x subject CI when the table
+    has them for this target and method, else the in-sample best layer with its stimulus-only CI."""
+    import polars as pl
+
+    sel = df.filter((pl.col("target") == target) & (pl.col("method") == method))
+    if "cv_similarity" in df.columns:
+        cv = sel.filter(pl.col("layer_cv") & pl.col("cv_similarity").is_not_null())
+        if cv.height:
+            return cv.with_columns(similarity=pl.col("cv_similarity"), ci_low=pl.col("cv_ci_low"),
+                                   ci_high=pl.col("cv_ci_high")), True
+    return sel.filter(pl.col("best_layer")), False
+
+
+def mark_unresolved(ax, df, arch: str, dataset: str, order: list[str], alpha: float = 0.05) -> None:
+    """Bracket each pair of neighbouring rules (in plotted order) whose paired difference is not resolved
+    (Holm-corrected p >= alpha): 'n.s.' above them."""
+    import polars as pl
+
+    sub = df.filter((pl.col("arch") == arch) & (pl.col("dataset") == dataset))
+    pairs, _ = pairs_tables(sub, alpha=alpha)
+    if not pairs.height:
+        return
+    resolved = {frozenset((r["a"], r["b"])): r["resolved"] for r in pairs.filter(pl.col("family") == "rules")
+                .iter_rows(named=True)}
+    top = ax.get_ylim()[1]
+    for x in range(len(order) - 1):
+        if not resolved.get(frozenset(order[x:x + 2]), True):
+            y = top * (0.97 if x % 2 else 0.92)
+            ax.plot([x, x, x + 1, x + 1], [y - 0.01, y, y, y - 0.01], color="0.3", lw=0.8)
+            ax.text(x + 0.5, y, "n.s.", ha="center", va="bottom", fontsize=7, color="0.3")
