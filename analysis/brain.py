@@ -56,6 +56,7 @@ import pyarrow as pa
 import torch
 import torch.nn.functional as F
 
+from bioplaus.analysis import brain_pairs
 from bioplaus.orchestrator.errors import UsageError
 
 STIMULI_FILE = "Kriegeskorte_Neuron2008_supplementalData.mat"
@@ -96,6 +97,14 @@ class BrainConfig:
     """Device for the forward passes (92 images: the CPU is plenty): cpu, cuda, auto."""
     overwrite: bool = False
     """Recompute networks whose brain file already exists and is newer than the checkpoint."""
+    domain: str = "auto"
+    """Networks to score: auto (those trained on natural images, e.g. cifar10, when the sweep has any, else
+    all), natural (only those), all (every network; digit/grey ones flagged in_domain=false)."""
+    n_boot_dual: int = 500
+    """Resamples of stimuli and subjects for the cross-validated best-layer scores, their CIs and the
+    brain_pairs table (0: skip that inference)."""
+    inference_method: str = "spearman"
+    """RDM comparison of that inference: spearman or kendall_tau_a."""
 
 
 BRAIN_SCHEMA = pa.schema([
@@ -120,6 +129,19 @@ BRAIN_SCHEMA = pa.schema([
     ("model_path", pa.string()),
     ("created_at", pa.timestamp("ms", tz="UTC")),
     ("git_commit", pa.string()),
+    # inference over stimuli and subjects (analysis/brain_pairs.py); values on inference_method x human_it_mean rows
+    ("in_domain", pa.bool_()),            # trained on natural colour images (cifar10, ...), like the 92 photographs
+    ("layer_cv", pa.bool_()),             # the layer chosen most often by cross-validation over stimulus halves
+    ("dual_ci_low", pa.float64()),        # this layer's CI, bootstrap over stimuli and subjects
+    ("dual_ci_high", pa.float64()),
+    ("noise_ceiling_low_ci", pa.float64()),   # lower end of the lower ceiling's CI, same resamples
+    ("noise_ceiling_high_ci", pa.float64()),  # upper end of the upper ceiling's CI
+    ("cv_similarity", pa.float64()),      # layer_cv rows: the network's cross-validated best-layer score
+    ("cv_ci_low", pa.float64()),
+    ("cv_ci_high", pa.float64()),
+    ("cv_boot", pa.list_(pa.float64())),  # its value on every resample (for paired differences)
+    ("boot_seed", pa.int64()),
+    ("n_boot_dual", pa.int64()),
 ])
 
 HUMAN_SUBJECT_TARGETS = [f"human_it_subj{i + 1}" for i in range(4)]
@@ -605,10 +627,16 @@ def brain_table(sweep_dir: str | Path, rsa92_dir: str | Path | None = None, cfg:
         raise UsageError(f"rdm={cfg.rdm!r}: use correlation or euclidean")
     if cfg.n_boot < 0 or cfg.n_boot_kendall < 0 or not 0 < cfg.ci < 1:
         raise UsageError("n_boot and n_boot_kendall must be >= 0 and ci in (0, 1)")
+    if cfg.inference_method not in brain_pairs.RSA_METHOD or cfg.n_boot_dual < 0:
+        raise UsageError(f"inference_method={cfg.inference_method!r}, n_boot_dual={cfg.n_boot_dual}: use "
+                         f"{' or '.join(brain_pairs.RSA_METHOD)} and n_boot_dual >= 0")
     ckpts = sorted((sweep_dir / "models").glob(cfg.models))
     if not ckpts:
         log(f"brain: no saved networks matching {sweep_dir / 'models' / cfg.models}; nothing to do")
         return out_root
+    ckpts, note = brain_pairs.select_checkpoints(ckpts, cfg.domain)
+    if note:
+        log(f"brain: {note}")
     data = load_rsa92(resolve_rsa92(sweep_dir, rsa92_dir or cfg.rsa92))
     device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
 
@@ -629,22 +657,31 @@ def brain_table(sweep_dir: str | Path, rsa92_dir: str | Path | None = None, cfg:
         pending.append((path, part, int(conf.get("seed", 0)), entries, target))
     if not pending:
         log(f"brain: all {len(ckpts)} networks already in {out_root} (overwrite=true recomputes)")
+        if cfg.n_boot_dual:
+            brain_pairs.write_pairs(sweep_dir, read_brain(sweep_dir), data, cfg.inference_method, cfg.ci, log)
         return out_root
 
     stack = np.stack([e["rdm"] for _, _, _, entries, _ in pending for e in entries])
     log(f"brain: comparing {len(stack)} RDMs of {len(pending)} networks with human/monkey IT "
         f"({', '.join(cfg.methods)}; {cfg.n_boot} bootstrap resamples)")
     result = evaluate_rdms(stack, data, cfg.methods, cfg.n_boot, cfg.n_boot_kendall, cfg.ci, cfg.seed, log)
+    inferred = brain_pairs.infer(stack, [p[3] for p in pending], data, cfg.inference_method, cfg.n_boot_dual,
+                                 cfg.seed, log) if cfg.n_boot_dual else None
     now = dt.datetime.now(dt.timezone.utc)
     offset = 0
-    for path, part, seed, entries, target in pending:
+    for n, (path, part, seed, entries, target) in enumerate(pending):
         rows = rows_for(entries, result, offset, {"model": path.stem, "seed": seed, "rdm": cfg.rdm,
                                                   "model_path": str(path), "created_at": now,
                                                   "git_commit": git_commit()})
+        brain_pairs.annotate_rows(rows, n, offset, entries, inferred, cfg.inference_method, cfg.ci,
+                                  {"in_domain": brain_pairs.in_domain(part["dataset"]), "boot_seed": cfg.seed,
+                                   "n_boot_dual": cfg.n_boot_dual})
         offset += len(entries)
         write_table(pa.Table.from_pylist([{k: r.get(k) for k in BRAIN_SCHEMA.names} for r in rows],
                                          schema=BRAIN_SCHEMA), target)
     log(f"brain: {len(pending)} networks written to {out_root}")
+    if cfg.n_boot_dual:
+        brain_pairs.write_pairs(sweep_dir, read_brain(sweep_dir), data, cfg.inference_method, cfg.ci, log)
     return out_root
 
 
@@ -692,7 +729,7 @@ def plot_brain(df_or_dir, path: str | Path, target: str = "human_it_mean", metho
     df = read_brain(df_or_dir) if isinstance(df_or_dir, (str, Path)) else df_or_dir
     if df.is_empty():
         raise UsageError("no brain results to plot (run `bioplaus brain SWEEP_DIR` first)")
-    sel = df.filter((pl.col("target") == target) & (pl.col("method") == method) & pl.col("best_layer"))
+    sel, cv = brain_pairs.figure_rows(df, target, method)
     panels = sel.select("arch", "dataset").unique().sort("arch", "dataset").rows()
     fig, axes = plt.subplots(1, len(panels), figsize=(max(4.0, 1.1 * sel["rule"].n_unique() + 2) * len(panels), 4),
                              squeeze=False)
@@ -719,11 +756,12 @@ def plot_brain(df_or_dir, path: str | Path, target: str = "human_it_mean", metho
                                 yerr=[[row["similarity"] - lo], [hi - row["similarity"]]], capsize=2, ms=5,
                                 label=("trained" if control == "none" else "untrained") if x == 0 and j == 0 else None,
                                 **style)
+        brain_pairs.mark_unresolved(ax, df, arch, dataset, order) if cv else None
         ax.set_xticks(range(len(order)), order, rotation=45, ha="right")
         ax.set_xlim(-0.6, len(order) - 0.4)
         ax.axhline(0, color="k", lw=0.5)
-        ax.set_title(f"{arch} / {dataset}")
-        ax.set_ylabel(f"best-layer {method} vs {target}")
+        ax.set_title(f"{arch} / {dataset}" + ("" if brain_pairs.in_domain(dataset) else " (out of domain)"))
+        ax.set_ylabel(f"{'cross-validated ' if cv else ''}best-layer {method} vs {target}")
         ax.legend(fontsize=7, loc="upper right")
     fig.tight_layout()
     path = Path(path)
