@@ -501,13 +501,13 @@ def untrained_network(meta: dict, seed: int):
     from omegaconf import OmegaConf
 
     from bioplaus.algorithms.arch import ARCHS
+    from bioplaus.orchestrator.build import build_network
     from bioplaus.orchestrator.config import typed
 
     spec = ARCHS[meta["arch"]]
     model_cfg = typed(spec.config, OmegaConf.create(meta["config"].get("model", {})), "model")
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)  # what run_trial does right before building the network
-        net = spec.build(model_cfg, tuple(meta["input_shape"]), meta["num_classes"])
+    with torch.random.fork_rng(devices=[]):  # seeded as the trial's network is
+        net = build_network(spec, model_cfg, tuple(meta["input_shape"]), meta["num_classes"], seed)
     return net.eval()
 
 

@@ -8,11 +8,13 @@ as train seconds per sample, rule / bp. Exit code 1 if any case misses its targe
 
 from __future__ import annotations
 
+import statistics
 import sys
 import time
 from pathlib import Path
 
 from bioplaus.algorithms.registry import load_rules
+from bioplaus.orchestrator import ray_local  # before any ray import: Ray's loopback environment
 from bioplaus.orchestrator.config import parse_overrides
 from bioplaus.orchestrator.errors import UsageError
 from bioplaus.orchestrator.results import write_run
@@ -81,11 +83,35 @@ def pipeline_efficiency(overrides: list[str], stages: int = 2, rounds: int = 3, 
     drifting machine load hits every mode alike; medians of the training throughput. Parallel efficiency =
     (best pipelined / sequential 1-thread) / stages; the machine ceiling beside it is what ``stages`` copies of
     the sequential run reach side by side, each on its own core."""
-    import statistics
-
-    from bioplaus.orchestrator import ray_local
-
     base = ["rule=local_losses", "arch=mlp", "dataset=fashion_mnist", "train.epochs=1", "out=null", *overrides]
+    modes, together = _pipeline_modes(stages, staleness, chunk)
+    specs = {m: resolve(parse_overrides([*base, *extra])) for m, extra in modes.items()}  # all checked first
+    runs = _PipelineRuns(modes)
+    # one Ray for all runs (start leaves a caller's running Ray alone, e.g. a test's, and stop then too)
+    started = ray_local.start(Path("runs/bench-pipeline"), num_cpus=stages, timeout_s=180)
+    try:
+        for r in range(rounds):
+            for mode, spec in specs.items():
+                label = f"round {r + 1}/{rounds} {mode}"
+                if mode == together:
+                    runs.add_together(mode, _run_at_once([*base, *modes[mode]], stages), label)
+                else:
+                    runs.add(mode, run_trial(spec), label)
+    finally:
+        ray_local.stop(started)
+    result = runs.result(stages, rounds, together, base)
+    lines = _efficiency_lines(result, list(modes), rounds)
+    print("\n".join(lines))
+    if markdown:
+        with open(markdown, "a") as f:
+            f.write(f"\n`bioplaus bench --pipeline --stages {stages} --rounds {rounds} --chunk {chunk} --staleness "
+                    f"{staleness} {' '.join(overrides)}` on {time.strftime('%Y-%m-%d %H:%M')}:\n\n")
+            f.write("\n".join(lines) + "\n")
+    return result
+
+
+def _pipeline_modes(stages: int, staleness: int, chunk: int) -> tuple[dict[str, list[str]], str]:
+    """The measured modes (name -> overrides), in run order, and the name of the machine-ceiling mode."""
     pipelined = ["train.threads=1", "train.mode=pipeline", f"train.stages={stages}", f"train.staleness={staleness}"]
     modes = {"sequential, 1 thread": ["train.threads=1"],
              **{f"pipeline K={stages}, s={staleness}, chunk={c}": [*pipelined, f"train.chunk={c}"] for c in (1, chunk)},
@@ -95,71 +121,73 @@ def pipeline_efficiency(overrides: list[str], stages: int = 2, rounds: int = 3, 
     # parallel scheme can reach here (memory bandwidth, shared caches, a hypervisor's vCPUs).
     together = f"{stages} sequential runs at once, 1 thread each (summed)"
     modes[together] = modes["sequential, 1 thread"]
-    specs = {m: resolve(parse_overrides([*base, *extra])) for m, extra in modes.items()}  # all checked first
-    speed: dict[str, list[float]] = {m: [] for m in modes}
-    accuracy: dict[str, float] = {}
-    # Where a shortfall comes from: the stages' summed compute time over the sequential run's training time
-    # (1: the stages do the sequential work and nothing more; 2: each stage computes at half speed).
-    inflation: dict[str, list[float]] = {m: [] for m in modes if m.startswith("pipeline")}
-    # ... and how much of the stages' busy time they spent descheduled (waiting for a core, not computing)
-    descheduled: dict[str, list[float]] = {m: [] for m in inflation}
-    # ... and how much of their CPU time went to the actors' other threads (Ray's), not the stage's own thread
-    other_threads: dict[str, list[float]] = {m: [] for m in inflation}
-    seq_seconds = None
-    # one Ray for all runs (start leaves a caller's running Ray alone, e.g. a test's, and stop then too)
-    started = ray_local.start(Path("runs/bench-pipeline"), num_cpus=stages, timeout_s=180)
-    try:
-        for r in range(rounds):
-            for mode, spec in specs.items():
-                if mode == together:
-                    records = _run_at_once([*base, *modes[mode]], stages)
-                    speed[mode].append(sum(rec["samples_per_second"] for rec in records))
-                    accuracy[mode] = records[0]["test_acc"]
-                    print(f"   round {r + 1}/{rounds} {mode}: {speed[mode][-1]:.0f} samples/s "
-                          f"({', '.join(format(x['samples_per_second'], '.0f') for x in records)})", file=sys.stderr, flush=True)
-                    continue
-                record = run_trial(spec)
-                speed[mode].append(record["samples_per_second"])
-                accuracy[mode] = record["test_acc"]
-                if mode.startswith("sequential, 1"):
-                    seq_seconds = record["train_seconds"]
-                elif mode.startswith("pipeline") and seq_seconds:
-                    info = record["pipeline"]
-                    inflation[mode].append(sum(info["stage_busy_seconds"]) / seq_seconds)
-                    descheduled[mode].append(1 - sum(info["stage_cpu_seconds"]) / sum(info["stage_busy_seconds"]))
-                    other_threads[mode].append(1 - sum(info["stage_thread_cpu_seconds"])
-                                               / sum(info["stage_cpu_seconds"]))
-                print(f"   round {r + 1}/{rounds} {mode}: {record['samples_per_second']:.0f} samples/s, "
-                      f"test {record['test_acc']:.4f}", file=sys.stderr, flush=True)
-    finally:
-        ray_local.stop(started)
-    median = {m: statistics.median(v) for m, v in speed.items()}
-    seq1, seqk = median["sequential, 1 thread"], median[f"sequential, {stages} threads"]
-    pipe = max(v for m, v in median.items() if m.startswith("pipeline"))
-    ceiling = median[together] / seq1 / stages
-    result = {"stages": stages, "rounds": rounds, "samples_per_second": speed, "median": median,
-              "speedup_vs_1_thread": pipe / seq1, "efficiency": pipe / seq1 / stages,
-              "machine_ceiling": ceiling, "efficiency_of_ceiling": pipe / seq1 / stages / ceiling,
-              "speedup_vs_k_threads": pipe / seqk, "test_acc": accuracy, "overrides": base,
-              "stage_compute_inflation": inflation, "stage_descheduled_fraction": descheduled,
-              "stage_other_threads_fraction": other_threads}
+    return modes, together
+
+
+class _PipelineRuns:
+    """Per mode, every round's throughput and the test accuracy; per pipelined mode, where a shortfall from
+    the ideal speed-up comes from."""
+
+    def __init__(self, modes: dict[str, list[str]]):
+        self.speed: dict[str, list[float]] = {m: [] for m in modes}
+        self.accuracy: dict[str, float] = {}
+        # The stages' summed compute time over the sequential run's training time (1: the stages do the
+        # sequential work and nothing more; 2: each stage computes at half speed) ...
+        self.inflation: dict[str, list[float]] = {m: [] for m in modes if m.startswith("pipeline")}
+        # ... how much of the stages' busy time they spent descheduled (waiting for a core, not computing)
+        self.descheduled: dict[str, list[float]] = {m: [] for m in self.inflation}
+        # ... and how much of their CPU time went to the actors' other threads (Ray's), not the stage's own thread
+        self.other_threads: dict[str, list[float]] = {m: [] for m in self.inflation}
+        self.seq_seconds = None
+
+    def add(self, mode: str, record: dict, label: str) -> None:
+        self.speed[mode].append(record["samples_per_second"])
+        self.accuracy[mode] = record["test_acc"]
+        if mode.startswith("sequential, 1"):
+            self.seq_seconds = record["train_seconds"]
+        elif mode.startswith("pipeline") and self.seq_seconds:
+            info = record["pipeline"]
+            self.inflation[mode].append(sum(info["stage_busy_seconds"]) / self.seq_seconds)
+            self.descheduled[mode].append(1 - sum(info["stage_cpu_seconds"]) / sum(info["stage_busy_seconds"]))
+            self.other_threads[mode].append(1 - sum(info["stage_thread_cpu_seconds"])
+                                            / sum(info["stage_cpu_seconds"]))
+        print(f"   {label}: {record['samples_per_second']:.0f} samples/s, "
+              f"test {record['test_acc']:.4f}", file=sys.stderr, flush=True)
+
+    def add_together(self, mode: str, records: list[dict], label: str) -> None:
+        self.speed[mode].append(sum(rec["samples_per_second"] for rec in records))
+        self.accuracy[mode] = records[0]["test_acc"]
+        print(f"   {label}: {self.speed[mode][-1]:.0f} samples/s "
+              f"({', '.join(format(x['samples_per_second'], '.0f') for x in records)})", file=sys.stderr, flush=True)
+
+    def result(self, stages: int, rounds: int, together: str, base: list[str]) -> dict:
+        median = {m: statistics.median(v) for m, v in self.speed.items()}
+        seq1, seqk = median["sequential, 1 thread"], median[f"sequential, {stages} threads"]
+        pipe = max(v for m, v in median.items() if m.startswith("pipeline"))
+        ceiling = median[together] / seq1 / stages
+        return {"stages": stages, "rounds": rounds, "samples_per_second": self.speed, "median": median,
+                "speedup_vs_1_thread": pipe / seq1, "efficiency": pipe / seq1 / stages,
+                "machine_ceiling": ceiling, "efficiency_of_ceiling": pipe / seq1 / stages / ceiling,
+                "speedup_vs_k_threads": pipe / seqk, "test_acc": self.accuracy, "overrides": base,
+                "stage_compute_inflation": self.inflation, "stage_descheduled_fraction": self.descheduled,
+                "stage_other_threads_fraction": self.other_threads}
+
+
+def _efficiency_lines(result: dict, modes: list[str], rounds: int) -> list[str]:
+    """The markdown table of every mode's throughput, and the summary line."""
+    median, speed, accuracy, stages = result["median"], result["samples_per_second"], result["test_acc"], \
+        result["stages"]
     lines = [f"| mode | samples/s (median of {rounds}) | all rounds | test acc |", "|---|---|---|---|"]
     lines += [f"| {m} | {median[m]:.0f} | {', '.join(f'{v:.0f}' for v in speed[m])} | {accuracy[m]:.4f} |"
               for m in modes]
     lines.append(f"\nspeed-up vs 1 thread {result['speedup_vs_1_thread']:.2f}x, parallel efficiency "
                  f"{result['efficiency']:.2f} (goal >= 0.8); machine ceiling ({stages} independent runs at once) "
-                 f"{ceiling:.2f}, so the pipeline reaches {result['efficiency_of_ceiling']:.2f} of what this machine "
-                 f"allows; vs {stages} threads {result['speedup_vs_k_threads']:.2f}x; "
-                 f"stage compute / sequential compute: {_per_mode(inflation)}; fraction of it descheduled: "
-                 f"{_per_mode(descheduled)}; fraction of their CPU time on other threads than the stage's: "
-                 f"{_per_mode(other_threads)}")
-    print("\n".join(lines))
-    if markdown:
-        with open(markdown, "a") as f:
-            f.write(f"\n`bioplaus bench --pipeline --stages {stages} --rounds {rounds} --chunk {chunk} --staleness "
-                    f"{staleness} {' '.join(overrides)}` on {time.strftime('%Y-%m-%d %H:%M')}:\n\n")
-            f.write("\n".join(lines) + "\n")
-    return result
+                 f"{result['machine_ceiling']:.2f}, so the pipeline reaches {result['efficiency_of_ceiling']:.2f} of "
+                 f"what this machine allows; vs {stages} threads {result['speedup_vs_k_threads']:.2f}x; "
+                 f"stage compute / sequential compute: {_per_mode(result['stage_compute_inflation'])}; fraction of "
+                 f"it descheduled: {_per_mode(result['stage_descheduled_fraction'])}; fraction of their CPU time on "
+                 f"other threads than the stage's: {_per_mode(result['stage_other_threads_fraction'])}")
+    return lines
 
 
 def _per_mode(series: dict[str, list[float]]) -> str:

@@ -73,8 +73,8 @@ class TrainConfig:
     """pipeline mode: how many messages a stage group may run ahead of the next (0: lock-step)."""
     chunk: int = 8
     """pipeline mode: micro-batches (training batches) per message between stage groups. Fewer, larger
-    messages cost the driver and Ray's object store less per batch; the weights learned are the same
-    (measured on 2 CPU cores: K=2 goes from 0.95x to 1.30x of sequential at chunk 8; docs/benchmarks.md)."""
+    messages cost the driver and Ray's object store less per batch, which on few cores decides whether
+    the pipeline beats sequential training at all; the weights learned are the same."""
 
 
 @dataclass

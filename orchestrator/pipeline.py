@@ -4,7 +4,8 @@ A block-local rule (``Rule.block_local``: local losses, forward-forward, SoftHeb
 from block ``i``'s input alone (:meth:`Rule.block_step`), so no backward synchronisation ties the
 blocks together: as soon as block ``i`` has produced its output for micro-batch ``b`` it can move on
 to ``b + 1`` while block ``i + 1`` learns on ``b``. ``train.mode=pipeline train.stages=K`` runs a
-trial that way:
+trial that way (``Pipeline`` is the ``Trainer`` of orchestrator/training.py for that mode; planning
+without Ray, which configs and how the stages are cut, is orchestrator/pipeline_plan.py):
 
 * The rule's stages (hidden blocks then the output block, ``net.stages``) are cut into K contiguous
   groups of about equal cost (multiply-accumulates of one forward pass). Each group is a **Ray actor**
@@ -13,7 +14,7 @@ trial that way:
   state for them (auxiliary heads, ...) and their optimisers. Group 0 continues the trial's torch RNG
   stream; group k > 0 gets its own stream, seeded from the run seed and k.
 * **Data-local first stage**: the driver sends only each micro-batch's training-set indices (inline in the
-  call, a few KB). Group 0 holds the training set (uint8, sent once) and builds the batches itself with the
+  call, small). Group 0 holds the training set (uint8, sent once) and builds the batches itself with the
   trial's own code (``TrainFeed``: gather, standardise, augment, continuing the trial's augmentation
   stream), on its own device; the other groups hold the labels. So images never pass through the driver
   or the object store, and the driver's per-message work is a few index slices and K calls.
@@ -21,8 +22,9 @@ trial that way:
   CPU tensor, through Ray's object store) to the next group. Ray runs an actor's calls in submission
   order, so every group sees the micro-batches in data order. Micro-batches travel ``train.chunk`` to a
   message (one actor call): per-message costs (submitting the call, the driver's and the object store's
-  bookkeeping) are paid once per chunk, which on 2 CPU cores is the difference between no speed-up and
-  1.3x (docs/benchmarks.md). Within a message a group still updates its blocks micro-batch by micro-batch.
+  bookkeeping) are paid once per chunk rather than once per micro-batch: on few cores they can eat the
+  whole speed-up (docs/benchmarks.md). Within a message a group still updates its blocks micro-batch by
+  micro-batch.
 * **Staleness bound** ``train.staleness = s``: group k may start message ``b`` only once group
   k + 1 has finished ``b - s - 1`` (passed as a dependency of the call), i.e. a group runs at most s
   messages ahead of the next. s = 0 is lock-step (no overlap); the metrics record the bound and
@@ -36,7 +38,7 @@ trial that way:
   all blocks, e.g. forward-forward's goodness readout, so evaluation uses the rule, not a chain).
 * **Placement**: one placement-group bundle per group: one CPU each, and one GPU each when the cluster
   has K GPUs and ``train.device`` is not cpu (an equal share each when it has fewer: K stages on one
-  GPU). Inside a Ray Tune trial (``orchestrator/sweep.py`` asks for ``trial_resources``) the trial's
+  GPU). Inside a Ray Tune trial (the sweep asks for ``trial_resources``) the trial's
   own placement group holds the bundles; elsewhere the pipeline reserves its own (starting a
   loopback-only local Ray first if none is running).
 
@@ -74,107 +76,26 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
+from omegaconf import OmegaConf
 
 from bioplaus.orchestrator import ray_local  # before any ray import: Ray's loopback environment
-from bioplaus.orchestrator.errors import UsageError
+from bioplaus.orchestrator.build import build_rule, seed_everything
+from bioplaus.orchestrator.config import Config
+from bioplaus.orchestrator.pipeline_plan import (  # noqa: F401  (the planning names, importable from here too)
+    check,
+    count_stages,
+    final_options,
+    split_stages,
+    stage_bundles,
+    stage_costs,
+    trial_resources,
+)
+from bioplaus.orchestrator.spec import resolve
+from bioplaus.orchestrator.training import Trainer
 
 
 class PipelineError(RuntimeError):
     """A pipeline stage failed (crashed, raised, or stopped answering); the message names the stage."""
-
-
-# --- planning (no Ray) ----------------------------------------------------------------------------------
-def count_stages(model_cfg: Any) -> int:
-    """Number of stages (hidden blocks + output block) of an architecture config, without building it."""
-    for name in ("widths", "channels"):
-        if hasattr(model_cfg, name):
-            return len(getattr(model_cfg, name)) + 1
-    raise UsageError(f"train.mode=pipeline: cannot count the blocks of {type(model_cfg).__name__}")
-
-
-def check(rule_cls: type, rule_name: str, model_cfg: Any, stages: int, staleness: int) -> None:
-    """``resolve``'s checks of a pipeline config; UsageError (one line) naming the problem."""
-    if not getattr(rule_cls, "block_local", False):
-        raise UsageError(f"train.mode=pipeline needs a block-local rule (one whose block updates need nothing from "
-                         f"later blocks); {rule_name!r} is not: use train.mode=sequential")
-    n = count_stages(model_cfg)
-    if not 1 <= stages <= n:
-        raise UsageError(f"train.stages={stages} must be between 1 and the network's {n} stages "
-                         f"(hidden blocks + output block)")
-    if staleness < 0:
-        raise UsageError(f"train.staleness={staleness} must be >= 0")
-
-
-def stage_costs(net: nn.Module, input_shape: tuple[int, ...]) -> list[float]:
-    """Multiply-accumulates of one forward pass of one sample through each stage (a balancing proxy)."""
-    costs: list[float] = []
-    h = torch.zeros((1, *input_shape), device=next(net.parameters()).device)
-    was = net.training
-    net.eval()
-    with torch.no_grad():
-        for stage in net.stages:
-            macs = [0.0]
-
-            def hook(mod, inp, out, macs=macs):
-                if isinstance(mod, nn.Linear):
-                    macs[0] += mod.in_features * mod.out_features
-                elif isinstance(mod, nn.Conv2d):
-                    macs[0] += out.numel() * mod.in_channels * mod.kernel_size[0] * mod.kernel_size[1] / mod.groups
-
-            handles = [m.register_forward_hook(hook) for m in stage.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
-            h = stage(h)
-            for handle in handles:
-                handle.remove()
-            costs.append(max(macs[0], 1.0))
-    net.train(was)
-    return costs
-
-
-def split_stages(costs: list[float], k: int) -> list[list[int]]:
-    """Cut stages 0..n-1 into k contiguous non-empty groups minimising the costliest group (exhaustive)."""
-    n = len(costs)
-    if not 1 <= k <= n:
-        raise ValueError(f"cannot split {n} stages into {k} groups")
-    best, best_cuts = float("inf"), ()
-    for cuts in itertools.combinations(range(1, n), k - 1):
-        bounds = (0, *cuts, n)
-        worst = max(sum(costs[a:b]) for a, b in itertools.pairwise(bounds))
-        if worst < best:
-            best, best_cuts = worst, cuts
-    bounds = (0, *best_cuts, n)
-    return [list(range(a, b)) for a, b in itertools.pairwise(bounds)]
-
-
-def trial_resources(train_cfg: Any, cpus: float, gpus: float):
-    """What a sweep's tuning trial asks Ray Tune for: the usual dict, or for a pipelined trial a placement
-    group of a small bundle for the trial's driver (it only feeds batches) plus one bundle per stage group."""
-    if getattr(train_cfg, "mode", "sequential") != "pipeline":
-        return {"cpu": cpus, "gpu": gpus}
-    from ray import tune
-
-    return tune.PlacementGroupFactory([{"CPU": 0.01}] + [_bundle(cpus, gpus)] * int(train_cfg.stages))
-
-
-def final_options(train_cfg: Any, cpus: float, gpus: float) -> dict:
-    """Ray task options of a sweep's final run: a pipelined run's driver asks for almost nothing and reserves
-    its stage bundles itself (a placement group is reserved all at once, so waiting finals cannot deadlock)."""
-    if getattr(train_cfg, "mode", "sequential") != "pipeline":
-        return {"num_cpus": cpus, "num_gpus": gpus}
-    return {"num_cpus": 0.01, "num_gpus": 0}
-
-
-def stage_bundles(k: int, cluster_gpus: float, device: str) -> list[dict]:
-    """One placement-group bundle per stage group when the pipeline reserves its own: one CPU each, plus a GPU
-    each when the cluster has ``k`` of them, or an equal share of fewer (``k`` stages on a one-GPU machine
-    share it, 1/k each: a whole GPU per stage could never be granted there and the start would time out)."""
-    if device == "cpu" or cluster_gpus <= 0:
-        return [_bundle(1, 0)] * k
-    return [_bundle(1, min(1.0, cluster_gpus / k))] * k
-
-
-def _bundle(cpus: float, gpus: float) -> dict:
-    return {"CPU": cpus, "GPU": gpus} if gpus else {"CPU": cpus}
 
 
 # --- the stage worker (a Ray actor) --------------------------------------------------------------------
@@ -183,22 +104,13 @@ class StageWorker:
 
     def __init__(self, group: int, indices: list[int], plain_cfg: dict, input_shape: tuple[int, ...],
                  num_classes: int, steps: int, init_state: dict, threads: int, use_gpu: bool, feed: Any):
-        from omegaconf import OmegaConf
-
-        from bioplaus.algorithms.rule import RunInfo
-        from bioplaus.orchestrator.config import Config
-        from bioplaus.orchestrator.trial import resolve, seed_everything
-
         spec = resolve(OmegaConf.merge(OmegaConf.structured(Config), plain_cfg))
-        t, seed = spec.cfg.train, int(spec.cfg.seed)
+        seed = int(spec.cfg.seed)
         self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
         torch.set_num_threads(threads)
-        seed_everything(seed, t.deterministic)
-        # Built exactly as run_trial builds it, then given the trial's initial weights (whatever device drew them).
-        torch.manual_seed(seed)
-        net = spec.arch.build(spec.model_cfg, tuple(input_shape), num_classes)
-        info = RunInfo(num_classes, tuple(input_shape), t.epochs, steps, self.device, seed)
-        self.rule = spec.rule_cls(net.to(self.device), spec.hp, info).to(self.device)
+        seed_everything(seed, spec.cfg.train.deterministic)
+        # Built as the trial builds its rule, then given the trial's initial weights (whatever device drew them).
+        self.rule = build_rule(spec, input_shape, num_classes, steps, self.device)
         self.rule.load_state_dict(init_state)
         self.rule.train()
         if group > 0:  # group 0 continues the trial's own stream; the others get theirs
@@ -207,7 +119,7 @@ class StageWorker:
         # Group 0 builds the batches from indices (gather, standardise, augment: a TrainFeed) on its own device;
         # the others only look up labels (_Labels). Either way a message carries indices, not images.
         self.feed = feed.to(self.device)
-        self.last = len(net.stages) - 1
+        self.last = len(self.rule.net.stages) - 1
         self.initial = {k: v.detach().clone() for k, v in self.rule.state_dict().items()}
 
     def ready(self) -> str:
@@ -263,19 +175,14 @@ class _Labels:
 
 
 # --- the driver side ------------------------------------------------------------------------------------
-class Pipeline:
+class Pipeline(Trainer):
     """K stage actors fed by the trial's driver; ``train_epoch`` yields each micro-batch's metrics in order."""
 
     def __init__(self, rule, plain_cfg: dict, input_shape: tuple[int, ...], num_classes: int, steps: int,
                  feed: Any, start_timeout_s: float = 180.0, step_timeout_s: float = 600.0,
                  grant_timeout_s: float = 3600.0):
         import ray
-        from ray.util.placement_group import (
-            get_current_placement_group,
-            placement_group,
-            remove_placement_group,
-        )
-        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+        from ray.util.placement_group import remove_placement_group
 
         t = plain_cfg["train"]
         self.k, self.s = int(t["stages"]), int(t["staleness"])
@@ -292,35 +199,8 @@ class Pipeline:
             self._tmp = tempfile.mkdtemp(prefix="bp-pipe-")
             self._started = ray_local.start(Path(self._tmp), num_cpus=self.k, timeout_s=start_timeout_s)
         try:
-            current = get_current_placement_group()
-            if current is not None and len(current.bundle_specs) >= self.k + 1:  # a Tune trial's group
-                pg, first, specs = current, 1, current.bundle_specs[1:self.k + 1]
-            else:
-                specs = stage_bundles(self.k, ray.cluster_resources().get("GPU", 0), t["device"])
-                pg = self._own_pg = placement_group(specs, strategy="PACK")
-                # Our own Ray has the resources at once; in a shared one (a sweep's finals) others may hold them.
-                wait_s = start_timeout_s if self._started is not None else grant_timeout_s
-                ready, _ = ray.wait([pg.ready()], timeout=wait_s)
-                if not ready:
-                    raise PipelineError(f"the pipeline's {self.k} stage bundles {specs[0]} were not granted within "
-                                        f"{wait_s:.0f}s; free resources or lower train.stages")
-                first = 0
-            init = ray.put({k: v.detach().cpu() for k, v in rule.state_dict().items()})
-            # The training set goes to group 0 once (uint8, through the object store), the labels to the others;
-            # group 0 continues the trial's augmentation stream, which the driver then never draws from.
-            feeds = [ray.put(copy.copy(feed).to(torch.device("cpu")))]
-            feeds += [ray.put(_Labels(feed.train_y.cpu()))] * (self.k - 1)
-            threads = int(t.get("threads") or 1)  # one thread per stage unless told otherwise
-            worker = ray.remote(StageWorker)
-            tag = uuid.uuid4().hex[:8]
-            self.names = [f"bioplaus-pipeline-{tag}-stage{g}" for g in range(self.k)]
-            for g, indices in enumerate(self.groups):
-                spec = specs[g]
-                self.actors.append(worker.options(
-                    name=self.names[g], num_cpus=spec.get("CPU", 0), num_gpus=spec.get("GPU", 0), max_restarts=0,
-                    scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=first + g),
-                ).remote(g, indices, plain_cfg, tuple(input_shape), num_classes, steps, init, threads,
-                         bool(spec.get("GPU", 0)), feeds[g]))
+            pg, first, specs = self._reserve(t["device"], start_timeout_s, grant_timeout_s)
+            self._start_actors(pg, first, specs, rule, plain_cfg, tuple(input_shape), num_classes, steps, feed)
             self.devices = self._get([a.ready.remote() for a in self.actors], start_timeout_s, "start")
         except BaseException:
             self.close()
@@ -330,6 +210,49 @@ class Pipeline:
         self.cpu = [0.0] * self.k
         self.thread_cpu = [0.0] * self.k
         self.epoch_wall = 0.0
+
+    def _reserve(self, device: str, start_timeout_s: float, grant_timeout_s: float) -> tuple[Any, int, list]:
+        """(placement group, index of its first stage bundle, the stage bundles): a Tune trial's own group, or
+        one reserved here and granted within the timeout."""
+        import ray
+        from ray.util.placement_group import get_current_placement_group, placement_group
+
+        current = get_current_placement_group()
+        if current is not None and len(current.bundle_specs) >= self.k + 1:  # a Tune trial's group
+            return current, 1, current.bundle_specs[1:self.k + 1]
+        specs = stage_bundles(self.k, ray.cluster_resources().get("GPU", 0), device)
+        pg = self._own_pg = placement_group(specs, strategy="PACK")
+        # Our own Ray has the resources at once; in a shared one (a sweep's finals) others may hold them.
+        wait_s = start_timeout_s if self._started is not None else grant_timeout_s
+        ready, _ = ray.wait([pg.ready()], timeout=wait_s)
+        if not ready:
+            raise PipelineError(f"the pipeline's {self.k} stage bundles {specs[0]} were not granted within "
+                                f"{wait_s:.0f}s; free resources or lower train.stages")
+        return pg, 0, specs
+
+    def _start_actors(self, pg: Any, first: int, specs: list, rule, plain_cfg: dict, input_shape: tuple[int, ...],
+                      num_classes: int, steps: int, feed: Any) -> None:
+        """One StageWorker per group in its bundle (``specs[g]`` at index ``first + g`` of ``pg``), each given
+        the rule's initial weights and its feed."""
+        import ray
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        init = ray.put({k: v.detach().cpu() for k, v in rule.state_dict().items()})
+        # The training set goes to group 0 once (uint8, through the object store), the labels to the others;
+        # group 0 continues the trial's augmentation stream, which the driver then never draws from.
+        feeds = [ray.put(copy.copy(feed).to(torch.device("cpu")))]
+        feeds += [ray.put(_Labels(feed.train_y.cpu()))] * (self.k - 1)
+        threads = int(plain_cfg["train"].get("threads") or 1)  # one thread per stage unless told otherwise
+        worker = ray.remote(StageWorker)
+        tag = uuid.uuid4().hex[:8]
+        self.names = [f"bioplaus-pipeline-{tag}-stage{g}" for g in range(self.k)]
+        for g, indices in enumerate(self.groups):
+            spec = specs[g]
+            self.actors.append(worker.options(
+                name=self.names[g], num_cpus=spec.get("CPU", 0), num_gpus=spec.get("GPU", 0), max_restarts=0,
+                scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=first + g),
+            ).remote(g, indices, plain_cfg, input_shape, num_classes, steps, init, threads,
+                     bool(spec.get("GPU", 0)), feeds[g]))
 
     def _describe(self, g: int) -> str:
         blocks = ", ".join(map(str, self.groups[g]))
@@ -402,9 +325,9 @@ class Pipeline:
                 out["correct"] = tokens[-1]["correct"][m]
             yield out
 
-    def gather(self, rule) -> None:
-        """Load every group's changed tensors into ``rule`` (the driver's copy); a tensor changed by two groups
-        means the rule's stages share state, which a pipeline cannot split."""
+    def sync(self, rule) -> None:
+        """Gather the stages: load every group's changed tensors into ``rule`` (the driver's copy); a tensor
+        changed by two groups means the rule's stages share state, which a pipeline cannot split."""
         changed = self._get([a.changed.remote() for a in self.actors], self.step_timeout_s, "state gathering")
         state = rule.state_dict()
         owner: dict[str, int] = {}
