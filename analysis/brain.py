@@ -58,6 +58,7 @@ import torch.nn.functional as F
 
 from bioplaus.analysis import brain_pairs
 from bioplaus.orchestrator.errors import UsageError
+from bioplaus.orchestrator.results import read_table
 
 STIMULI_FILE = "Kriegeskorte_Neuron2008_supplementalData.mat"
 BRAIN_FILE = "92_brainRDMs.mat"
@@ -687,13 +688,7 @@ def brain_table(sweep_dir: str | Path, rsa92_dir: str | Path | None = None, cfg:
 
 def read_brain(sweep_dir: str | Path):
     """The ``brain`` table as a polars DataFrame (empty if absent)."""
-    import polars as pl
-
-    path = Path(sweep_dir) / "brain"
-    if not path.exists() or not any(path.rglob("*.parquet")):
-        return pl.DataFrame()
-    # The glob skips the hidden temp file of a write that was interrupted (a bare folder scan fails on it).
-    return pl.scan_parquet(path / "**" / "*.parquet", hive_partitioning=True).collect()
+    return read_table(sweep_dir, "brain")
 
 
 # --- report helpers -----------------------------------------------------------------------------------

@@ -1,14 +1,12 @@
 """Reading a sweep folder lazily: every table as a Polars LazyFrame, nothing collected until asked.
 
-A sweep folder (see ``orchestrator/sweep.py``) holds hive-partitioned tables ``trials/``, ``epochs/``,
+A sweep folder (see ``orchestrator/sweep/``) holds hive-partitioned tables ``trials/``, ``epochs/``,
 ``final_runs/``, ``finals/`` (``rule=R/arch=A/dataset=D/*.parquet``), plus ``cells.parquet`` and
 ``manifest.parquet``, and, once the brain-similarity step has run, ``brain/``.
 
-Each Parquet file is scanned on its own and the scans are concatenated with ``diagonal_relaxed``:
-files written at different times may disagree on a column's type (a column that was all null in one
-file is typed ``null`` there) or on which columns exist (a table gaining a column in a later version),
-and a single directory scan would refuse both. The partition values are taken from the path and always
-typed as strings, so a dataset called ``10`` stays ``"10"``.
+The tables are read with the results layer's reader (:func:`bioplaus.orchestrator.results.scan_table`),
+which scans each file on its own so that files disagreeing on a column's type or on which columns
+exist still read as one table, with the partition values as strings.
 """
 
 from __future__ import annotations
@@ -19,43 +17,12 @@ from pathlib import Path
 import polars as pl
 
 from bioplaus.orchestrator.errors import UsageError
+from bioplaus.orchestrator.results import PARTITIONS, hive_values, parquet_files, scan_table
 
-PARTITIONS = ("rule", "arch", "dataset")
+__all__ = ["HIVE_TABLES", "PARTITIONS", "SweepData", "hive_values", "load_sweep", "parquet_files", "scan_file",
+           "scan_table"]
+
 HIVE_TABLES = ("trials", "epochs", "final_runs", "finals", "brain")
-
-
-def parquet_files(folder: Path) -> list[Path]:
-    """The table's Parquet files in a stable order (temp files of an in-progress write are skipped)."""
-    if not folder.is_dir():
-        return []
-    return sorted(p for p in folder.rglob("*.parquet") if not p.name.startswith("."))
-
-
-def hive_values(file: Path, table_root: Path) -> dict[str, str]:
-    """``{"rule": "bp", ...}`` from the ``key=value`` folders between the table root and the file."""
-    out = {}
-    for part in file.relative_to(table_root).parts[:-1]:
-        if "=" in part:
-            key, value = part.split("=", 1)
-            out[key] = value
-    return out
-
-
-def scan_table(folder: Path) -> pl.LazyFrame | None:
-    """A hive-partitioned table as one LazyFrame, or None when the folder holds no Parquet file."""
-    files = parquet_files(folder)
-    if not files:
-        return None
-    frames = []
-    for f in files:
-        lf = pl.scan_parquet(f)
-        parts = hive_values(f, folder)
-        names = lf.collect_schema().names()
-        # Path values win over columns of the same name written into the file (hive semantics).
-        lf = lf.drop([k for k in parts if k in names]).with_columns(
-            [pl.lit(v, dtype=pl.String).alias(k) for k, v in parts.items()])
-        frames.append(lf)
-    return pl.concat(frames, how="diagonal_relaxed")
 
 
 def scan_file(path: Path) -> pl.LazyFrame | None:

@@ -28,6 +28,7 @@ import polars as pl
 
 from bioplaus.analysis import plots, tables
 from bioplaus.analysis.load import SweepData, load_sweep
+from bioplaus.orchestrator.errors import one_line
 
 Value = "str | Cell"
 
@@ -291,7 +292,7 @@ def brain_part(d: SweepData, out: Path, colors: dict) -> tuple[Section | None, p
         table, why = tables.brain_table(d)
         if table is None:
             return None, None, [why] if why else []
-        notes.append(f"brain section: generic best-layer view ({type(e).__name__}: {e})")
+        notes.append(f"brain section: generic best-layer view ({one_line(e)})")
         roles = tables.brain_columns(df)
         png = plots.brain_figure(table, roles, colors, out / "plots" / "brain_similarity.png")
         figures = [("brain similarity", png)]

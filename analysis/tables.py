@@ -31,6 +31,7 @@ import numpy as np
 import polars as pl
 
 from bioplaus.analysis.load import SweepData
+from bioplaus.orchestrator.errors import one_line
 
 CELL = ["arch", "dataset"]
 KEYS = ["rule", "arch", "dataset"]
@@ -213,7 +214,7 @@ def criteria_table(rules: list[str]) -> tuple[pl.DataFrame, str | None]:
 
         registry = load_rules()
     except Exception as e:  # noqa: BLE001  (a rule module being edited must not take the whole report down)
-        return pl.DataFrame(schema=CRITERIA_SCHEMA), f"rule registry could not be loaded: {type(e).__name__}: {e}"
+        return pl.DataFrame(schema=CRITERIA_SCHEMA), f"rule registry could not be loaded: {one_line(e)}"
     rows = []
     for rule in rules:
         cls = registry.get(rule)
@@ -239,7 +240,7 @@ def tuning_table(d: SweepData, cells: pl.DataFrame) -> pl.DataFrame:
         failed=(pl.col("status") == "failed").sum(), diverged=(pl.col("status") == "diverged").sum(),
         epochs_run=pl.col("epochs_run").sum(), tuning_seconds=pl.col("train_seconds").sum(),
         max_val_acc=pl.col("val_acc").max(), first_error=pl.col("error").drop_nulls().first())
-    # The orchestrator's selection (bioplaus.orchestrator.sweep.best_configs): ok trials before pruned ones,
+    # The orchestrator's selection (bioplaus.orchestrator.sweep.finals.best_configs): ok trials before pruned ones,
     # then the best validation accuracy, then the lowest trial number.
     best = (tr.filter(pl.col("status").is_in(["ok", "pruned"]) & pl.col("val_acc").is_not_null())
             .sort(pl.col("status") != "ok", pl.col("val_acc"), pl.col("trial_number"),
@@ -251,7 +252,7 @@ def tuning_table(d: SweepData, cells: pl.DataFrame) -> pl.DataFrame:
     return t.with_columns(pl.col(zero).fill_null(0)).sort(KEYS).collect()
 
 
-# --- brain similarity (written by the brain step, issue 11) ------------------------------------------------
+# --- brain similarity (written by the brain step, analysis/brain.py) ---------------------------------------
 BRAIN_VALUE = ("similarity", "ci_low", "ci_high")
 
 

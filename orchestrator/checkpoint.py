@@ -1,13 +1,11 @@
 """Trained networks on disk: the network's weights plus what is needed to rebuild and feed it.
 
 Saved as plain tensors and Python values, so loading uses ``torch.load(weights_only=True)``: no
-pickle of code, safe for files from elsewhere. Written atomically (temp file + rename).
+pickle of code, safe for files from elsewhere. Written atomically (the results writer's temp file + rename).
 """
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -16,36 +14,21 @@ from omegaconf import OmegaConf
 
 from bioplaus.algorithms.arch import ARCHS, Network
 from bioplaus.orchestrator.config import typed
+from bioplaus.orchestrator.results import atomic_write
 
 
 def save_network(path: str | Path, net: Network, config: dict, mean: torch.Tensor, std: torch.Tensor,
                  classes: list[str]) -> Path:
     """Write ``net``'s weights with its trial config and the training split's normalisation."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     payload = {"state_dict": {k: v.detach().cpu() for k, v in net.state_dict().items()}, "config": config,
                "arch": net.arch, "input_shape": list(net.input_shape), "num_classes": net.num_classes,
                "mean": mean.detach().cpu(), "std": std.detach().cpu(), "classes": list(classes)}
-    return _atomic(path, lambda tmp: torch.save(payload, tmp))
+    return atomic_write(path, lambda tmp: torch.save(payload, tmp))
 
 
 def write_network_file(path: str | Path, data: bytes) -> Path:
     """Write a saved network's bytes (as a worker on another node sent them back) atomically to ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return _atomic(path, lambda tmp: Path(tmp).write_bytes(data))
-
-
-def _atomic(path: Path, write) -> Path:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+    return atomic_write(path, lambda tmp: Path(tmp).write_bytes(data))
 
 
 def load_network(path: str | Path, device: str | torch.device = "cpu") -> tuple[Network, dict[str, Any]]:

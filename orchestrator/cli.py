@@ -94,12 +94,25 @@ def cmd_archs(args) -> int:
     return 0
 
 
+def brain_step(cfg):
+    """The sweep's last step with ``brain=true`` (None otherwise): brain similarity of every final network.
+
+    Composed here because the sweep sits below analysis and never imports it.
+    """
+    if not cfg.brain:
+        return None
+    from bioplaus.analysis.brain import brain_table
+
+    return lambda sweep_dir, log: brain_table(sweep_dir, cfg.rsa92, log=log)
+
+
 def cmd_sweep(args) -> int:
     from bioplaus.orchestrator.sweep import Sweep, parse_sweep
 
     import polars as pl
 
-    sweep = Sweep(parse_sweep(args.overrides))  # everything is validated here, before Ray starts
+    cfg = parse_sweep(args.overrides)
+    sweep = Sweep(cfg, after_finals=brain_step(cfg))  # everything is validated here, before Ray starts
     tick = time.time()
     folder = sweep.run()
     table = sweep.summary()

@@ -1,21 +1,32 @@
-"""Results as Parquet tables with one stable schema, hive-partitioned by rule/arch/dataset.
+"""Results: the typed run record, the one writer and the one reader of a results (or sweep) folder.
 
-Layout under a results folder::
+Parquet tables with one stable schema, hive-partitioned by rule/arch/dataset. Layout::
 
     runs/rule=bp/arch=mlp/dataset=digits/<run_id>.parquet     one row per trial
     epochs/rule=bp/arch=mlp/dataset=digits/<run_id>.parquet   one row per trial and epoch
 
-The partition columns live in the paths only (hive style), so ``pl.scan_parquet(folder/"runs")``
-gives them back as columns. Every file is written to a temporary name in its final folder and
-renamed into place, so a reader never sees a half-written file and a crash leaves no partial table:
-at most a hidden ``.<name>.*.tmp`` file, which :func:`remove_interrupted_writes` clears (a sweep does
-at start-up). A write that fails (disk full, read-only folder) leaves the files already written as
-they were and raises a UsageError naming the file and the fix.
+(a sweep folder names its run tables ``trials`` and ``final_runs``). The partition columns live in the
+paths only (hive style), so ``pl.scan_parquet(folder/"runs")`` gives them back as columns.
+
+* **Record**: :class:`RunRecord` is a run's row, typed; ``RUN_SCHEMA``/``EPOCH_SCHEMA`` are the tables'
+  schemas, so column types never depend on the values.
+* **Writing**: every file is written to a temporary name in its final folder and renamed into place
+  (:func:`atomic_write`), so a reader never sees a half-written file and a crash leaves no partial
+  table: at most a hidden ``.<name>.*.tmp`` file, which :func:`remove_interrupted_writes` clears (a
+  sweep does at start-up). A table write that fails (disk full, read-only folder) leaves the files
+  already written as they were and raises a UsageError naming the file and the fix.
+* **Reading**: each Parquet file is scanned on its own and the scans are concatenated with
+  ``diagonal_relaxed``: files written at different times may disagree on a column's type (a column
+  that was all null in one file is typed ``null`` there) or on which columns exist (a table gaining a
+  column in a later version), and a single directory scan would refuse both. The partition values are
+  taken from the path and always typed as strings, so a dataset called ``10`` stays ``"10"``.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import datetime as dt
 import errno
 import json
 import os
@@ -23,9 +34,12 @@ import re
 import subprocess
 import tempfile
 import uuid
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -81,99 +95,92 @@ EPOCH_SCHEMA = pa.schema([
     ("extra_json", pa.string()),      # the rule's own per-step metrics, epoch means (e.g. inference_steps)
 ])
 
+# Run-table columns the writer fills in, not the run: its id, the code that wrote it, and the JSON texts of
+# the record's ``hp`` and ``config``.
+WRITER_COLUMNS = ("run_id", "hp_json", "config_json", "bioplaus_version", "git_commit")
 
-TMP_SUFFIX = ".tmp"
 
+@dataclass(kw_only=True)
+class RunRecord:
+    """A run's row of the run table, typed; every ``RUN_SCHEMA`` column not in ``WRITER_COLUMNS`` is a field.
 
-def write_table(table: pa.Table, path: Path) -> Path:
-    """Write ``table`` to ``path`` atomically (temp file in the same folder, then rename).
-
-    UsageError (naming the file and the fix) when the folder cannot be written; files already
-    there are left as they were.
+    ``rule``/``arch``/``dataset`` are the partition columns (stored in the path), ``hp`` and ``config``
+    are stored as ``hp_json``/``config_json``, ``started_at``/``finished_at`` are Unix seconds (stored as
+    UTC timestamps), and ``epochs`` holds the epoch rows (``EPOCH_SCHEMA`` keys, ``extra`` as a dict).
     """
-    tmp = None
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TMP_SUFFIX, dir=path.parent)
-        os.close(fd)
-        pq.write_table(table, tmp)
-        os.replace(tmp, path)
-    except OSError as e:
-        raise unwritable(path, e) from None
-    finally:
-        if tmp is not None:
-            with contextlib.suppress(OSError):  # already gone after the rename, or the folder turned read-only
-                os.unlink(tmp)
-    return path
+
+    rule: str
+    arch: str
+    dataset: str
+    seed: int
+    status: str
+    phase: str = "train"
+    trial_number: int | None = None
+    node_id: str | None = None
+    attempts: int | None = None
+    error: str | None = None
+    epochs_planned: int | None = None
+    epochs_run: int | None = None
+    best_epoch: int | None = None
+    val_acc: float | None = None
+    val_loss: float | None = None
+    test_acc: float | None = None
+    test_loss: float | None = None
+    train_seconds: float | None = None
+    samples_per_second: float | None = None
+    peak_mem_mb: float | None = None
+    mem_kind: str | None = None
+    n_params: int | None = None
+    n_rule_params: int | None = None
+    n_train: int | None = None
+    n_val: int | None = None
+    n_test: int | None = None
+    device: str | None = None
+    started_at: float | None = None
+    finished_at: float | None = None
+    hp: dict[str, Any] = field(default_factory=dict)
+    config: dict[str, Any] = field(default_factory=dict)
+    epochs: list[dict[str, Any]] = field(default_factory=list)
+
+    @classmethod
+    def from_trial(cls, record: Mapping[str, Any]) -> RunRecord:
+        """From ``run_trial``'s dict (or any dict with these keys); keys that are not fields are left out."""
+        return cls(**{k: record[k] for k in _FIELDS if k in record})
+
+    @property
+    def cell(self) -> dict[str, str]:
+        """The partition values: ``{"rule": ..., "arch": ..., "dataset": ...}``."""
+        return {k: getattr(self, k) for k in PARTITIONS}
+
+    def run_row(self, run_id: str, bioplaus_version: str | None, git_commit: str | None) -> dict[str, Any]:
+        """The run-table row (``RUN_SCHEMA`` columns, in order)."""
+        own = {name: getattr(self, name) for name in RUN_SCHEMA.names if name in _FIELDS}
+        return {**{name: own.get(name) for name in RUN_SCHEMA.names},
+                "run_id": run_id, "hp_json": json.dumps(self.hp, sort_keys=True, default=str),
+                "config_json": json.dumps(self.config, sort_keys=True, default=str),
+                "started_at": _utc(self.started_at), "finished_at": _utc(self.finished_at),
+                "bioplaus_version": bioplaus_version, "git_commit": git_commit}
+
+    def epoch_rows(self, run_id: str) -> list[dict[str, Any]]:
+        """The epoch-table rows (``EPOCH_SCHEMA`` columns, in order)."""
+        return [{**{n: e.get(n) for n in EPOCH_SCHEMA.names}, "run_id": run_id, "seed": self.seed,
+                 "phase": self.phase, "extra_json": json.dumps(e.get("extra") or {}, sort_keys=True)}
+                for e in self.epochs]
 
 
-def unwritable(path: Path, e: OSError) -> UsageError:
-    """The one-line error for a results file that could not be written (disk full, read-only, ...)."""
-    code = errno.errorcode.get(e.errno or 0, type(e).__name__)
-    return UsageError(f"cannot write {path}: {e.strerror or e} ({code}); free disk space or make "
-                      f"{path.parent} writable, then run the same command again (results already written are kept)")
+_FIELDS = frozenset(f.name for f in dataclasses.fields(RunRecord))
 
 
-def remove_interrupted_writes(root: Path, runs_tables: tuple[str, ...] = ("runs",), epochs_table: str = "epochs",
-                              other_tables: tuple[str, ...] = ()) -> list[Path]:
-    """Clear what a writer killed mid-write left under ``root``; returns the removed files.
-
-    That is the hidden temp files of :func:`write_table` (a table scan would choke on them) and
-    epoch files whose run row, the commit point of :func:`write_run`, was never written. Call it only
-    while nothing else writes to ``root`` (a sweep's driver does, at start-up).
-    """
-    root = Path(root)
-    pattern = f".*.parquet.*{TMP_SUFFIX}"
-    removed = list(root.glob(pattern))
-    for table in (*runs_tables, epochs_table, *other_tables):
-        removed += (root / table).rglob(pattern)
-    committed = {p.stem for table in runs_tables for p in (root / table).rglob("*.parquet")}
-    removed += [p for p in (root / epochs_table).rglob("*.parquet") if p.stem not in committed]
-    for p in removed:
-        p.unlink(missing_ok=True)
-    return removed
+def partition_dir(root: Path, table: str, cell: Mapping[str, Any]) -> Path:
+    """``root/table/rule=R/arch=A/dataset=D``: where a row of ``cell`` goes."""
+    return root.joinpath(table, *(f"{k}={cell[k]}" for k in PARTITIONS))
 
 
-def partition_dir(root: Path, table: str, record: dict[str, Any]) -> Path:
-    return root.joinpath(table, *(f"{k}={record[k]}" for k in PARTITIONS))
-
-
-def write_run(root: str | Path, record: dict[str, Any], run_id: str | None = None, runs_table: str = "runs",
-              epochs_table: str = "epochs") -> str:
-    """Write a trial's run row and its epoch rows; returns the run id."""
-    root = Path(root)
-    run_id = run_id or new_run_id()
-    row = {name: record.get(name) for name in RUN_SCHEMA.names}
-    row.update(run_id=run_id, phase=record.get("phase", "train"), hp_json=json.dumps(record.get("hp", {}), sort_keys=True, default=str),
-               config_json=json.dumps(record.get("config", {}), sort_keys=True, default=str),
-               started_at=_ms(record.get("started_at")), finished_at=_ms(record.get("finished_at")),
-               bioplaus_version=version(), git_commit=git_commit())
-    epochs = [{**{n: e.get(n) for n in EPOCH_SCHEMA.names}, "run_id": run_id, "seed": record["seed"],
-               "phase": row["phase"], "extra_json": json.dumps(e.get("extra") or {}, sort_keys=True)}
-              for e in record.get("epochs", [])]
-    # Epochs first: a run row is the commit point that says the trial's tables are complete.
-    epochs_path = write_table(pa.Table.from_pylist(epochs, schema=EPOCH_SCHEMA),
-                              partition_dir(root, epochs_table, record) / f"{run_id}.parquet")
-    try:
-        write_table(pa.Table.from_pylist([row], schema=RUN_SCHEMA),
-                    partition_dir(root, runs_table, record) / f"{run_id}.parquet")
-    except UsageError:  # not committed: take its epochs back (remove_interrupted_writes does it after a kill)
-        with contextlib.suppress(OSError):
-            epochs_path.unlink()
-        raise
-    return run_id
-
-
-def new_run_id() -> str:
-    return uuid.uuid4().hex[:16]
-
-
-def _ms(ts: float | None):
-    import datetime as dt
-
+def _utc(ts: float | None) -> dt.datetime | None:
     return None if ts is None else dt.datetime.fromtimestamp(ts, tz=dt.timezone.utc)
 
 
+# --- provenance: the code that wrote a row -------------------------------------------------------------
 def version() -> str:
     try:
         from importlib.metadata import version as v
@@ -216,3 +223,143 @@ def built_commit() -> str | None:
         return None
     sha = __commit_id__[1:] if __commit_id__.startswith("g") else __commit_id__
     return f"{sha}-dirty" if re.search(r"\.d\d{8}$", __version__) else sha
+
+
+# --- writing ---------------------------------------------------------------------------------------------
+TMP_SUFFIX = ".tmp"
+
+
+def atomic_write(path: str | Path, write: Callable[[str], None]) -> Path:
+    """Create ``path`` atomically: ``write(tmp)`` fills a temp file in the same folder, which is then renamed.
+
+    The folder is created if needed. An OSError propagates as raised; the temp file is removed either way.
+    """
+    path = Path(path)
+    tmp = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TMP_SUFFIX, dir=path.parent)
+        os.close(fd)
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if tmp is not None:
+            with contextlib.suppress(OSError):  # already gone after the rename, or the folder turned read-only
+                os.unlink(tmp)
+    return path
+
+
+def write_table(table: pa.Table, path: Path) -> Path:
+    """Write ``table`` to ``path`` as Parquet, atomically.
+
+    UsageError (naming the file and the fix) when the folder cannot be written; files already
+    there are left as they were.
+    """
+    try:
+        return atomic_write(path, lambda tmp: pq.write_table(table, tmp))
+    except OSError as e:
+        raise unwritable(path, e) from None
+
+
+def unwritable(path: Path, e: OSError) -> UsageError:
+    """The one-line error for a results file that could not be written (disk full, read-only, ...)."""
+    code = errno.errorcode.get(e.errno or 0, type(e).__name__)
+    return UsageError(f"cannot write {path}: {e.strerror or e} ({code}); free disk space or make "
+                      f"{path.parent} writable, then run the same command again (results already written are kept)")
+
+
+def remove_interrupted_writes(root: Path, runs_tables: tuple[str, ...] = ("runs",), epochs_table: str = "epochs",
+                              other_tables: tuple[str, ...] = ()) -> list[Path]:
+    """Clear what a writer killed mid-write left under ``root``; returns the removed files.
+
+    That is the hidden temp files of :func:`write_table` (a table scan would choke on them) and
+    epoch files whose run row, the commit point of :func:`write_run`, was never written. Call it only
+    while nothing else writes to ``root`` (a sweep's driver does, at start-up).
+    """
+    root = Path(root)
+    pattern = f".*.parquet.*{TMP_SUFFIX}"
+    removed = list(root.glob(pattern))
+    for table in (*runs_tables, epochs_table, *other_tables):
+        removed += (root / table).rglob(pattern)
+    committed = {p.stem for table in runs_tables for p in (root / table).rglob("*.parquet")}
+    removed += [p for p in (root / epochs_table).rglob("*.parquet") if p.stem not in committed]
+    for p in removed:
+        p.unlink(missing_ok=True)
+    return removed
+
+
+def write_run(root: str | Path, record: RunRecord | Mapping[str, Any], run_id: str | None = None,
+              runs_table: str = "runs", epochs_table: str = "epochs") -> str:
+    """Write a run's row and its epoch rows; returns the run id.
+
+    ``record``: a :class:`RunRecord`, or ``run_trial``'s dict (read with :meth:`RunRecord.from_trial`).
+    """
+    root = Path(root)
+    run = record if isinstance(record, RunRecord) else RunRecord.from_trial(record)
+    run_id = run_id or new_run_id()
+    row = run.run_row(run_id, bioplaus_version=version(), git_commit=git_commit())
+    # Epochs first: a run row is the commit point that says the trial's tables are complete.
+    epochs_path = write_table(pa.Table.from_pylist(run.epoch_rows(run_id), schema=EPOCH_SCHEMA),
+                              partition_dir(root, epochs_table, run.cell) / f"{run_id}.parquet")
+    try:
+        write_table(pa.Table.from_pylist([row], schema=RUN_SCHEMA),
+                    partition_dir(root, runs_table, run.cell) / f"{run_id}.parquet")
+    except UsageError:  # not committed: take its epochs back (remove_interrupted_writes does it after a kill)
+        with contextlib.suppress(OSError):
+            epochs_path.unlink()
+        raise
+    return run_id
+
+
+def new_run_id() -> str:
+    return uuid.uuid4().hex[:16]
+
+
+# --- reading ---------------------------------------------------------------------------------------------
+def parquet_files(folder: Path) -> list[Path]:
+    """The table's Parquet files in a stable order (temp files of an in-progress write are skipped)."""
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.rglob("*.parquet") if not p.name.startswith("."))
+
+
+def hive_values(file: Path, table_root: Path) -> dict[str, str]:
+    """``{"rule": "bp", ...}`` from the ``key=value`` folders between the table root and the file."""
+    out = {}
+    for part in file.relative_to(table_root).parts[:-1]:
+        if "=" in part:
+            key, value = part.split("=", 1)
+            out[key] = value
+    return out
+
+
+def scan_table(folder: Path) -> pl.LazyFrame | None:
+    """A hive-partitioned table as one LazyFrame, or None when the folder holds no Parquet file."""
+    files = parquet_files(folder)
+    if not files:
+        return None
+    frames = []
+    for f in files:
+        lf = pl.scan_parquet(f)
+        parts = hive_values(f, folder)
+        names = lf.collect_schema().names()
+        # Path values win over columns of the same name written into the file (hive semantics).
+        lf = lf.drop([k for k in parts if k in names]).with_columns(
+            [pl.lit(v, dtype=pl.String).alias(k) for k, v in parts.items()])
+        frames.append(lf)
+    return pl.concat(frames, how="diagonal_relaxed")
+
+
+def read_table(results_dir: str | Path, name: str) -> pl.DataFrame:
+    """One table of a results folder (trials, epochs, final_runs, finals, brain, ...); empty if absent."""
+    lf = scan_table(Path(results_dir) / name)
+    return pl.DataFrame() if lf is None else lf.collect()
+
+
+def rows_by_cell(results_dir: str | Path, table: str) -> dict[str, pl.DataFrame]:
+    """A table's rows grouped by cell key ("rule.arch.dataset")."""
+    df = read_table(results_dir, table)
+    if df.is_empty():
+        return {}
+    df = df.with_columns(pl.concat_str(list(PARTITIONS), separator=".").alias("cell"))
+    return {k[0]: g for k, g in df.group_by("cell")}

@@ -1,0 +1,272 @@
+"""The sweep driver: one sweep folder, planned, resumed from what its tables hold, and run to the end.
+
+:class:`Sweep` validates everything before Ray starts (cells, search spaces, every trial config, the
+data), then tunes every cell in one Ray Tune run, re-runs each cell's best configuration as finals
+(Ray tasks), writes the ``finals`` table and the manifest. It is the only writer of its folder.
+"""
+
+from __future__ import annotations
+
+from bioplaus.orchestrator import ray_local  # noqa: I001  (sets Ray's loopback environment before ray is imported)
+
+import json
+import platform
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import polars as pl
+import pyarrow as pa
+import ray
+import torch
+from omegaconf import DictConfig
+from ray import tune
+
+from bioplaus.algorithms.registry import load_rules
+from bioplaus.orchestrator.checkpoint import write_network_file
+from bioplaus.orchestrator.config import to_plain
+from bioplaus.orchestrator.data import DATASETS
+from bioplaus.orchestrator.data.datasets import ensure_files
+from bioplaus.orchestrator.errors import UsageError, one_line
+from bioplaus.orchestrator.pipeline import final_options, trial_resources
+from bioplaus.orchestrator.progress import runs_bar
+from bioplaus.orchestrator.results import (RunRecord, git_commit, read_table, remove_interrupted_writes, rows_by_cell,
+                                           unwritable, version, write_run, write_table)
+from bioplaus.orchestrator.search_space import defaults_in_space, load_search_space
+from bioplaus.orchestrator.sweep.cells import Cell, plan_cells, trial_config, trial_spec
+from bioplaus.orchestrator.sweep.config import check_local_resources
+from bioplaus.orchestrator.sweep.finals import best_configs, write_finals
+from bioplaus.orchestrator.sweep.recording import TrialRecorder, WandbLogger, WriteFailureStopper
+from bioplaus.orchestrator.sweep.search import CellASHA, CellSearcher, cell_search, close_stale_trials, optuna_storage
+from bioplaus.orchestrator.sweep.workers import final_task, tune_trainable
+
+Log = Callable[[str], None]
+AfterFinals = Callable[[Path, Log], None]
+
+
+def _stderr(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+class Sweep:
+    """One sweep folder: plans cells, resumes from what its tables hold, runs the rest.
+
+    ``after_finals(sweep_dir, log)``: a step run once the finals are written, before the manifest says
+    ``complete``. ``brain=true`` needs it (``bioplaus sweep`` passes the brain step of analysis/brain.py):
+    the sweep sits below analysis and never imports it.
+    """
+
+    def __init__(self, cfg: DictConfig, after_finals: AfterFinals | None = None):
+        self.cfg = cfg
+        self.dir = Path(cfg.root).expanduser() / cfg.name
+        self.cells, self.skipped = plan_cells(cfg)
+        check_local_resources(cfg)
+        if cfg.brain and after_finals is None:
+            raise UsageError("brain=true needs the brain step, which `bioplaus sweep` adds; from Python pass "
+                             "Sweep(cfg, after_finals=...), or set brain=false and run `bioplaus brain SWEEP_DIR`")
+        self.after_finals = after_finals
+        self.rules = load_rules()
+        # A hyperparameter set on the command line (trial.hp.lr=...) is pinned: taken out of every search
+        # space, so the value given is the value every trial and final run uses.
+        self.pinned = dict(to_plain(cfg.trial.hp))
+        self.spaces = {c.rule: {k: p for k, p in load_search_space(self.rules[c.rule]).items() if k not in self.pinned}
+                       for c in self.cells}
+        empty = sorted({c.rule for c in self.cells if not self.spaces[c.rule]})
+        if empty:
+            raise UsageError(f"trial.hp pins every searched hyperparameter of {', '.join(empty)}; "
+                             "leave at least one to search, or use `bioplaus train` for a single run")
+        self.final_epochs = cfg.budget.final_epochs or cfg.budget.epochs
+        # Every trial config a sweep will build is checked now, before Ray starts.
+        for cell in self.cells:
+            point = defaults_in_space(self.rules[cell.rule], self.spaces[cell.rule])
+            trial_spec(trial_config(cfg, cell, point, cfg.seed, cfg.budget.epochs))
+        # Data too: missing files are downloaded (or refused, naming the fix) here, not in every worker.
+        for name in sorted({c.dataset for c in self.cells}):
+            ensure_files(DATASETS[name], cfg.trial.data)
+
+    def wandb_logger(self, log: Log) -> WandbLogger:
+        """The sweep's one W&B logger (tuning and finals share it, so a W&B failure is reported once)."""
+        if getattr(self, "_wandb", None) is None:
+            self._wandb = WandbLogger(self.cfg, self.dir, log)
+        return self._wandb
+
+    # tables ---------------------------------------------------------------------------------------
+    def table(self, name: str) -> pl.DataFrame:
+        return read_table(self.dir, name)
+
+    def _done(self, table: str) -> dict[str, pl.DataFrame]:
+        return rows_by_cell(self.dir, table)
+
+    def write_manifest(self, status: str, started: float, extra: dict | None = None) -> None:
+        import optuna  # the driver's alone: the workers, which import this package too, never need it
+
+        row = {"sweep": self.cfg.name, "status": status, "config_json": json.dumps(to_plain(self.cfg), default=str),
+               "started_at": started, "updated_at": time.time(), "bioplaus_version": version(),
+               "git_commit": git_commit(), "python": platform.python_version(), "torch": torch.__version__,
+               "ray": ray.__version__, "optuna": optuna.__version__, "polars": pl.__version__,
+               "cells": len(self.cells), "skipped_cells": len(self.skipped), **(extra or {})}
+        write_table(pa.Table.from_pylist([row]), self.dir / "manifest.parquet")
+        try:
+            (self.dir / "manifest.json").write_text(json.dumps(row, indent=2, default=str) + "\n")
+        except OSError as e:
+            raise unwritable(self.dir / "manifest.json", e) from None
+        cells = [{**c.record(), "supported": True, "reason": None} for c in self.cells]
+        cells += [{**c.record(), "supported": False, "reason": why} for c, why in self.skipped]
+        write_table(pa.Table.from_pylist(cells), self.dir / "cells.parquet")
+
+    # tuning ----------------------------------------------------------------------------------------
+    def _searchers(self) -> tuple[dict, dict[str, int], dict]:
+        """Per cell with trials left: its OptunaSearch, trials remaining, and its trial-config builder."""
+        cfg = self.cfg
+        done = self._done("trials")
+        storage = optuna_storage(cfg, self.dir)
+        searchers, remaining, configs = {}, {}, {}
+        for i, cell in enumerate(self.cells):
+            rows = done.get(cell.key, pl.DataFrame())
+            close_stale_trials(storage, cell.key, rows)
+            remaining[cell.key] = max(0, cfg.budget.trials - len(rows))
+            if not remaining[cell.key]:
+                continue
+            space = self.spaces[cell.rule]
+            # The rule's defaults are the first point tried in a fresh study.
+            first = None if len(rows) else defaults_in_space(self.rules[cell.rule], space)
+            searchers[cell.key] = cell_search(cell.key, space, storage, seed=cfg.seed * 7919 + i, first_point=first)
+            configs[cell.key] = (lambda hp, cell=cell: trial_config(cfg, cell, hp, cfg.seed, cfg.budget.epochs))
+        return searchers, remaining, configs
+
+    def tune(self, log: Log) -> None:
+        import optuna
+
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        cfg = self.cfg
+        searchers, remaining, configs = self._searchers()
+        total = sum(remaining.values())
+        log(f"tuning: {len(self.cells)} cells x {cfg.budget.trials} trials, {total} to run "
+            f"({cfg.budget.trials * len(self.cells) - total} already done)"
+            + (f"; pinned, not searched: {self.pinned}" if self.pinned else ""))
+        if not total:
+            return
+        scheduler = CellASHA(cfg.budget.epochs, cfg.budget.grace_epochs, cfg.budget.reduction_factor,
+                             cfg.budget.trial_timeout_s)
+        recorder = TrialRecorder(self.dir, cfg, self.wandb_logger(log), total, timed_out=scheduler.timed_out)
+        # train.mode=pipeline: a placement group with one bundle per stage group (orchestrator/pipeline.py)
+        trainable = tune.with_resources(tune_trainable, trial_resources(
+            cfg.trial.train, cfg.resources.cpus_per_trial, cfg.resources.gpus_per_trial))
+        tuner = tune.Tuner(
+            trainable,
+            tune_config=tune.TuneConfig(
+                search_alg=CellSearcher(searchers, remaining, configs, scheduler.timed_out),
+                scheduler=scheduler,
+                num_samples=total, max_concurrent_trials=cfg.resources.max_concurrent, reuse_actors=True,
+                trial_dirname_creator=lambda t: f"{t.config['cell']}.t{t.config['trial_number']}-{t.trial_id}"),
+            run_config=tune.RunConfig(
+                name=f"tune-{time.strftime('%Y%m%d-%H%M%S')}",
+                storage_path=cfg.ray.storage_path or str((self.dir / "ray_results").resolve()),
+                failure_config=tune.FailureConfig(max_failures=cfg.retries), callbacks=[recorder],
+                stop=WriteFailureStopper(recorder), verbose=0),
+        )
+        try:
+            tuner.fit()
+        finally:
+            recorder.close()
+        if recorder.write_error is not None:
+            raise recorder.write_error
+
+    # finals ----------------------------------------------------------------------------------------
+    def _final_todo(self) -> list[tuple[Cell, int, dict]]:
+        """(cell, seed, plain trial config) of every final run not yet in the tables."""
+        best = best_configs(self.dir)
+        done = self._done("final_runs")
+        seeds = [1000 + k for k in range(self.cfg.budget.final_seeds)]
+        todo = []
+        for cell in self.cells:
+            if cell.key not in best:
+                continue
+            have = set() if cell.key not in done else set(done[cell.key]["seed"].to_list())
+            hp = json.loads(best[cell.key]["hp_json"])
+            todo += [(cell, seed, trial_config(self.cfg, cell, hp, seed, self.final_epochs)) for seed in seeds
+                     if seed not in have]
+        return todo
+
+    def _record_final(self, ref, cell: Cell, seed: int, models: Path) -> RunRecord:
+        """Write one finished final run: its network file first (a final_runs row always has it), then its rows."""
+        try:
+            record, model = ray.get(ref)
+        except Exception as e:  # worker died more often than retries allow
+            record, model = RunRecord(**cell.record(), seed=seed, status="failed", error=one_line(e)), None
+        record.phase, record.epochs_planned = "final", self.final_epochs
+        record.rule, record.arch, record.dataset = cell.rule, cell.arch, cell.dataset
+        if model:
+            write_network_file(models / f"{cell.key}.final{seed}.pt", model)
+        write_run(self.dir, record, run_id=f"{cell.key}.final{seed}", runs_table="final_runs")
+        return record
+
+    def finals(self, log: Log) -> None:
+        cfg = self.cfg
+        todo = self._final_todo()
+        log(f"finals: {len(todo)} runs to do ({cfg.budget.final_seeds} seeds per cell)")
+        remote = ray.remote(final_task).options(**final_options(cfg.trial.train, cfg.resources.cpus_per_trial,
+                                                              cfg.resources.gpus_per_trial), max_retries=cfg.retries)
+        models = (self.dir / "models").resolve()
+        pending = {remote.remote(plain, f"{cell.key}.final{seed}.pt"): (cell, seed) for cell, seed, plain in todo}
+        bar = runs_bar(cfg.progress, "finals", len(pending))
+        wandb = self.wandb_logger(log)
+        try:
+            while pending:
+                ready, _ = ray.wait(list(pending), num_returns=1)
+                cell, seed = pending.pop(ready[0])
+                record = self._record_final(ready[0], cell, seed, models)
+                wandb.log_run(f"{cell.key}.final{seed}", cell, "final", record)
+                test = record.test_acc if record.test_acc is not None else float("nan")
+                bar.update(advance=1, info=f"{cell.key} seed {seed}: test {test:.4f}"[-90:])
+        finally:
+            for ref in pending:  # left only when a write failed: do not keep computing what cannot be recorded
+                ray.cancel(ref, force=True)
+            bar.close()
+            wandb.close()
+        write_finals(self.dir, self.final_epochs)
+
+    # whole sweep -------------------------------------------------------------------------------------
+    def run(self, log: Log = _stderr) -> Path:
+        cfg = self.cfg
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise unwritable(self.dir, e) from None
+        # A driver killed mid-write leaves a temp file (table scans choke on it) or an uncommitted epochs file.
+        removed = remove_interrupted_writes(self.dir, runs_tables=("trials", "final_runs"), epochs_table="epochs",
+                                            other_tables=("finals",))
+        if removed:
+            log(f"removed {len(removed)} file(s) an interrupted run left half-written")
+        started = time.time()
+        self.write_manifest("running", started)
+        for c, why in self.skipped:
+            log(f"skipped cell {c.key}: {why}")
+        ray_started = ray_local.start(self.dir, address=cfg.ray.address, num_cpus=cfg.ray.num_cpus,
+                                      num_gpus=cfg.ray.num_gpus, timeout_s=cfg.ray.timeout_s)
+        try:
+            self.tune(log)
+            self.finals(log)
+        finally:
+            ray_local.stop(ray_started)
+        if self.after_finals is not None:
+            self.after_finals(self.dir, log)
+        self.write_manifest("complete", started, {"finished_at": time.time()})
+        return self.dir
+
+    def summary(self) -> pl.DataFrame:
+        """Best validation accuracy (tuning) and final test accuracy per cell."""
+        trials = self.table("trials")
+        finals = self.table("finals")
+        if trials.is_empty():
+            return pl.DataFrame()
+        tuned = trials.group_by("rule", "arch", "dataset").agg(
+            pl.len().alias("trials"), (pl.col("status") == "pruned").sum().alias("pruned"),
+            pl.col("status").is_in(["failed", "diverged"]).sum().alias("failed"),
+            pl.col("val_acc").filter(pl.col("val_acc").is_finite()).max().alias("best_val_acc"))
+        if finals.is_empty():
+            return tuned.sort("rule", "arch", "dataset")
+        return tuned.join(finals.select("rule", "arch", "dataset", "test_acc_mean", "test_acc_ci95_low",
+                                        "test_acc_ci95_high", "n_seeds"), on=["rule", "arch", "dataset"],
+                          how="left").sort("dataset", "arch", pl.col("test_acc_mean").fill_nan(-1), descending=[False, False, True])

@@ -1,0 +1,200 @@
+"""Search and scheduling: one Optuna study and one ASHA per cell, one Ray Tune run for all cells.
+
+:class:`CellSearcher` is the Tune search algorithm: it holds one ``OptunaSearch`` per cell and hands
+each new trial to the cell with the most budget left, so cells interleave and the workers stay busy.
+:class:`CellASHA` is the Tune scheduler: one ASHA per cell, so a trial is only ever compared with trials
+of its own cell; it also enforces the per-trial wall-clock limit. Every trial's Tune config is
+``{"cell": key, "trial_number": n, "trial": <plain trial config>}``.
+"""
+
+from __future__ import annotations
+
+from bioplaus.orchestrator import ray_local  # noqa: F401, I001  (sets Ray's loopback environment before ray is imported)
+
+import math
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Optional
+
+import polars as pl
+import ray
+from omegaconf import DictConfig
+from ray.tune.schedulers import AsyncHyperBandScheduler, FIFOScheduler
+from ray.tune.search import Searcher
+
+from bioplaus.orchestrator.search_space import Param
+
+METRIC = "best_val_acc"
+"""The objective every cell maximises: the best validation accuracy so far (the test set is never used)."""
+
+
+# --- Optuna --------------------------------------------------------------------------------------------
+def optuna_space(space: dict[str, Param]) -> dict:
+    """A rule's search space as Optuna distributions."""
+    import optuna.distributions as d
+
+    out = {}
+    for p in space.values():
+        if p.type == "categorical":
+            out[p.name] = d.CategoricalDistribution(list(p.choices))
+        elif p.type == "int":
+            out[p.name] = d.IntDistribution(int(p.low), int(p.high), log=p.log, step=p.step or 1)
+        else:
+            out[p.name] = d.FloatDistribution(float(p.low), float(p.high), log=p.type == "loguniform")
+    return out
+
+
+def optuna_storage(cfg: DictConfig, sweep_dir: Path):
+    """The sweep's one Optuna storage: ``cfg.storage`` (an RDB URL), else a journal file in the sweep folder."""
+    import optuna
+
+    if cfg.storage:
+        return optuna.storages.RDBStorage(cfg.storage)
+    from optuna.storages.journal import JournalFileBackend
+
+    return optuna.storages.JournalStorage(JournalFileBackend(str(sweep_dir / "optuna.journal")))
+
+
+def cell_search(study_name: str, space: dict[str, Param], storage, seed: int, first_point: dict | None):
+    """The ``OptunaSearch`` of one cell: a seeded TPE study in ``storage``, trying ``first_point`` first if given."""
+    import optuna
+    from ray.tune.search.optuna import OptunaSearch
+
+    return OptunaSearch(space=optuna_space(space), metric=METRIC, mode="max", study_name=study_name, storage=storage,
+                        sampler=optuna.samplers.TPESampler(seed=seed),
+                        points_to_evaluate=None if first_point is None else [first_point])
+
+
+def close_stale_trials(storage, study_name: str, rows: pl.DataFrame) -> None:
+    """Optuna trials a dead driver left RUNNING: tell the result the tables hold, else mark them failed."""
+    import optuna
+    from optuna.trial import TrialState
+
+    try:
+        study = optuna.load_study(study_name=study_name, storage=storage)
+    except KeyError:
+        return
+    recorded = {} if rows.is_empty() else dict(zip(rows["trial_number"].to_list(), rows["val_acc"].to_list()))
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        value = recorded.get(t.number)
+        if value is not None and math.isfinite(value):
+            study.tell(t.number, value, state=TrialState.COMPLETE)
+        else:
+            study.tell(t.number, state=TrialState.FAIL)
+
+
+# --- the Tune search algorithm ---------------------------------------------------------------------------
+class CellSearcher(Searcher):
+    """Multiplexes one OptunaSearch per cell; the next trial goes to the cell with most budget left.
+
+    ``searchers``: cell key -> OptunaSearch; ``remaining``: cell key -> trials still to run;
+    ``configs``: cell key -> function from a hyperparameter point to the plain trial config;
+    ``timed_out``: the scheduler's record of trials it stopped for running too long (shared, filled later).
+    """
+
+    def __init__(self, searchers: dict[str, Any], remaining: dict[str, int],
+                 configs: dict[str, Callable[[dict], dict]], timed_out: dict[str, float]):
+        super().__init__(metric=METRIC, mode="max")
+        self.searchers, self.remaining, self.configs = searchers, dict(remaining), configs
+        self.timed_out = timed_out
+        self.order = list(searchers)
+        self.owner: dict[str, str] = {}  # Tune trial id -> cell key
+
+    def set_search_properties(self, metric, mode, config, **spec):
+        """Tune hook: metric and mode are fixed here (METRIC, max); accept whatever Tune passes."""
+        return True
+
+    def save(self, checkpoint_path: str):
+        """Tune hook: nothing to save; resume state lives in Optuna's storage and the tables."""
+
+    def restore(self, checkpoint_path: str):
+        """Tune hook: nothing to restore (see :meth:`save`)."""
+
+    def suggest(self, trial_id: str):
+        """Tune hook: the next trial's config, from the cell with the most budget left (ties: the first cell)."""
+        open_cells = [k for k in self.order if self.remaining[k] > 0]
+        if not open_cells:
+            return Searcher.FINISHED
+        key = max(open_cells, key=lambda k: (self.remaining[k], -self.order.index(k)))
+        self.remaining[key] -= 1
+        searcher = self.searchers[key]
+        hp = searcher.suggest(trial_id)
+        self.owner[trial_id] = key
+        # The Optuna trial number: the trial's stable id within its cell (run ids and resume are keyed on it).
+        number = searcher._ot_trials[trial_id].number
+        return {"cell": key, "trial_number": number, "trial": self.configs[key](hp)}
+
+    def on_trial_result(self, trial_id: str, result: dict):
+        """Tune hook: an epoch's report, passed to the trial's cell."""
+        self.searchers[self.owner[trial_id]].on_trial_result(trial_id, result)
+
+    def on_trial_complete(self, trial_id: str, result: Optional[dict] = None, error: bool = False):
+        """Tune hook: the trial's end, passed to its cell; a trial stopped for time is a failure, not a result."""
+        if trial_id in self.owner:
+            if trial_id in self.timed_out:
+                result, error = None, True
+            self.searchers[self.owner[trial_id]].on_trial_complete(trial_id, result=result, error=error)
+
+
+# --- the Tune scheduler ----------------------------------------------------------------------------------
+class CellASHA(FIFOScheduler):
+    """ASHA per cell: a trial is only ever compared with trials of its own cell.
+
+    Also enforces ``budget.trial_timeout_s``: Tune asks the scheduler which trial to run next at every
+    step of its loop, so that is where running trials are timed (a hung trial sends no result that a
+    result-based stopper could act on). A trial over the limit is stopped and noted in ``timed_out``.
+    """
+
+    def __init__(self, max_t: int, grace: int, reduction_factor: int, trial_timeout_s: float | None = None):
+        super().__init__()
+        self.kwargs = dict(time_attr="training_iteration", metric=METRIC, mode="max", max_t=max_t,
+                           grace_period=grace, reduction_factor=reduction_factor)
+        self.by_cell: dict[str, AsyncHyperBandScheduler] = {}
+        self.trial_timeout_s = trial_timeout_s
+        self.running_since: dict[str, float] = {}
+        self.timed_out: dict[str, float] = {}  # trial id -> seconds it had run when stopped
+
+    def choose_trial_to_run(self, tune_controller):
+        """Tune hook, called at every step of Tune's loop: first stop running trials over the time limit."""
+        if self.trial_timeout_s:
+            self._stop_overdue(tune_controller)
+        return super().choose_trial_to_run(tune_controller)
+
+    def _stop_overdue(self, tune_controller) -> None:
+        now = time.monotonic()
+        for trial in list(tune_controller.get_live_trials()):
+            if trial.status != "RUNNING":
+                self.running_since.pop(trial.trial_id, None)  # a retry gets the whole limit again
+                continue
+            ran = now - self.running_since.setdefault(trial.trial_id, now)
+            if ran > self.trial_timeout_s and trial.trial_id not in self.timed_out:
+                self.timed_out[trial.trial_id] = ran
+                # A hung step never returns, so the actor would never run Tune's polite stop and keep
+                # its CPUs until Tune's final clean-up: kill its process once Tune has let go of it.
+                actor = trial.temporary_state.ray_actor
+                tune_controller.stop_trial(trial)
+                if actor is not None:
+                    ray.kill(actor, no_restart=True)
+
+    def _of(self, trial) -> AsyncHyperBandScheduler:
+        key = trial.config["cell"]
+        if key not in self.by_cell:
+            self.by_cell[key] = AsyncHyperBandScheduler(**self.kwargs)
+        return self.by_cell[key]
+
+    def on_trial_add(self, tune_controller, trial):
+        """Tune hook: a new trial, handed to its cell's ASHA."""
+        self._of(trial).on_trial_add(tune_controller, trial)
+
+    def on_trial_result(self, tune_controller, trial, result):
+        """Tune hook: an epoch's report; the cell's ASHA decides whether the trial continues."""
+        return self._of(trial).on_trial_result(tune_controller, trial, result)
+
+    def on_trial_complete(self, tune_controller, trial, result):
+        """Tune hook: a finished trial, handed to its cell's ASHA."""
+        self._of(trial).on_trial_complete(tune_controller, trial, result)
+
+    def on_trial_remove(self, tune_controller, trial):
+        """Tune hook: a trial removed (stopped or failed), handed to its cell's ASHA."""
+        self._of(trial).on_trial_remove(tune_controller, trial)
