@@ -65,3 +65,14 @@ def test_a_planted_back_edge_breaks_the_contract(tmp_path):
     result = lint_imports(tmp_path, tmp_path / "src")
     assert result.returncode != 0
     assert "bioplaus.algorithms.rule -> bioplaus.orchestrator.results" in result.stdout, result.stdout
+
+
+def test_every_module_has_a_place_in_the_layers():
+    import tomllib
+
+    layers = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["importlinter"]["contracts"][0]["layers"]
+    placed = {m.strip() for line in layers for m in line.split("|")}
+    modules = {f"bioplaus.orchestrator.{p.stem}" for p in (REPO / "orchestrator").glob("*.py") if p.stem != "__init__"}
+    modules |= {f"bioplaus.orchestrator.{p.parent.name}" for p in (REPO / "orchestrator").glob("*/__init__.py")}
+    modules |= {"bioplaus.algorithms", "bioplaus.analysis", "bioplaus.cluster"}
+    assert modules <= placed, f"add to [tool.importlinter] layers: {sorted(modules - placed)}"
