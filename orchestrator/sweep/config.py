@@ -143,6 +143,9 @@ def parse_sweep(overrides: list[str]) -> DictConfig:
     if preset not in PRESETS:
         raise UsageError(f"unknown preset {preset!r}; known presets: {', '.join(PRESETS)}")
     base = OmegaConf.structured(SweepConfig)
+    # The data root is what a user names most often, and `bioplaus train` calls it data.root: the same
+    # spelling works here (it is the base trial config's data.root).
+    overrides = [f"trial.{o}" if o.startswith("data.") else o for o in overrides]
     given = [*PRESETS[preset], *overrides]
     cfg = parse_overrides(given, base=base)
     apply_smoke(cfg.trial, explicit={o.split("=", 1)[0][len("trial."):] for o in given if o.startswith("trial.")})
