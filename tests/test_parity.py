@@ -50,7 +50,7 @@ def onehot(y, c=10):
 # --- BP, FA, sign-symmetry, DFA: one backward recursion, four choices of the matrix that carries the error ---
 def chained_deltas(weights, x, y, carriers):
     """Rumelhart et al. 1986 for a ReLU mlp: delta_o = (softmax - onehot)/N, delta_l = (delta_{l+1} M_{l+1}) * f'(u_l)
-    with M = W (bp), B (fa, Lillicrap et al. eq. 1), sign(W) s (Liao et al.); returns dW, db of every stage."""
+    with M = W (bp), B (fa, Lillicrap et al.), sign(W) s (Liao et al.); returns dW, db of every stage."""
     hs, us = [x.flatten(1)], []
     for i, (w, b) in enumerate(weights):
         us.append(hs[-1] @ w.t() + b)
@@ -98,7 +98,7 @@ def test_sign_symmetry_parity():
 
 
 def test_dfa_parity():
-    """Nøkland 2016 eq. 3: delta_l = (e B_l) * f'(a_l) for every hidden block, e = dL/dlogits; the head as in bp."""
+    """Nøkland 2016: delta_l = (e B_l) * f'(a_l) for every hidden block, e = dL/dlogits; the head as in bp."""
     rule, weights = double_rule("dfa")
     x, y = double_batch()
     rule.gradients(x, y)
@@ -127,7 +127,7 @@ def ne_similarity(x):
 @pytest.mark.parametrize("arch", ["mlp", "cnn"])
 @pytest.mark.parametrize("classifier_init", ["zero", "default"])
 def test_local_losses_parity(arch, classifier_init):
-    """predsim (eq. 4) on the first block: (1-beta) CE(W_pred h) + beta ||S(W_sim h) - S(Y)||^2 / N^2, h the block
+    """predsim on the first block: (1-beta) CE(W_pred h) + beta ||S(W_sim h) - S(Y)||^2 / N^2, h the block
     output; the head's CE scaled by (1-beta). The reference's per-block loss is differentiated by autograd here."""
     shape = (1, 8, 8)
     rule = small_rule("local_losses", arch, input_shape=shape, hp={**SGD, "classifier_init": classifier_init}).double()
@@ -201,7 +201,7 @@ def test_ff_parity():
 
 # --- SoftHebb (Journé et al. 2023) -------------------------------------------------------------------
 def test_softhebb_parity():
-    """Journé et al. 2023 eq. 1-4: y = softmax(t u) with the winner +y, the others -y; dW_k = sum_n y_k (x - u_k w_k),
+    """Journé et al. 2023: y = softmax(t u) with the winner +y, the others -y; dW_k = sum_n y_k (x - u_k w_k),
     scaled to max |dW| = 1, rate hebb_lr |‖w_k‖ - 1|^p. Convention: the input standardised per sample
     (layer norm, eps 1e-5) where the reference uses an affine-free batch norm (softhebb's docstring).
     The readout: the delta rule (softmax - onehot) z^T / N on its standardised input."""
@@ -234,7 +234,7 @@ def test_softhebb_parity():
 
 # --- predictive coding (Whittington & Bogacz 2017) ------------------------------------------------------
 def test_pc_parity():
-    """W&B 2017 eq. 2-7 for a ReLU mlp with a cross-entropy output energy weighted by beta: errors
+    """W&B 2017 for a ReLU mlp with a cross-entropy output energy weighted by beta: errors
     eps_l = v_l - f(W_l v_{l-1} + b_l); inference dv_l = -lr (eps_l - W_{l+1}^T (eps_{l+1} f'(u_{l+1}))), the top
     hidden node also receiving -lr beta W_o^T (softmax - onehot); then dW_l = -(eps_l f'(u_l)) v_{l-1}^T / N."""
     rule, weights = double_rule("pc")
@@ -277,7 +277,7 @@ def test_pc_parity():
 def test_ep_parity(symmetric):
     """Laborieux et al. 2021: s_l <- sigma(W_l s_{l-1} + b_l + W_{l+1}^T s_{l+1}), hard sigmoid, the top hidden state
     nudged by -beta W_o^T (softmax(W_o s + b_o) - onehot); the update (dPhi/dtheta(s+) - dPhi/dtheta(s-)) / 2 beta
-    (symmetric, eq. 12) or (dPhi/dtheta(s+) - dPhi/dtheta(s0)) / beta, with dPhi/dW_l = s_l s_{l-1}^T."""
+    (symmetric) or (dPhi/dtheta(s+) - dPhi/dtheta(s0)) / beta, with dPhi/dW_l = s_l s_{l-1}^T."""
     rule, weights = double_rule("ep", hp={"symmetric": symmetric})
     x, y = double_batch()
     hp = rule.hp

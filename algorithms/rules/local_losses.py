@@ -5,10 +5,10 @@ block gets
 
 * a **pred** loss: cross-entropy of a small auxiliary linear classifier reading the block's output
   (conv outputs average-pooled first so the classifier sees at most ``aux_features`` numbers);
-* a **sim** loss (eq. 2-3): the mean squared difference between the similarity matrix S(X) of the
+* a **sim** loss (eq. 2): the mean squared difference between the similarity matrix S(X) of the
   batch's block features and S(Y) of the one-hot labels, S(X) = X~ X~^T with the rows of X~
   mean-centred and scaled to unit L2 norm;
-* **predsim** (eq. 4) = (1 - beta) * pred + beta * sim.
+* **predsim** = (1 - beta) * pred + beta * sim.
 
 Defaults follow the paper and its reference code (``train.py`` of Nøkland & Eidnes): the sim features
 pass through a bias-free learned layer first (``nn.Linear(out, out, bias=False)`` on mlp blocks, a 3x3
@@ -32,6 +32,8 @@ layer, a linear classifier (for MLP blocks: one hidden layer then a linear class
 The output block is trained by cross-entropy on its (detached) input. Every stage has its own
 optimiser; the input of every stage is detached, so no gradient ever crosses a block boundary and
 :meth:`block_step` is exactly one stage of :meth:`train_step`.
+
+Parity: ``tests/test_parity.py::test_local_losses_parity``.
 """
 
 from __future__ import annotations
