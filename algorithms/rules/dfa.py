@@ -12,6 +12,10 @@ the block — nonlinearity, max-pool routing, batch norm in deep_cnn — is diff
 autograd, because it is local to the block's own units (Nøkland's e B_l * f'(a_l) is the case of a
 block that is only a layer and a nonlinearity). Batch norm's backward uses the block's own batch
 statistics and gain: it mixes the error across the batch, never across blocks.
+
+Reference: Nøkland 2016, (delta_l = (e B_l) * f'(a_l), the head as in backprop). Deviations: the signal
+enters at the block output, so pooling and batch norm inside a block are differentiated exactly (the paper's
+blocks have neither). Parity: ``tests/test_parity.py::test_dfa_parity``.
 """
 
 from __future__ import annotations

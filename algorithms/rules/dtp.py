@@ -20,6 +20,10 @@ the default ``inverse`` propagates the output target through a learned inverse o
 "simplified DTP", Bartunov et al. 2018), so no forward weight is ever read backwards.
 
 The DRL/L-DRL feedback training of Meulemans et al. (2020) / Ernoult et al. (2022) is not implemented.
+
+Reference: Lee, Zhang, Fischer & Bengio 2015. Deviations: ``top_target=inverse`` (default) is
+simplified DTP (Bartunov et al. 2018); Lee et al.'s original is ``top_target=gradient``. Parity test: none
+yet (the reconstruction noise makes one step depend on the rule's RNG order).
 """
 
 from __future__ import annotations

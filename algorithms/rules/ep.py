@@ -20,13 +20,21 @@ Output (``loss``):
 One training step:
   1. free phase: ``free_steps`` iterations from s = 0 (beta = 0) to the free equilibrium s0;
   2. nudged phase: ``nudged_steps`` iterations from s0 with the output weakly clamped (+beta) -> s+;
-     with ``symmetric`` also with -beta -> s- (Laborieux et al. 2021: cancels the O(beta) bias);
+     with ``symmetric`` also with -beta -> s- (Laborieux et al. 2021: for a smooth activation, e.g.
+     ``activation=sigmoid``, this cancels the O(beta) bias of the one-sided estimate; with the default hard
+     sigmoid, whose kinks the nudged states cross, it does not, and at beta between 1e-3 and 0.1 it was found
+     further from backprop through the free phase than the one-sided estimate);
   3. update from the difference of local correlations, dW_l ~ (s+_l s+_{l-1}^T - s0_l s0_{l-1}^T)/beta
      (or (s+ - s-) / 2 beta), computed as dPhi/dtheta at the two equilibria.
 As beta -> 0 this equals the gradient of the loss at the free equilibrium (recurrent backprop/BPTT of
 the free dynamics) — tested.
 
 ``predict`` runs the free phase (no target) and returns the read-out of the free equilibrium.
+
+Reference: Scellier & Bengio 2017 in the discrete-time, symmetric-nudge form of Laborieux et al.
+2021 (s <- sigma(dPhi/ds), update (dPhi/dtheta(s+) - dPhi/dtheta(s-)) / 2 beta, cross-entropy read-out).
+Deviations: the optimiser is the project's (Laborieux et al. use SGD per layer); ``loss=mse`` and
+``symmetric=false`` are Scellier & Bengio's original options. Parity: ``tests/test_parity.py::test_ep_parity``.
 """
 
 from __future__ import annotations
@@ -61,7 +69,8 @@ class EPHParams(OptimHParams):
     beta: float = 0.5
     """Nudging strength: weight of the output loss subtracted from Phi in the nudged phase."""
     symmetric: bool = True
-    """Nudge with +beta and -beta and difference the two (Laborieux et al. 2021); False: +beta vs free."""
+    """Nudge with +beta and -beta and difference the two (Laborieux et al. 2021; removes the O(beta) bias only for a
+    smooth activation, not for hard_sigmoid); False: +beta vs free (Scellier & Bengio 2017)."""
     activation: str = "hard_sigmoid"
     """Bounded state nonlinearity: hard_sigmoid (clamp to [0, 1]) or sigmoid (1/(1+exp(-4(u-1/2))))."""
     loss: str = "ce"

@@ -34,6 +34,15 @@ Label embedding: ``embed=pattern`` adds a fixed random image per class (seeded; 
 blocks, whose units each see only a patch of the image); ``embed=pixels`` overwrites the first C
 input values with the one-hot label (Hinton's MNIST setup; on conv nets only the top-left corner
 sees it).
+
+Reference: Hinton 2022 (per-layer logistic loss on goodness, positive and negative data, layer-normalised
+inputs). Conventions (a constant mapping, tested): goodness is the mean rather than the sum of squares (theta
+rescales), inputs scaled to unit RMS rather than unit L2 norm, loss the sum of the positive and negative means.
+Deviations, not options: all layers are trained on every batch, each on the previous layer's current output,
+where Hinton's reference trains layer by layer (one layer to convergence, then the next); negative labels are
+drawn uniformly, not from the network's own predictions; ``embed=pattern`` (default) and ``readout=linear``
+(default) are the project's, Hinton's MNIST setup is ``embed=pixels readout=goodness``.
+Parity: ``tests/test_parity.py::test_ff_parity``.
 """
 
 from __future__ import annotations

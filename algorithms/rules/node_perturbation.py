@@ -28,6 +28,10 @@ Variance control (the variance of ``g`` grows with the number of noisy units one
 Normalisation gains and biases (few) are perturbed alongside the activity and updated from the same
 loss changes. With batch norm the noisy copies are normalised with their own batch statistics, which
 are not kept (only the clean pass updates the running statistics).
+
+Reference: Williams 1992 / Fiete & Seung 2006 (g = (L+ - L-) / 2 sigma * xi). Deviations: antithetic
+pairs, local readouts and groups (variance control, above) are the project's. No parity test yet (the
+estimator's mean is checked in tests/test_perturbation.py).
 """
 
 from __future__ import annotations

@@ -24,6 +24,11 @@ block's layer runs once per step and the errors converge to backprop's deltas ex
 
 Prediction is the feed-forward pass: without a target the energy's minimum is the feed-forward pass
 itself (every error zero), so settling would not move the value nodes.
+
+Reference: Whittington & Bogacz 2017 (value nodes settle by gradient descent on E, then
+dW_l = -(eps_l f'(u_l)) v_{l-1}^T). Deviations: the output energy is cross-entropy weighted by ``beta`` by
+default (W&B clamp the output to the target with a squared error: ``loss=mse beta=1``); value nodes start at
+the feed-forward pass. Parity: ``tests/test_parity.py::test_pc_parity``.
 """
 
 from __future__ import annotations

@@ -15,6 +15,10 @@ As in ``fa``, everything inside a block (normalisation, nonlinearity, pooling) i
 exactly; batch norm in deep_cnn uses the block's own batch statistics and gain (Liao et al. found
 batch norm important for asymmetric feedback), so it mixes the error across the batch, never across
 blocks.
+
+Reference: Liao, Leibo & Poggio 2016 (uSF: B = sign(W) times a constant; BM: sign of the gradient),
+biotorch's ``usf`` mode. Deviations: none by default (the constant is the default init's std; BM off as in
+uSF). Parity: ``tests/test_parity.py::test_sign_symmetry_parity``.
 """
 
 from __future__ import annotations

@@ -24,6 +24,12 @@ and its presynaptic activity (this is also exactly the top-layer-only gradient o
 i.e. "SGD on the top layer only"), applied by the stage's optimiser (``hp.optimizer``: adam by default,
 sgd for the classic rule). Nothing here uses autograd, so the autograd probes cannot see the updates:
 the criteria are proved by this rule's own tests (``tests/test_local_rules.py``).
+
+Reference: Journé et al. 2023 (SoftHebb; their ``hebblinear``/``hebbconv``). Deviations, not options:
+each block's input is standardised per sample, where the reference uses a batch norm without affine
+parameters (a batch-statistics normalisation; see the first bullet for why); the readout learns alongside
+the Hebbian blocks unless ``plastic_epochs`` is set (the reference trains it afterwards).
+Parity: ``tests/test_parity.py::test_softhebb_parity``.
 """
 
 from __future__ import annotations
