@@ -1,4 +1,4 @@
-"""Feedback-alignment family (issue 3): fa, dfa, sign_symmetry.
+"""Feedback-alignment family: fa, dfa, sign_symmetry.
 
 Correctness: FA with B = W is backprop bit for bit (mlp, cnn, deep_cnn with batch norm); with random
 B the FA update comes to within 90 degrees of backprop's during training (the alignment effect);

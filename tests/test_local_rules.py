@@ -1,4 +1,4 @@
-"""Block-local rules (issue 4): local_losses, ff, softhebb.
+"""Block-local rules: local_losses, ff, softhebb.
 
 * the block-local step, driven stage by stage, gives exactly the update of the whole-network step, and
   each block step changes only its own stage;

@@ -1,4 +1,4 @@
-"""Perturbation learning (issue 3): node_perturbation, weight_perturbation, forward_gradient.
+"""Perturbation learning: node_perturbation, weight_perturbation, forward_gradient.
 
 Their updates are computed by hand from loss values or forward-mode derivatives, so the autograd probes
 of tests/test_criteria.py cannot see them; these tests prove the criteria directly, each with ``bp`` as

@@ -1,4 +1,4 @@
-"""STDP on a spiking network (issue 6): the kernels, the rule's criteria and learning on digits.
+"""STDP on a spiking network: the kernels, the rule's criteria and learning on digits.
 
 * kernels (algorithms/spiking.py): the STDP window on two neurons (pre shortly before post potentiates,
   after it depresses, and less so the further apart), LIF leak, threshold, refractoriness and

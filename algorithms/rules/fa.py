@@ -62,12 +62,12 @@ class FeedbackAlignment(Rule):
     }
     benchmarks = (
         Benchmark("mlp", "fashion_mnist", 0.85, ("train.epochs=5", "hp.lr=3e-4"),
-                  "bp reaches 0.88 in the same budget; at lr 1e-3 FA's train loss rises after epoch 2"),
+                  "bp's target in the same budget is 0.88; lr 3e-4 since at 1e-3 FA's train loss rises after epoch 2"),
         Benchmark("cnn", "fashion_mnist", 0.87, ("train.epochs=15", "hp.lr=3e-4", "hp.schedule=cosine"),
-                  "issue 3 target (biotorch LeNet FA figure); lr 1e-3 gave 0.83 with a rising train loss, "
-                  "5 epochs at a constant 3e-4 0.859, 10 epochs cosine 0.8665 (val 0.879, train loss still falling)"),
+                  "project target (biotorch LeNet FA figure); lr 3e-4 since at 1e-3 the train loss rises; 15 cosine "
+                  "epochs since the train loss is still falling after 10"),
         Benchmark("cnn", "cifar10", 0.50, ("train.epochs=10", "data.augment=crop_flip", "hp.schedule=cosine"),
-                  "issue 3 target (biotorch LeNet FA figure)"),
+                  "project target (biotorch LeNet FA figure)"),
     )
 
     def __init__(self, net: Network, hp: FAHParams, info: RunInfo):

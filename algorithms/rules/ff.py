@@ -134,14 +134,14 @@ class ForwardForward(Rule):
     benchmarks = (
         Benchmark("mlp", "mnist", 0.975, ("train.epochs=60", "hp.loss=symba", "hp.alpha=64", "hp.negatives=9",
                                           "hp.readout=goodness", "hp.schedule=cosine", "data.augment=affine"),
-                  "issue target; all nine wrong labels per sample, prediction by goodness (session 9: 0.9802; "
-                  "one negative, alpha 4, no augmentation: 0.938); Hinton 2022: 98.6% with 4x2000 units, 60k images"),
+                  "project target; all nine wrong labels per sample and prediction by goodness, since one negative "
+                  "falls well short; Hinton 2022: 98.6% with 4x2000 units, 60k images"),
         Benchmark("mlp", "fashion_mnist", 0.85, ("train.epochs=20", "hp.loss=symba", "hp.alpha=4"), "bp target 0.88"),
         Benchmark("cnn", "cifar10", 0.55, ("model.channels=[128,256,512]", "hp.lr=5e-4", "train.epochs=16",
                                             "hp.loss=symba", "hp.alpha=4", "hp.goodness=position",
                                             "hp.schedule=cosine"),
-                  "issue target; session 10 on an H200: 0.5733 (seed 1: 0.5665; about 3.6 h on two CPU cores); "
-                  "32-64-128 channels at lr 1e-3: 0.4893, layer-wide goodness: 0.39"),
+                  "project target; 128-256-512 channels and one goodness per position, since the default 32-64-128 "
+                  "net and layer-wide goodness fall well short; hours on CPU (docs/benchmarks.md)"),
     )
 
     def __init__(self, net: Network, hp: FFHParams, info: RunInfo):
@@ -178,7 +178,7 @@ class ForwardForward(Rule):
         """``hp.negatives`` wrong labels per sample, shape (k, n): distinct, uniform over the other C-1 classes
         (never the true one)."""
         c, k = self.info.num_classes, self.hp.negatives
-        if k == 1:  # one draw per sample (the stream earlier runs were recorded with)
+        if k == 1:  # one draw per sample: the stream recorded one-negative runs were made with
             shift = torch.randint(1, c, (1, *y.shape), generator=self.neg_gen, device=y.device)
         else:  # k distinct shifts per sample: the first k of a random order of 1..C-1
             keys = torch.rand((len(y), c - 1), generator=self.neg_gen, device=y.device)

@@ -99,11 +99,10 @@ class PredictiveCoding(Rule):
     benchmarks = (
         Benchmark("mlp", "mnist", 0.972, ("train.epochs=20", "data.augment=shift", "hp.schedule=cosine", "hp.beta=0.1",
                                            "hp.inference_lr=0.05"),
-                  "issue 5: within 0.5 point of bp on bp's own case (0.9769): 0.9727, stable for 20 epochs. beta 1 "
-                  "(clamped output) reaches 0.9627 and inference_lr 0.1 diverges mid-training (val 0.97 -> 0.78 in one "
-                  "epoch); on 5 plain epochs pc 0.9565 vs bp 0.947"),
+                  "project target: within 0.5 point of bp's accuracy on bp's own case (docs/benchmarks.md); beta "
+                  "0.1 since beta 1 (clamped output) falls short, inference_lr 0.05 since 0.1 diverges mid-training"),
         Benchmark("cnn", "fashion_mnist", 0.88, ("train.epochs=3",),
-                  "issue 5; 0.8914 in 3 epochs (19 min on 2 cores, 17.8x bp per sample)"),
+                  "project target; 3 epochs since pc costs many times bp per sample (docs/benchmarks.md)"),
     )
 
     def __init__(self, net: Network, hp: PCHParams, info: RunInfo):

@@ -67,11 +67,11 @@ class SignSymmetry(Rule):
                     "tests/test_criteria.py::test_claims_match_probes[sign_symmetry]"),
     }
     benchmarks = (
-        Benchmark("mlp", "fashion_mnist", 0.87, ("train.epochs=5",), "bp reaches 0.88 in the same budget"),
-        Benchmark("cnn", "fashion_mnist", 0.895, ("train.epochs=5",), "issue 3 target (biotorch LeNet uSF figure)"),
+        Benchmark("mlp", "fashion_mnist", 0.87, ("train.epochs=5",), "bp's target in the same budget is 0.88"),
+        Benchmark("cnn", "fashion_mnist", 0.895, ("train.epochs=5",), "project target (biotorch LeNet uSF figure)"),
         Benchmark("cnn", "cifar10", 0.70, ("train.epochs=20", "data.augment=crop_flip", "model.norm=batch",
                                            "hp.schedule=cosine"),
-                  "issue 3 target (biotorch LeNet uSF figure); batch norm as in Liao et al."),
+                  "project target (biotorch LeNet uSF figure); batch norm as in Liao et al."),
     )
 
     def __init__(self, net: Network, hp: SignSymmetryHParams, info: RunInfo):

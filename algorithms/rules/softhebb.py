@@ -124,21 +124,20 @@ class SoftHebb(Rule):
         Benchmark("mlp", "mnist", 0.97, ("train.epochs=40", "hp.hebb_lr=0.5", "hp.triangle_power=3",
                                           "model.widths=[4000]", "hp.plastic_epochs=5", "data.augment=shift",
                                           "hp.schedule=cosine"),
-                  "issue target; 10,000 training images (fully connected blocks need a larger Hebbian rate: each "
+                  "project target; 10,000 training images (fully connected blocks need a larger Hebbian rate: each "
                   "unit competes once per sample, not once per position). One wide layer, Hebbian for 5 epochs, "
-                  "then the readout alone: 0.9714 (seed 1: 0.9743); the 2x1000 net plastic throughout: 0.9367"),
+                  "then the readout alone, since the 2x1000 net plastic throughout falls short"),
         Benchmark("mlp", "fashion_mnist", 0.84, ("train.epochs=3", "hp.triangle_power=3"),
-                  "bp target 0.88; hebb_lr=0.5 collapses here after ~800 steps (val 0.79 -> 0.18), 0.05 is stable"),
+                  "bp target 0.88; the default hebb_lr 0.05, since 0.5 collapses here part-way through training"),
         Benchmark("cnn", "mnist", 0.97, ("train.epochs=10", "hp.lr=3e-3", "hp.schedule=cosine", "model.channels=[96,384]"),
-                  "issue target (paper: 99.35%, 3 wider layers); the default [32,64,128] net gave 0.9658, 96-384 "
-                  "channels 0.9729 (8.4 min on 2 cores)"),
+                  "project target (paper: 99.35%, 3 wider layers); 96-384 channels since the default [32,64,128] "
+                  "net falls short"),
         Benchmark("cnn", "cifar10", 0.65,
                   ("train.epochs=8", "hp.lr=3e-3", "model.channels=[96,384,1536]", "model.kernel=3",
                    "hp.plastic_epochs=1", "hp.schedule=cosine"),
-                  "issue target; anchor 80.3% (Journe et al. 2023: 5x5 kernels, 4x4 pools, 50 readout epochs). The "
-                  "paper's widths with 3x3 kernels, Hebbian for one epoch (13 min), then the readout alone on the "
-                  "frozen features (4.7 min per epoch): 0.6531 (val 0.657). Two layers [96,384] reach 0.6438 at "
-                  "best (readouts on their frozen features peak at 0.625 whatever the lr or dropout)"),
+                  "project target; anchor 80.3% (Journe et al. 2023: 5x5 kernels, 4x4 pools, 50 readout epochs). The "
+                  "paper's widths with 3x3 kernels, Hebbian for one epoch, then the readout alone on the frozen "
+                  "features; two layers [96,384] fall short whatever the readout's lr or dropout"),
     )
 
     def __init__(self, net: Network, hp: SoftHebbHParams, info: RunInfo):
