@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from bioplaus.algorithms.arch import Network
@@ -96,7 +97,7 @@ class Rule(nn.Module):
     """Base class of all learning rules.
 
     Subclasses set the class attributes below and implement :meth:`train_step`. Rules whose block
-    update needs nothing from later blocks set ``block_local = True`` and implement
+    update needs nothing from later blocks subclass :class:`BlockLocalRule` instead and implement
     :meth:`block_step`; the layer-parallel pipeline drives them block by block.
     """
 
@@ -173,6 +174,30 @@ class Rule(nn.Module):
         }
 
 
+class BlockLocalRule(Rule):
+    """Base of the rules whose block update needs nothing from later blocks.
+
+    Subclasses implement :meth:`block_step` (and :meth:`block_loss` where a block has a loss);
+    :meth:`train_step` is the loop of :meth:`block_step` over the stages, so a sequential step and the
+    layer-parallel pipeline's stage-by-stage step are the same computation by construction.
+    """
+
+    block_local = True
+
+    def train_step(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, Any]:
+        h = x
+        for index in range(len(self.net.stages)):
+            h = self.block_step(index, h, y)
+        return self.step_metrics(h, y)
+
+    def step_metrics(self, out: torch.Tensor, y: torch.Tensor) -> dict[str, Any]:
+        """The metrics of the block steps just run (``out``: what the output stage returned), as
+        :meth:`train_step` returns them. Default: ``loss``, the stages' :meth:`block_loss` summed in stage
+        order (the order the pipeline trainer sums them in)."""
+        losses = (self.block_loss(index) for index in range(len(self.net.stages)))
+        return {"loss": sum(loss for loss in losses if loss is not None)}
+
+
 def _default_of(f: dataclasses.Field) -> Any:
     if f.default is not dataclasses.MISSING:
         return f.default
@@ -224,6 +249,19 @@ class PlasticWindow:
         return learn
 
 
+def output_error(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """softmax(logits) - onehot(y): the cross-entropy's gradient with respect to the logits."""
+    return logits.softmax(1) - F.one_hot(y, logits.shape[1]).to(logits.dtype)
+
+
+def set_delta_rule_grads(layer: nn.Module, x: torch.Tensor, err: torch.Tensor) -> None:
+    """The delta rule of a linear readout as its gradients, for its optimiser to apply: output error ``err``
+    times presynaptic activity ``x``, batch-averaged (the layer's own cross-entropy gradient, no autograd)."""
+    layer.weight.grad = err.t() @ x / len(x)
+    if layer.bias is not None:
+        layer.bias.grad = err.mean(0)
+
+
 def make_optimizer(params, hp: OptimHParams, total_steps: int) -> ScheduledOptimizer:
     """The optimiser and per-step LR schedule :class:`OptimHParams` asks for (cosine over ``total_steps``)."""
     params = [p for p in params if p.requires_grad]
@@ -255,4 +293,5 @@ def validate_hparams(rule_cls: type[Rule], hp: Any) -> None:
             raise ValueError(f"hp.lr={hp.lr} must be > 0")
 
 
-__all__ = ["CRITERIA", "Benchmark", "Claim", "OptimHParams", "RunInfo", "Rule", "ScheduledOptimizer", "make_optimizer", "validate_hparams"]
+__all__ = ["CRITERIA", "Benchmark", "BlockLocalRule", "Claim", "OptimHParams", "PlasticWindow", "RunInfo", "Rule",
+           "ScheduledOptimizer", "make_optimizer", "output_error", "set_delta_rule_grads", "validate_hparams"]

@@ -54,7 +54,7 @@ import torch.nn.functional as F
 
 from bioplaus.algorithms.arch import Network
 from bioplaus.algorithms.registry import register
-from bioplaus.algorithms.rule import Benchmark, Claim, OptimHParams, Rule, RunInfo, make_optimizer
+from bioplaus.algorithms.rule import Benchmark, BlockLocalRule, Claim, OptimHParams, RunInfo, make_optimizer
 
 _PROBE = "tests/test_criteria.py::test_claims_match_probes[ff]"
 _OWN = "tests/test_local_rules.py"
@@ -112,13 +112,12 @@ def goodness(h: torch.Tensor) -> torch.Tensor:
 
 
 @register
-class ForwardForward(Rule):
+class ForwardForward(BlockLocalRule):
     name = "ff"
     summary = "forward-forward: per-block goodness up for positive, down for negative (wrong-label) data (Hinton 2022)"
     HParams = FFHParams
     archs = {"mlp": None, "cnn": None,
              "deep_cnn": "not declared: batch-normalised VGG blocks and goodness-based learning are untested together"}
-    block_local = True
     criteria = {
         "C1": Claim(True, "each block's gradient is taken w.r.t. its own weights from its own goodness; no weight of "
                     "any other block is read", _PROBE),
@@ -226,14 +225,11 @@ class ForwardForward(Rule):
     def block_loss(self, index: int) -> torch.Tensor | None:
         return self._metrics.get(index)
 
-    def train_step(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
-        h = x
-        for index in range(len(self.net.stages)):
-            h = self.block_step(index, h, y)
-        out = {"loss": sum(self._metrics.values())}
-        if self._correct is not None:
-            out["correct"] = self._correct
-        return out
+    def step_metrics(self, out: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
+        metrics = super().step_metrics(out, y)
+        if self._correct is not None:  # readout=goodness trains no readout, so it has no train accuracy
+            metrics["correct"] = self._correct
+        return metrics
 
     # --- inference ------------------------------------------------------------------------------
     @torch.no_grad()

@@ -40,14 +40,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
-from torch import nn
-from torch.func import functional_call, jvp
+from torch.func import jvp
 
-from bioplaus.algorithms.arch import Block, Network
-from bioplaus.algorithms.local_readout import attach_local_readouts
+from bioplaus.algorithms.perturbation import PerturbationRule, StageUpdate, post
 from bioplaus.algorithms.registry import register
-from bioplaus.algorithms.rule import Benchmark, Claim, OptimHParams, Rule, RunInfo, validate_hparams
+from bioplaus.algorithms.rule import Benchmark, Claim, OptimHParams, output_error
 
 _TESTS = "tests/test_perturbation.py"
 
@@ -71,35 +68,13 @@ class ForwardGradientHParams(OptimHParams):
                 raise ValueError(f"hp.{name}={getattr(self, name)} must be >= 1")
 
 
-def _post(block: Block, u: torch.Tensor, norm_params: dict[str, torch.Tensor]):
-    """``block.post(u)`` with the norm's parameters passed in; returns (output, updated running stats).
-
-    The running statistics are updated on clones, so a caller decides whether to keep them (the
-    transforms of torch.func refuse in-place updates of captured buffers anyway).
-    """
-    stats = {k: b.clone() for k, b in block.norm.named_buffers()}
-    n = functional_call(block.norm, {**norm_params, **stats}, (u,))
-    return block.pool(block.act(n)), stats
-
-
-def _weight_grad(layer: nn.Module, x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-    """Batch-summed weight gradient of a Linear/Conv2d from its input and an output gradient (local)."""
-    if isinstance(layer, nn.Linear):
-        return g.t() @ x
-    if isinstance(layer, nn.Conv2d):
-        return torch.nn.grad.conv2d_weight(x, layer.weight.shape, g, layer.stride, layer.padding,
-                                           layer.dilation, layer.groups)
-    raise TypeError(f"forward_gradient supports Linear and Conv2d layers, not {type(layer).__name__}")
-
-
 @register
-class ForwardGradient(Rule):
+class ForwardGradient(PerturbationRule):
     name = "forward_gradient"
     summary = ("forward-mode directional derivatives (jvp) of local block losses along random activity "
                "perturbations (Ren et al. 2023); no reverse-mode pass")
     HParams = ForwardGradientHParams
     archs = {"mlp": None, "cnn": None, "deep_cnn": None}
-    block_local = True
     criteria = {
         "C1": Claim(True, "tangents only flow forward through a block's own post and readout; a block's update "
                     "never reads a later block's weights", f"{_TESTS}::test_update_ignores_later_blocks"),
@@ -122,34 +97,16 @@ class ForwardGradient(Rule):
                   "no project target: 2-3 points under this rule's measured accuracy (docs/benchmarks.md)"),
     )
 
-    def __init__(self, net: Network, hp: ForwardGradientHParams, info: RunInfo):
-        super().__init__(net, hp, info)
-        validate_hparams(type(self), hp)
-        hp.validate()
-        attach_local_readouts(self, hp, info)
-
-    # --- one block -------------------------------------------------------------------------------
     @torch.no_grad()
-    def _update(self, i: int, h_in: torch.Tensor, y: torch.Tensor):
-        """Update stage ``i`` from its input and the labels; return (its clean output, its local loss logits)."""
-        stage = self.net.stages[i]
-        is_head = i == len(self.net.stages) - 1
-        unit_group, feature_group = getattr(self, f"unit_group{i}"), getattr(self, f"feature_group{i}")
-        channel_group = getattr(self, f"channel_group{i}")
-        rows, cols = getattr(self, f"rows{i}"), getattr(self, f"cols{i}")
-        n_groups = self._n_groups[i]
-        x = stage.pre(h_in)
-        z = stage.layer(x)  # the only evaluation of the weight layer this step
-        norm = {k: p.detach() for k, p in stage.norm.named_parameters()}
-        readout = None if is_head else self.readouts[i]
-        weight = self.eye if is_head else readout.weight  # the output block's readout is the identity
+    def block_step(self, index: int, h_in: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Update stage ``index`` from its input and the labels; return its clean output."""
+        step = StageUpdate(self, index, h_in, y)
+        z, norm, batch = step.z, step.norm, step.batch
 
         def block_and_features(u, p):
-            h, stats = _post(stage, u, p)
-            feats = h.flatten(1) if rows is None else torch.einsum("bchw,ph,qw->bcpq", h, rows, cols).flatten(1)
-            return (h, feats), stats
+            h, stats = post(step.stage, u, p)
+            return (h, step.features(h)), stats
 
-        batch = z.shape[0]
         g_z = torch.zeros_like(z)
         g_norm = {k: torch.zeros_like(p) for k, p in norm.items()}
         for k in range(self.hp.perturbations):
@@ -157,42 +114,21 @@ class ForwardGradient(Rule):
             v_norm = {n: torch.randn_like(p) for n, p in norm.items()}
             (h_k, a), (_, a_dot), stats = jvp(block_and_features, (z, norm), (v, v_norm), has_aux=True)
             if k == 0:  # the clean pass of this step: keep its output and its running statistics
-                h, feats = h_k, a
-                for name, buf in stage.norm.named_buffers():
+                step.h, step.feats = h_k, a
+                for name, buf in step.stage.norm.named_buffers():
                     buf.copy_(stats[name])
-                logits = feats if is_head else readout(feats)
-                err = logits.softmax(1) - F.one_hot(y, logits.shape[1]).to(logits.dtype)
+                step.logits = a if step.is_head else step.readout(a)
+                err = output_error(step.logits, y)
             # Tangent of every group's logits (only that group's features live), then the directional
             # derivative of its cross-entropy: d[b, g] = dCE/dlogits . tangent = err . tangent.
-            tangent = torch.zeros(batch, n_groups, weight.shape[0], device=a.device, dtype=a.dtype)
-            tangent.index_add_(1, feature_group, a_dot.unsqueeze(2) * weight.t().unsqueeze(0))
+            tangent = torch.zeros(batch, step.n_groups, step.weight.shape[0], device=a.device, dtype=a.dtype)
+            tangent.index_add_(1, step.feature_group, a_dot.unsqueeze(2) * step.weight.t().unsqueeze(0))
             d = torch.einsum("bgc,bc->bg", tangent, err)
-            g_z += d[:, unit_group.flatten()].view_as(z) * v
-            if norm:  # a channel's gain/bias moves its features in every cell: sum those groups' derivatives
-                d_channel = d.view(batch, -1, self._cells[i]).sum(2)[:, channel_group]
+            g_z += d[:, step.unit_group.flatten()].view_as(z) * v
+            if norm:
+                d_channel = step.per_channel(d)
                 for n in norm:
                     g_norm[n] += (d_channel * v_norm[n]).mean(0)
-        scale = 1.0 / (self.hp.perturbations * batch)
-        stage.layer.weight.grad = _weight_grad(stage.layer, x, g_z) * scale
-        if stage.layer.bias is not None:
-            not_channel = [dim for dim in range(z.dim()) if dim != 1]
-            stage.layer.bias.grad = g_z.sum(not_channel) * scale
-        for n, p in stage.norm.named_parameters():
-            p.grad = g_norm[n] / self.hp.perturbations
-        if not is_head:  # the readout learns by the delta rule on the clean features
-            readout.weight.grad = err.t() @ feats / batch
-            readout.bias.grad = err.mean(0)
-        opt = self.opts[i]
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        return h, logits
-
-    # --- the rule contract -----------------------------------------------------------------------
-    def block_step(self, index: int, h_in: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return self._update(index, h_in, y)[0]
-
-    def train_step(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
-        h = x
-        for i in range(len(self.net.stages)):
-            h, logits = self._update(i, h, y)
-        return {"loss": F.cross_entropy(logits, y), "correct": (logits.argmax(1) == y).sum()}
+        step.set_layer_grads(g_z, self.hp.perturbations)
+        step.finish(g_norm, self.hp.perturbations, err)
+        return step.h

@@ -47,7 +47,7 @@ from torch import nn
 
 from bioplaus.algorithms.arch import Network
 from bioplaus.algorithms.registry import register
-from bioplaus.algorithms.rule import Benchmark, Claim, OptimHParams, Rule, RunInfo, make_optimizer
+from bioplaus.algorithms.rule import Benchmark, BlockLocalRule, Claim, OptimHParams, RunInfo, make_optimizer
 
 _PROBE = "tests/test_criteria.py::test_claims_match_probes[local_losses]"
 _OWN = "tests/test_local_rules.py"
@@ -145,13 +145,12 @@ def _aux_modules(shape: tuple[int, ...], num_classes: int, hp: LocalLossesHParam
 
 
 @register
-class LocalLosses(Rule):
+class LocalLosses(BlockLocalRule):
     name = "local_losses"
     summary = ("per-block auxiliary losses (pred/sim/predsim, Nøkland & Eidnes 2019; DGL heads, Belilovsky et "
                "al. 2020), gradients stopped between blocks")
     HParams = LocalLossesHParams
     archs = {"mlp": None, "cnn": None, "deep_cnn": None}
-    block_local = True
     criteria = {
         "C1": Claim(True, "a block's error comes from its own auxiliary head; no later block's forward weights "
                     "(transposed or copied) enter its update. Within the block the aux head's error does pass "
@@ -222,10 +221,6 @@ class LocalLosses(Rule):
     def block_loss(self, index: int) -> torch.Tensor | None:
         return self._metrics.get(index)
 
-    def train_step(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
-        h = x
-        for index in range(len(self.net.stages)):
-            h = self.block_step(index, h, y)
-        out = {"loss": sum(self._metrics.values()), "correct": self._correct,
-               "head_loss": self._metrics[len(self.net.stages) - 1]}
-        return out
+    def step_metrics(self, out: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {**super().step_metrics(out, y), "correct": self._correct,
+                "head_loss": self._metrics[len(self.net.stages) - 1]}

@@ -39,14 +39,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
-from torch import nn
-from torch.func import functional_call
 
-from bioplaus.algorithms.arch import Block, Network
-from bioplaus.algorithms.local_readout import attach_local_readouts
+from bioplaus.algorithms.perturbation import PerturbationRule, StageUpdate
 from bioplaus.algorithms.registry import register
-from bioplaus.algorithms.rule import Benchmark, Claim, OptimHParams, Rule, RunInfo, validate_hparams
+from bioplaus.algorithms.rule import Benchmark, Claim, OptimHParams
 
 _TESTS = "tests/test_perturbation.py"
 
@@ -74,34 +70,13 @@ class NodePerturbationHParams(OptimHParams):
             raise ValueError(f"hp.sigma={self.sigma} must be > 0")
 
 
-def _post(block: Block, u: torch.Tensor, norm_params: dict[str, torch.Tensor], keep_stats: bool) -> torch.Tensor:
-    """``block.post(u)`` with the norm's parameters passed in; running statistics kept only if asked."""
-    stats = {k: b.clone() for k, b in block.norm.named_buffers()}
-    n = functional_call(block.norm, {**norm_params, **stats}, (u,))
-    if keep_stats:
-        for name, buf in block.norm.named_buffers():
-            buf.copy_(stats[name])
-    return block.pool(block.act(n))
-
-
-def _weight_grad(layer: nn.Module, x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-    """Batch-summed weight gradient of a Linear/Conv2d from its input and an output gradient (local)."""
-    if isinstance(layer, nn.Linear):
-        return g.t() @ x
-    if isinstance(layer, nn.Conv2d):
-        return torch.nn.grad.conv2d_weight(x, layer.weight.shape, g, layer.stride, layer.padding,
-                                           layer.dilation, layer.groups)
-    raise TypeError(f"node_perturbation supports Linear and Conv2d layers, not {type(layer).__name__}")
-
-
 @register
-class NodePerturbation(Rule):
+class NodePerturbation(PerturbationRule):
     name = "node_perturbation"
     summary = ("node perturbation: antithetic noise in each block's activity, loss change x noise as the "
                "update (REINFORCE), local block losses; no backward pass")
     HParams = NodePerturbationHParams
     archs = {"mlp": None, "cnn": None, "deep_cnn": None}
-    block_local = True
     criteria = {
         "C1": Claim(True, "a block's update is built from loss values of its own readout and its own noise; no "
                     "weights of a later block are read", f"{_TESTS}::test_update_ignores_later_blocks"),
@@ -124,80 +99,23 @@ class NodePerturbation(Rule):
                   "no project target: 2-3 points under this rule's measured accuracy (docs/benchmarks.md)"),
     )
 
-    def __init__(self, net: Network, hp: NodePerturbationHParams, info: RunInfo):
-        super().__init__(net, hp, info)
-        validate_hparams(type(self), hp)
-        hp.validate()
-        attach_local_readouts(self, hp, info)
-
-    # --- one block -------------------------------------------------------------------------------
     @torch.no_grad()
-    def _update(self, i: int, h_in: torch.Tensor, y: torch.Tensor):
-        """Update stage ``i`` from its input and the labels; return (its clean output, its local loss logits)."""
-        stage = self.net.stages[i]
-        is_head = i == len(self.net.stages) - 1
-        unit_group, feature_group = getattr(self, f"unit_group{i}"), getattr(self, f"feature_group{i}")
-        channel_group = getattr(self, f"channel_group{i}")
-        rows, cols = getattr(self, f"rows{i}"), getattr(self, f"cols{i}")
-        n_groups, sigma = self._n_groups[i], self.hp.sigma
-        x = stage.pre(h_in)
-        z = stage.layer(x)  # the only evaluation of the weight layer this step
-        norm = {k: p.detach() for k, p in stage.norm.named_parameters()}
-        readout = None if is_head else self.readouts[i]
-        weight = self.eye if is_head else readout.weight  # the output block's readout is the identity
-
-        def features(h):
-            return h.flatten(1) if rows is None else torch.einsum("bchw,ph,qw->bcpq", h, rows, cols).flatten(1)
-
-        h = _post(stage, z, norm, keep_stats=True)  # the clean activity, sent on to the next block
-        feats = features(h)
-        logits = feats if is_head else readout(feats)
-        batch, n_classes = logits.shape
-        labels = y.repeat_interleave(n_groups)
-
-        def group_losses(u, p):
-            # Each group's copy of the local loss sees only its own features' change from the clean ones.
-            change = features(_post(stage, u, p, keep_stats=False)) - feats
-            shift = torch.zeros(batch, n_groups, n_classes, device=z.device, dtype=z.dtype)
-            shift.index_add_(1, feature_group, change.unsqueeze(2) * weight.t().unsqueeze(0))
-            noisy = (logits.unsqueeze(1) + shift).flatten(0, 1)
-            return F.cross_entropy(noisy, labels, reduction="none").view(batch, n_groups)
-
+    def block_step(self, index: int, h_in: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Update stage ``index`` from its input and the labels; return its clean output."""
+        step = StageUpdate(self, index, h_in, y)
+        step.clean_pass()  # the clean activity, sent on to the next block
+        z, norm, sigma = step.z, step.norm, self.hp.sigma
         g_z = torch.zeros_like(z)
         g_norm = {k: torch.zeros_like(p) for k, p in norm.items()}
         for _ in range(self.hp.perturbations):
             xi = torch.randn_like(z)
             xi_norm = {n: torch.randn_like(p) for n, p in norm.items()}
-            plus = group_losses(z + sigma * xi, {n: p + sigma * xi_norm[n] for n, p in norm.items()})
-            minus = group_losses(z - sigma * xi, {n: p - sigma * xi_norm[n] for n, p in norm.items()})
-            change = (plus - minus) / (2 * sigma)  # [batch, group]: each group's loss change along the noise
-            g_z += change[:, unit_group.flatten()].view_as(z) * xi
-            if norm:  # a channel's gain/bias moves its features in every cell: sum those groups' changes
-                change_channel = change.view(batch, -1, self._cells[i]).sum(2)[:, channel_group]
+            change = step.loss_change(xi, xi_norm, sigma)  # [batch, group], along the noise
+            g_z += change[:, step.unit_group.flatten()].view_as(z) * xi
+            if norm:
+                change_channel = step.per_channel(change)
                 for n in norm:
                     g_norm[n] += (change_channel * xi_norm[n]).mean(0)
-        scale = 1.0 / (self.hp.perturbations * batch)
-        stage.layer.weight.grad = _weight_grad(stage.layer, x, g_z) * scale
-        if stage.layer.bias is not None:
-            not_channel = [dim for dim in range(z.dim()) if dim != 1]
-            stage.layer.bias.grad = g_z.sum(not_channel) * scale
-        for n, p in stage.norm.named_parameters():
-            p.grad = g_norm[n] / self.hp.perturbations
-        if not is_head:  # the readout learns by the delta rule on the clean features
-            err = logits.softmax(1) - F.one_hot(y, n_classes).to(logits.dtype)
-            readout.weight.grad = err.t() @ feats / batch
-            readout.bias.grad = err.mean(0)
-        opt = self.opts[i]
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        return h, logits
-
-    # --- the rule contract -----------------------------------------------------------------------
-    def block_step(self, index: int, h_in: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return self._update(index, h_in, y)[0]
-
-    def train_step(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
-        h = x
-        for i in range(len(self.net.stages)):
-            h, logits = self._update(i, h, y)
-        return {"loss": F.cross_entropy(logits, y), "correct": (logits.argmax(1) == y).sum()}
+        step.set_layer_grads(g_z, self.hp.perturbations)
+        step.finish(g_norm, self.hp.perturbations)
+        return step.h

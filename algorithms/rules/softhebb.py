@@ -43,7 +43,8 @@ from torch import nn
 
 from bioplaus.algorithms.arch import Network
 from bioplaus.algorithms.registry import register
-from bioplaus.algorithms.rule import Benchmark, Claim, OptimHParams, PlasticWindow, Rule, RunInfo, make_optimizer
+from bioplaus.algorithms.rule import (Benchmark, BlockLocalRule, Claim, OptimHParams, PlasticWindow, RunInfo,
+                                      make_optimizer, output_error, set_delta_rule_grads)
 
 _OWN = "tests/test_local_rules.py"
 
@@ -102,14 +103,13 @@ def soft_wta(u: torch.Tensor, t_invert: float, anti_hebbian: bool) -> torch.Tens
 
 
 @register
-class SoftHebb(Rule):
+class SoftHebb(BlockLocalRule):
     name = "softhebb"
     summary = ("soft winner-take-all Hebbian/anti-Hebbian hidden blocks with weight-norm adaptive rates, "
                "delta-rule readout (Journé et al. 2023)")
     HParams = SoftHebbHParams
     archs = {"mlp": None, "cnn": None,
              "deep_cnn": "not declared: the paper's deep nets widen every layer 4x; the small VGG is untested"}
-    block_local = True
     criteria = {
         "C1": Claim(True, "hidden updates read only the block's input, output and own weights; the readout's delta "
                     "rule reads only its input and its own output error", f"{_OWN}::test_no_dependence_on_later_blocks"),
@@ -208,12 +208,8 @@ class SoftHebb(Rule):
                     self.hebbian_update(self.net.blocks[index].layer, z, u)
                 return out
             z, logits = self.readout(h_in, drop=True)
-            err = torch.softmax(logits, 1) - F.one_hot(y, logits.shape[1]).to(logits.dtype)
-            layer = self.net.head.layer
             # Delta rule: output error times presynaptic activity (the local top-layer cross-entropy gradient).
-            layer.weight.grad = err.t() @ z / len(y)
-            if layer.bias is not None:
-                layer.bias.grad = err.mean(0)
+            set_delta_rule_grads(self.net.head.layer, z, output_error(logits, y))
             opt = self.head_opt
             opt.step()
             opt.zero_grad(set_to_none=True)
@@ -224,10 +220,7 @@ class SoftHebb(Rule):
     def block_loss(self, index: int) -> torch.Tensor | None:
         return self._loss if index == len(self.net.stages) - 1 else None  # hidden blocks learn without a loss
 
-    def train_step(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
-        h = x
-        for index in range(len(self.net.stages)):
-            h = self.block_step(index, h, y)
+    def step_metrics(self, out: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
         return {"loss": self._loss, "correct": self._correct}
 
     @torch.no_grad()

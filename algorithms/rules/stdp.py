@@ -45,7 +45,8 @@ import torch.nn.functional as F
 
 from bioplaus.algorithms.arch import Network
 from bioplaus.algorithms.registry import register
-from bioplaus.algorithms.rule import Benchmark, Claim, OptimHParams, PlasticWindow, Rule, RunInfo, make_optimizer
+from bioplaus.algorithms.rule import (Benchmark, BlockLocalRule, Claim, OptimHParams, PlasticWindow, RunInfo,
+                                      make_optimizer, output_error, set_delta_rule_grads)
 from bioplaus.algorithms.spiking import latency_encode, lif_run, poisson_encode, stdp_update, to_intensity
 
 _OWN = "tests/test_stdp.py"
@@ -115,7 +116,7 @@ class STDPHParams(OptimHParams):
 
 
 @register
-class STDP(Rule):
+class STDP(BlockLocalRule):
     name = "stdp"
     summary = ("LIF spiking layers with trace STDP, winner-take-all, adaptive thresholds and weight "
                "normalisation; class-labelling or delta-rule readout (Diehl & Cook 2015)")
@@ -126,7 +127,6 @@ class STDP(Rule):
                "this rule does not implement (only the fully connected Diehl & Cook network was built and tuned)",
         "deep_cnn": "not supported: no convolutional spiking variant (see cnn); batch norm has no spiking analogue",
     }
-    block_local = True
     criteria = {
         "C1": Claim(True, "a hidden update reads only its own layer's pre/post spike trains; the readout's update "
                     "reads only its own input and output", f"{_OWN}::test_updates_depend_on_nothing_later"),
@@ -248,17 +248,14 @@ class STDP(Rule):
         logits = head(z)
         self._loss = F.cross_entropy(logits, y)
         self._correct = (logits.argmax(1) == y).sum()
-        onehot = F.one_hot(y, logits.shape[1]).to(z.dtype)
         if self.hp.readout == "label":
+            onehot = F.one_hot(y, logits.shape[1]).to(z.dtype)
             keep = math.exp(-len(y) / self.hp.label_window)  # sliding window of recent samples
             self.class_response.mul_(keep).add_(onehot.t() @ z)
             self.class_seen.mul_(keep).add_(onehot.sum(0))
             self._relabel()
-        else:
-            err = torch.softmax(logits, 1) - onehot
-            head.weight.grad = err.t() @ z / len(y)  # delta rule: output error times presynaptic activity
-            if head.bias is not None:
-                head.bias.grad = err.mean(0)
+        else:  # delta rule: output error times presynaptic activity
+            set_delta_rule_grads(head, z, output_error(logits, y))
             opt = self.head_opt
             opt.step()
             opt.zero_grad(set_to_none=True)
@@ -277,10 +274,7 @@ class STDP(Rule):
     def block_loss(self, index: int) -> torch.Tensor | None:
         return self._loss if index == len(self.net.stages) - 1 else None  # hidden layers learn without a loss
 
-    def train_step(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
-        h = x
-        for index in range(len(self.net.stages)):
-            h = self.block_step(index, h, y)
+    def step_metrics(self, out: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
         return {"loss": self._loss, "correct": self._correct}
 
     @torch.no_grad()

@@ -40,12 +40,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.func import functional_call
 
-from bioplaus.algorithms.arch import Block, Network
-from bioplaus.algorithms.local_readout import attach_local_readouts
+from bioplaus.algorithms.perturbation import PerturbationRule, StageUpdate
 from bioplaus.algorithms.registry import register
-from bioplaus.algorithms.rule import Benchmark, Claim, OptimHParams, Rule, RunInfo, validate_hparams
+from bioplaus.algorithms.rule import Benchmark, Claim, OptimHParams
 
 _TESTS = "tests/test_perturbation.py"
 
@@ -73,16 +71,6 @@ class WeightPerturbationHParams(OptimHParams):
             raise ValueError(f"hp.sigma={self.sigma} must be > 0")
 
 
-def _post(block: Block, u: torch.Tensor, norm_params: dict[str, torch.Tensor], keep_stats: bool) -> torch.Tensor:
-    """``block.post(u)`` with the norm's parameters passed in; running statistics kept only if asked."""
-    stats = {k: b.clone() for k, b in block.norm.named_buffers()}
-    n = functional_call(block.norm, {**norm_params, **stats}, (u,))
-    if keep_stats:
-        for name, buf in block.norm.named_buffers():
-            buf.copy_(stats[name])
-    return block.pool(block.act(n))
-
-
 def _noise_output(layer: nn.Module, x: torch.Tensor, direction: torch.Tensor) -> torch.Tensor:
     """The layer's operation with weights ``direction`` instead of its own (no bias)."""
     if isinstance(layer, nn.Linear):
@@ -98,13 +86,12 @@ def _signs(rows: int, cols: int, like: torch.Tensor) -> torch.Tensor:
 
 
 @register
-class WeightPerturbation(Rule):
+class WeightPerturbation(PerturbationRule):
     name = "weight_perturbation"
     summary = ("weight perturbation: antithetic random weight directions (Flipout per example), loss "
                "difference x direction as the update, local block losses; no backward pass")
     HParams = WeightPerturbationHParams
     archs = {"mlp": None, "cnn": None, "deep_cnn": None}
-    block_local = True
     criteria = {
         "C1": Claim(True, "a block's update is built from loss values of its own readout and its own weight "
                     "perturbation; no weights of a later block are read", f"{_TESTS}::test_update_ignores_later_blocks"),
@@ -127,46 +114,13 @@ class WeightPerturbation(Rule):
                   "no project target: 2-3 points under this rule's measured accuracy (docs/benchmarks.md)"),
     )
 
-    def __init__(self, net: Network, hp: WeightPerturbationHParams, info: RunInfo):
-        super().__init__(net, hp, info)
-        validate_hparams(type(self), hp)
-        hp.validate()
-        attach_local_readouts(self, hp, info)
-
-    # --- one block -------------------------------------------------------------------------------
     @torch.no_grad()
-    def _update(self, i: int, h_in: torch.Tensor, y: torch.Tensor):
-        """Update stage ``i`` from its input and the labels; return (its clean output, its local loss logits)."""
-        stage = self.net.stages[i]
-        is_head = i == len(self.net.stages) - 1
-        feature_group = getattr(self, f"feature_group{i}")
-        channel_group = getattr(self, f"channel_group{i}")
-        rows, cols = getattr(self, f"rows{i}"), getattr(self, f"cols{i}")
-        n_groups, sigma = self._n_groups[i], self.hp.sigma
-        x = stage.pre(h_in)
-        z = stage.layer(x)  # the only evaluation of the weight layer this step
-        norm = {k: p.detach() for k, p in stage.norm.named_parameters()}
-        readout = None if is_head else self.readouts[i]
-        weight = self.eye if is_head else readout.weight  # the output block's readout is the identity
-
-        def features(h):
-            return h.flatten(1) if rows is None else torch.einsum("bchw,ph,qw->bcpq", h, rows, cols).flatten(1)
-
-        h = _post(stage, z, norm, keep_stats=True)  # the clean activity, sent on to the next block
-        feats = features(h)
-        logits = feats if is_head else readout(feats)
-        batch, n_classes = logits.shape
-        labels = y.repeat_interleave(n_groups)
-
-        def group_losses(u, p):
-            # Each group's copy of the local loss sees only its own features' change from the clean ones.
-            change = features(_post(stage, u, p, keep_stats=False)) - feats
-            shift = torch.zeros(batch, n_groups, n_classes, device=z.device, dtype=z.dtype)
-            shift.index_add_(1, feature_group, change.unsqueeze(2) * weight.t().unsqueeze(0))
-            noisy = (logits.unsqueeze(1) + shift).flatten(0, 1)
-            return F.cross_entropy(noisy, labels, reduction="none").view(batch, n_groups)
-
-        layer = stage.layer
+    def block_step(self, index: int, h_in: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Update stage ``index`` from its input and the labels; return its clean output."""
+        step = StageUpdate(self, index, h_in, y)
+        step.clean_pass()  # the clean activity, sent on to the next block
+        x, z, norm, sigma, batch = step.x, step.z, step.norm, self.hp.sigma, step.batch
+        layer = step.stage.layer
         spatial = (1,) * (z.dim() - 2)  # signs are per channel, shared over positions
         g_w = torch.zeros_like(layer.weight)
         g_b = None if layer.bias is None else torch.zeros_like(layer.bias)
@@ -182,11 +136,7 @@ class WeightPerturbation(Rule):
                 noise = noise + direction_bias.view(1, -1, *spatial)
             noise = noise * s.view(batch, -1, *spatial)
             xi_norm = {n: torch.randn_like(p) for n, p in norm.items()}
-            plus = group_losses(z + sigma * noise, {n: p + sigma * xi_norm[n] for n, p in norm.items()})
-            minus = group_losses(z - sigma * noise, {n: p - sigma * xi_norm[n] for n, p in norm.items()})
-            change = (plus - minus) / (2 * sigma)  # [batch, group]: each group's loss change along the direction
-            # A channel's weights move its features in every cell: sum those groups' changes.
-            change = change.view(batch, -1, self._cells[i]).sum(2)[:, channel_group]  # [batch, channel]
+            change = step.per_channel(step.loss_change(noise, xi_norm, sigma))  # [batch, channel]
             # sum_b change_b * (D * s_b r_b^T): the direction times the sign-weighted loss changes.
             signed = (change * s).t() @ r  # [out, in]
             g_w += direction * signed.view(*signed.shape, *((1,) * (layer.weight.dim() - 2)))
@@ -197,23 +147,5 @@ class WeightPerturbation(Rule):
         layer.weight.grad = g_w / (self.hp.perturbations * batch)
         if g_b is not None:
             layer.bias.grad = g_b / (self.hp.perturbations * batch)
-        for n, p in stage.norm.named_parameters():
-            p.grad = g_norm[n] / self.hp.perturbations
-        if not is_head:  # the readout learns by the delta rule on the clean features
-            err = logits.softmax(1) - F.one_hot(y, n_classes).to(logits.dtype)
-            readout.weight.grad = err.t() @ feats / batch
-            readout.bias.grad = err.mean(0)
-        opt = self.opts[i]
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        return h, logits
-
-    # --- the rule contract -----------------------------------------------------------------------
-    def block_step(self, index: int, h_in: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return self._update(index, h_in, y)[0]
-
-    def train_step(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
-        h = x
-        for i in range(len(self.net.stages)):
-            h, logits = self._update(i, h, y)
-        return {"loss": F.cross_entropy(logits, y), "correct": (logits.argmax(1) == y).sum()}
+        step.finish(g_norm, self.hp.perturbations)
+        return step.h
