@@ -31,7 +31,7 @@ class Backprop(Rule):
     name = "bp"
     summary = "backpropagation of the output cross-entropy by reverse-mode autograd (reference)"
     HParams = BPHParams
-    archs = {"mlp": None, "cnn": None, "deep_cnn": None}
+    archs = {"mlp": None, "cnn": None, "deep_cnn": None, "resnet20": None, "resnet18": None}
     criteria = {
         "C1": Claim(False, "the backward pass sends errors through the transpose of the forward weights",
                     _PROOF),

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from bioplaus.algorithms.arch import Network
-from bioplaus.algorithms.feedback import default_init_like, feedback_preact
+from bioplaus.algorithms.feedback import default_init_like, feedback_forward, feedback_preact
 from bioplaus.algorithms.registry import register
 from bioplaus.algorithms.rule import Benchmark, Claim, OptimHParams, Rule, RunInfo, make_optimizer
 
@@ -45,7 +45,7 @@ class DirectFeedbackAlignment(Rule):
     name = "dfa"
     summary = "direct feedback alignment: the output error reaches each hidden block through its own fixed random matrix (Nøkland 2016)"
     HParams = DFAHParams
-    archs = {"mlp": None, "cnn": None, "deep_cnn": None}
+    archs = {"mlp": None, "cnn": None, "deep_cnn": None, "resnet20": None, "resnet18": None}
     criteria = {
         "C1": Claim(True, "hidden blocks receive e B_l with B_l fixed and random; no forward weight is read "
                     "to deliver an error", f"{_TESTS}::test_c1_no_weight_transport[dfa]"),
@@ -76,6 +76,12 @@ class DirectFeedbackAlignment(Rule):
             size = math.prod(shape)
             template = torch.empty(info.num_classes, size, device=param.device, dtype=param.dtype)
             self.register_buffer(f"feedback_{i}", default_init_like(template, hp.feedback_scale))
+        # Inside a residual block the delivered error reaches the first conv through the second conv's own fixed
+        # random matrix (feedback alignment within the block), so no forward weight is read there either.
+        for i, block in enumerate(net.blocks):
+            for j, (layer, reads_input) in enumerate(block.weight_layers()):
+                if not reads_input:
+                    self.register_buffer(f"inner_feedback_{i}_{j}", default_init_like(layer.weight, hp.feedback_scale))
         self.opt = make_optimizer(net.parameters(), hp, info.epochs * info.steps_per_epoch)
 
     def feedback(self, i: int) -> torch.Tensor:
@@ -89,8 +95,9 @@ class DirectFeedbackAlignment(Rule):
         # even saved for the backward pass (autograd's own conv node would save W although it
         # computes no input gradient from it).
         outs, h = [], x
-        for block in self.net.blocks:
-            h = block.post(feedback_preact(block, h.detach(), None))
+        for i, block in enumerate(self.net.blocks):
+            inner = [getattr(self, f"inner_feedback_{i}_{j}", None) for j in range(len(block.weight_layers()))]
+            h = feedback_forward(block, h.detach(), inner)
             outs.append(h)
         head = self.net.head
         logits = head.post(feedback_preact(head, h.detach(), None))

@@ -107,8 +107,15 @@ class ForwardForward(Rule):
     name = "ff"
     summary = "forward-forward: per-block goodness up for positive, down for negative (wrong-label) data (Hinton 2022)"
     HParams = FFHParams
-    archs = {"mlp": None, "cnn": None,
-             "deep_cnn": "not declared: batch-normalised VGG blocks and goodness-based learning are untested together"}
+    archs = {"mlp": None, "cnn": None, "deep_cnn": None,
+             "resnet20": "not supported: a block's goodness is a sum of squared activities, and the identity shortcut "
+                         "hands the previous block's (normalised-away) goodness straight to the next (Hinton 2022 "
+                         "normalises between layers for this reason); not implemented",
+             "resnet18": "not supported: see resnet20"}
+    # Every block input is already normalised per sample (Hinton's layer normalisation).
+    arch_defaults = {"deep_cnn": {"norm": "none"}}
+    forbidden_norms = {"batch": "batch statistics would mix positive and negative samples, so a sample's goodness "
+                                "would depend on the other samples of the batch"}
     block_local = True
     criteria = {
         "C1": Claim(True, "each block's gradient is taken w.r.t. its own weights from its own goodness; no weight of "

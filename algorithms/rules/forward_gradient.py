@@ -88,13 +88,17 @@ def _weight_grad(layer: nn.Module, x: torch.Tensor, g: torch.Tensor) -> torch.Te
     raise TypeError(f"forward_gradient supports Linear and Conv2d layers, not {type(layer).__name__}")
 
 
+_RESIDUAL = ("not supported: the perturbation helpers perturb one weight layer and one norm per block, and a "
+             "residual block has two or three convs and norms inside its preact; not implemented")
+
+
 @register
 class ForwardGradient(Rule):
     name = "forward_gradient"
     summary = ("forward-mode directional derivatives (jvp) of local block losses along random activity "
                "perturbations (Ren et al. 2023); no reverse-mode pass")
     HParams = ForwardGradientHParams
-    archs = {"mlp": None, "cnn": None, "deep_cnn": None}
+    archs = {"mlp": None, "cnn": None, "deep_cnn": None, "resnet20": _RESIDUAL, "resnet18": _RESIDUAL}
     block_local = True
     criteria = {
         "C1": Claim(True, "tangents only flow forward through a block's own post and readout; a block's update "

@@ -106,7 +106,7 @@ class LocalLosses(Rule):
     summary = ("per-block auxiliary losses (pred/sim/predsim, Nøkland & Eidnes 2019; DGL heads, Belilovsky et "
                "al. 2020), gradients stopped between blocks")
     HParams = LocalLossesHParams
-    archs = {"mlp": None, "cnn": None, "deep_cnn": None}
+    archs = {"mlp": None, "cnn": None, "deep_cnn": None, "resnet20": None, "resnet18": None}
     block_local = True
     criteria = {
         "C1": Claim(True, "a block's error comes from its own auxiliary head; no later block's forward weights "

@@ -90,13 +90,17 @@ def _weight_grad(layer: nn.Module, x: torch.Tensor, g: torch.Tensor) -> torch.Te
     raise TypeError(f"node_perturbation supports Linear and Conv2d layers, not {type(layer).__name__}")
 
 
+_RESIDUAL = ("not supported: the perturbation helpers perturb one weight layer and one norm per block, and a "
+             "residual block has two or three convs and norms inside its preact; not implemented")
+
+
 @register
 class NodePerturbation(Rule):
     name = "node_perturbation"
     summary = ("node perturbation: antithetic noise in each block's activity, loss change x noise as the "
                "update (REINFORCE), local block losses; no backward pass")
     HParams = NodePerturbationHParams
-    archs = {"mlp": None, "cnn": None, "deep_cnn": None}
+    archs = {"mlp": None, "cnn": None, "deep_cnn": None, "resnet20": _RESIDUAL, "resnet18": _RESIDUAL}
     block_local = True
     criteria = {
         "C1": Claim(True, "a block's update is built from loss values of its own readout and its own noise; no "

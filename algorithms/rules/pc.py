@@ -78,8 +78,13 @@ class PredictiveCoding(Rule):
     name = "pc"
     summary = "predictive coding by inference learning: settle value nodes, then local error x input updates"
     HParams = PCHParams
-    archs = {"mlp": None, "cnn": None,
-             "deep_cnn": "batch norm couples the samples of a batch inside the energy; not implemented"}
+    archs = {"mlp": None, "cnn": None, "deep_cnn": None,
+             "resnet20": "not declared: the energy of a residual block is defined (prediction errors per block), but "
+                         "PC on a 10-block residual net with a per-sample norm is untested here",
+             "resnet18": "not declared: see resnet20"}
+    # The deep PC nets of PCX (Pinchetti et al. 2024, VGG-5/7) use no batch norm.
+    arch_defaults = {"deep_cnn": {"norm": "none"}}
+    forbidden_norms = {"batch": "batch norm couples the samples of a batch inside the energy"}
     criteria = {
         "C1": Claim(False, "while settling, a value node receives the error of the block above through that "
                     "block's transposed forward weights (symmetric feedback)", _PROBE),

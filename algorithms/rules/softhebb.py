@@ -101,8 +101,12 @@ class SoftHebb(Rule):
     summary = ("soft winner-take-all Hebbian/anti-Hebbian hidden blocks with weight-norm adaptive rates, "
                "delta-rule readout (Journé et al. 2023)")
     HParams = SoftHebbHParams
-    archs = {"mlp": None, "cnn": None,
-             "deep_cnn": "not declared: the paper's deep nets widen every layer 4x; the small VGG is untested"}
+    archs = {"mlp": None, "cnn": None, "deep_cnn": None,
+             "resnet20": "not supported: SoftHebb's competition and Oja update are defined for one weight layer per "
+                         "block (Journé et al. 2023 use plain conv stacks); a residual block has two or three",
+             "resnet18": "not supported: see resnet20"}
+    # Each block input is standardised per sample (see the module docstring); no batch statistics on top.
+    arch_defaults = {"deep_cnn": {"norm": "none"}}
     block_local = True
     criteria = {
         "C1": Claim(True, "hidden updates read only the block's input, output and own weights; the readout's delta "

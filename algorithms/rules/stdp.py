@@ -125,6 +125,9 @@ class STDP(Rule):
         "cnn": "not supported: convolutional STDP needs per-position competition and spike-train pooling that "
                "this rule does not implement (only the fully connected Diehl & Cook network was built and tuned)",
         "deep_cnn": "not supported: no convolutional spiking variant (see cnn); batch norm has no spiking analogue",
+        "resnet20": "not supported: no convolutional spiking variant (see cnn), and a residual sum of spike trains is "
+                    "not a spike train",
+        "resnet18": "not supported: see resnet20",
     }
     block_local = True
     criteria = {
