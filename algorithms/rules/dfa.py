@@ -65,6 +65,10 @@ class DirectFeedbackAlignment(Rule):
         Benchmark("cnn", "cifar10", 0.45, ("train.epochs=10", "data.augment=crop_flip", "hp.schedule=cosine"),
                   "no issue target; set below FA's 0.50 since DFA is known to be weaker on convolutions "
                   "(Launay et al. 2019)"),
+        Benchmark("resnet20", "cifar10", 0.55, ("train.epochs=60", "data.augment=crop_flip", "hp.optimizer=sgd", "hp.lr=0.01", "hp.momentum=0.9", "hp.weight_decay=5e-4", "hp.schedule=cosine"),
+                  "GPU case; target provisional, below BioTorch's DFA ResNet-20 CIFAR-10 figure (check its table)"),
+        Benchmark("resnet20", "fashion_mnist", 0.60, ("train.epochs=2", "data.train_limit=6000", "data.test_limit=2000", "model.channels=[8,16,32]", "model.blocks_per_stage=1"),
+                  "CPU learning check at small widths"),
     )
 
     def __init__(self, net: Network, hp: DFAHParams, info: RunInfo):

@@ -120,6 +120,8 @@ class DifferenceTargetPropagation(Rule):
                   "0.9722 in 60 epochs (2.2 min), 0.9658 in 30; 5 plain epochs gave 0.9293"),
         Benchmark("cnn", "cifar10", 0.50, ("train.epochs=10", "model.activation=tanh", "hp.schedule=cosine"),
                   "issue 5: 0.6532; at a constant rate 0.6526 (best epoch 6), but epoch 10 diverged (val 0.26)"),
+        Benchmark("deep_cnn", "fashion_mnist", 0.5, ("train.epochs=2", "data.train_limit=6000", "data.test_limit=2000", "model.channels=[8,8,16,16]", "model.activation=tanh"),
+                  "CPU learning check of the norm-free deep_cnn (the rule's default here): well above chance"),
     )
 
     def __init__(self, net: Network, hp: DTPHParams, info: RunInfo):

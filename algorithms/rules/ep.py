@@ -109,6 +109,8 @@ class EquilibriumPropagation(Rule):
                   "shift instead: 0.9706 on seed 0, 0.9693 on seeds 1 and 2; bp gains nothing from affine: 0.9774 "
                   "vs 0.9769); not the limit: lr, 45 epochs, AdamW wd, batch 32, 20 nudged steps (a more exact "
                   "gradient: cosine 0.995 vs 0.983 to the beta->0 estimate)"),
+        Benchmark("deep_cnn", "fashion_mnist", 0.5, ("train.epochs=2", "data.train_limit=6000", "data.test_limit=2000", "model.channels=[8,8,16,16]"),
+                  "CPU learning check of the norm-free deep_cnn (the rule's default here): well above chance"),
     )
 
     def __init__(self, net: Network, hp: EPHParams, info: RunInfo):

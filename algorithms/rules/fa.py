@@ -68,6 +68,10 @@ class FeedbackAlignment(Rule):
                   "5 epochs at a constant 3e-4 0.859, 10 epochs cosine 0.8665 (val 0.879, train loss still falling)"),
         Benchmark("cnn", "cifar10", 0.50, ("train.epochs=10", "data.augment=crop_flip", "hp.schedule=cosine"),
                   "issue 3 target (biotorch LeNet FA figure)"),
+        Benchmark("resnet20", "cifar10", 0.65, ("train.epochs=60", "data.augment=crop_flip", "hp.optimizer=sgd", "hp.lr=0.01", "hp.momentum=0.9", "hp.weight_decay=5e-4", "hp.schedule=cosine"),
+                  "GPU case; target provisional, below BioTorch's FA ResNet-20 CIFAR-10 figure (check its table): FA is far behind bp on deep residual nets"),
+        Benchmark("resnet20", "fashion_mnist", 0.60, ("train.epochs=2", "data.train_limit=6000", "data.test_limit=2000", "model.channels=[8,16,32]", "model.blocks_per_stage=1"),
+                  "CPU learning check at small widths"),
     )
 
     def __init__(self, net: Network, hp: FAHParams, info: RunInfo):

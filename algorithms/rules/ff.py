@@ -140,6 +140,8 @@ class ForwardForward(Rule):
                                             "hp.schedule=cosine"),
                   "issue target; session 10 on an H200: 0.5733 (seed 1: 0.5665; about 3.6 h on two CPU cores); "
                   "32-64-128 channels at lr 1e-3: 0.4893, layer-wide goodness: 0.39"),
+        Benchmark("deep_cnn", "fashion_mnist", 0.5, ("train.epochs=2", "data.train_limit=6000", "data.test_limit=2000", "model.channels=[8,8,16,16]"),
+                  "CPU learning check of the norm-free deep_cnn (the rule's default here): well above chance"),
     )
 
     def __init__(self, net: Network, hp: FFHParams, info: RunInfo):

@@ -68,6 +68,10 @@ class SignSymmetry(Rule):
         Benchmark("cnn", "cifar10", 0.70, ("train.epochs=20", "data.augment=crop_flip", "model.norm=batch",
                                            "hp.schedule=cosine"),
                   "issue 3 target (biotorch LeNet uSF figure); batch norm as in Liao et al."),
+        Benchmark("resnet20", "cifar10", 0.894, ("train.epochs=60", "data.augment=crop_flip", "hp.optimizer=sgd", "hp.lr=0.1", "hp.momentum=0.9", "hp.weight_decay=5e-4", "hp.schedule=cosine"),
+                  "GPU case: BioTorch (Sanfiz & Akrout 2021) uSF ResNet-20 CIFAR-10 89.44 %"),
+        Benchmark("resnet20", "fashion_mnist", 0.70, ("train.epochs=2", "data.train_limit=6000", "data.test_limit=2000", "model.channels=[8,16,32]", "model.blocks_per_stage=1"),
+                  "CPU learning check at small widths"),
     )
 
     def __init__(self, net: Network, hp: SignSymmetryHParams, info: RunInfo):

@@ -137,6 +137,8 @@ class SoftHebb(Rule):
                   "paper's widths with 3x3 kernels, Hebbian for one epoch (13 min), then the readout alone on the "
                   "frozen features (4.7 min per epoch): 0.6531 (val 0.657). Two layers [96,384] reach 0.6438 at "
                   "best (readouts on their frozen features peak at 0.625 whatever the lr or dropout)"),
+        Benchmark("deep_cnn", "fashion_mnist", 0.5, ("train.epochs=2", "data.train_limit=6000", "data.test_limit=2000", "model.channels=[8,8,16,16]"),
+                  "CPU learning check of the norm-free deep_cnn (the rule's default here): well above chance"),
     )
 
     def __init__(self, net: Network, hp: SoftHebbHParams, info: RunInfo):
