@@ -96,6 +96,31 @@ def feedback_preact(block: Block, x: torch.Tensor, feedback: torch.Tensor | None
         del layer.forward
 
 
+def feedback_forward(block: Block, x: torch.Tensor, feedbacks: list[torch.Tensor | None]) -> torch.Tensor:
+    """``block(x)`` with every weight layer's backward sending the error through its feedback weight.
+
+    ``feedbacks`` has one entry per ``block.weight_layers()`` (None where that layer's input needs no
+    error). A plain block's one layer gives ``block.post(feedback_preact(block, x, fb))`` exactly; a residual
+    block's convs, projection included, each route their error through their own feedback weight.
+    """
+    layers = [layer for layer, _ in block.weight_layers()]
+    if len(layers) == 1:
+        return block.post(feedback_preact(block, x, feedbacks[0]))
+    for layer, fb in zip(layers, feedbacks):
+        layer.forward = lambda inp, layer=layer, fb=fb: _feedback_forward(layer, fb, inp)
+    try:
+        return block(x)
+    finally:
+        for layer in layers:
+            del layer.forward
+
+
+def feedback_slots(stage_index: int, block: Block) -> list[bool]:
+    """Which of the block's weight layers need a feedback weight: those whose input needs an error (every
+    layer inside a block; a layer reading the block input except in the first stage, whose input is data)."""
+    return [stage_index > 0 or not reads_input for _, reads_input in block.weight_layers()]
+
+
 def fan_in(weight: torch.Tensor) -> int:
     """Inputs per output unit of a Linear (out, in) or Conv2d (out, in/groups, kh, kw) weight."""
     return math.prod(weight.shape[1:])
@@ -111,4 +136,4 @@ def default_init_like(weight: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
     return (torch.rand(weight.shape, dtype=weight.dtype) * 2 - 1).mul_(bound).to(weight.device)
 
 
-__all__ = ["default_init_like", "fan_in", "feedback_preact"]
+__all__ = ["default_init_like", "fan_in", "feedback_forward", "feedback_preact", "feedback_slots"]

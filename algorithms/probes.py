@@ -26,17 +26,20 @@ from bioplaus.algorithms.rule import Rule
 
 
 def _layer_weights(rule: Rule) -> dict[int, int]:
-    """Storage address of every stage's ``layer.weight`` -> stage index."""
+    """Storage address of every weight layer's ``weight`` -> its stage index (a residual block's convs and
+    shortcut projection all count as its stage's)."""
     out = {}
     for i, stage in enumerate(rule.net.stages):
-        w = getattr(stage.layer, "weight", None)
-        if w is not None:
-            out[w.untyped_storage().data_ptr()] = i
+        for layer, _ in stage.weight_layers():
+            w = getattr(layer, "weight", None)
+            if w is not None:
+                out[w.untyped_storage().data_ptr()] = i
     return out
 
 
 def weight_reads(rule: Rule, x: torch.Tensor, y: torch.Tensor) -> set[int]:
-    """Indices of stages whose forward ``layer.weight`` a backward pass read during one train step."""
+    """Indices of stages whose forward weights (any weight layer of the stage) a backward pass read during one
+    train step."""
     weights = _layer_weights(rule)
     read: set[int] = set()
 

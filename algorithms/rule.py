@@ -109,6 +109,11 @@ class Rule(nn.Module):
     """Dataclass of the rule's hyperparameters; every field has a default and a docstring."""
     archs: ClassVar[dict[str, str | None]] = {}
     """Architecture name -> None if supported, else the reason it is not."""
+    arch_defaults: ClassVar[dict[str, dict[str, Any]]] = {}
+    """Architecture name -> model settings the rule runs with unless the run sets them (e.g. a per-sample
+    norm on deep_cnn, whose own default is batch norm, for a rule whose math forbids batch statistics)."""
+    forbidden_norms: ClassVar[dict[str, str]] = {}
+    """``model.norm`` value -> why the rule's math cannot use it (refused before training, on any architecture)."""
     criteria: ClassVar[dict[str, Claim]] = {}
     """Criterion code (see CRITERIA) -> the rule's claim about it."""
     block_local: ClassVar[bool] = False

@@ -127,6 +127,12 @@ def cmd_cells(args) -> int:
     from bioplaus.orchestrator.sweep import parse_sweep, plan_cells
 
     cells, skipped = plan_cells(parse_sweep(args.overrides))
+    if args.json:
+        rows = [{"rule": c.rule, "arch": c.arch, "dataset": c.dataset, "supported": True, "reason": None} for c in cells]
+        rows += [{"rule": c.rule, "arch": c.arch, "dataset": c.dataset, "supported": False, "reason": why}
+                 for c, why in skipped]
+        print(json.dumps(rows, indent=1))
+        return 0
     for c in cells:
         print(f"{c.rule:<20} {c.arch:<10} {c.dataset}")
     for c, why in skipped:
@@ -200,6 +206,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     c = sub.add_parser("cells", help="list the cells a sweep would run, and the unsupported ones with the reason")
     c.add_argument("overrides", nargs="*")
+    c.add_argument("--json", action="store_true", help="one JSON list of every cell: rule, arch, dataset, supported, reason")
     c.set_defaults(func=cmd_cells)
 
     b = sub.add_parser("bench", help="accuracy targets the rules declare (long; not part of make test)")

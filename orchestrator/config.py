@@ -107,7 +107,9 @@ _OVERRIDE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*=")
 SMOKE = {
     "train.epochs": 1, "data.train_limit": 400, "data.test_limit": 200, "train.batch_size": 64,
 }
-SMOKE_MODEL = {"mlp": {"widths": [32]}, "cnn": {"channels": [4, 8]}, "deep_cnn": {"channels": [4, 4, 8, 8]}}
+SMOKE_MODEL = {"mlp": {"widths": [32]}, "cnn": {"channels": [4, 8]}, "deep_cnn": {"channels": [4, 4, 8, 8]},
+              "resnet20": {"channels": [4, 8], "blocks_per_stage": 1},
+              "resnet18": {"channels": [4, 8], "blocks_per_stage": 1}}
 
 
 def parse_overrides(overrides: list[str], base: DictConfig | None = None) -> DictConfig:

@@ -19,6 +19,8 @@ from bioplaus.orchestrator.errors import UsageError
 
 def count_stages(model_cfg: Any) -> int:
     """Number of stages (hidden blocks + output block) of an architecture config, without building it."""
+    if hasattr(model_cfg, "blocks_per_stage"):  # residual networks: a stem, the residual blocks, the head
+        return 1 + len(model_cfg.channels) * model_cfg.blocks_per_stage + 1
     for name in ("widths", "channels"):
         if hasattr(model_cfg, name):
             return len(getattr(model_cfg, name)) + 1

@@ -57,7 +57,13 @@ def resolve(cfg: DictConfig) -> TrialSpec:
     except ValueError as e:
         raise UsageError(str(e)) from None
     arch = ARCHS[cfg.arch]
+    apply_arch_defaults(cfg, rule_cls)
     model_cfg = typed(arch.config, cfg.model, "model")
+    norm = getattr(model_cfg, "norm", None)
+    if norm in rule_cls.forbidden_norms:
+        allowed = " or ".join(f"model.norm={n}" for n in NORMS if n not in rule_cls.forbidden_norms)
+        raise UsageError(f"rule {cfg.rule!r} cannot use model.norm={norm} ({rule_cls.forbidden_norms[norm]}); "
+                         f"use {allowed}")
     t, d = cfg.train, cfg.data
     checks = [
         (0 <= cfg.seed < 2**32, f"seed={cfg.seed} must be in 0..{2**32 - 1}"),
@@ -84,6 +90,14 @@ def resolve(cfg: DictConfig) -> TrialSpec:
     if t.device.startswith("cuda") and not torch.cuda.is_available():
         raise UsageError(f"train.device={t.device} but CUDA is not available here; use train.device=auto or cpu")
     return TrialSpec(cfg, rule_cls, hp, arch, model_cfg)
+
+
+def apply_arch_defaults(cfg: DictConfig, rule_cls: type[Rule]) -> None:
+    """Fill ``cfg.model`` with the rule's settings for this architecture (``Rule.arch_defaults``) where the run
+    sets none, so the recorded config (and every network rebuilt from it) says what was trained."""
+    for key, value in rule_cls.arch_defaults.get(cfg.arch, {}).items():
+        if key not in cfg.model:
+            cfg.model[key] = value
 
 
 def _model_size_checks(model_cfg: Any, arch: str) -> list[tuple[bool, str]]:

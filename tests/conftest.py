@@ -97,9 +97,12 @@ def small_rule(name: str, arch: str = "mlp", input_shape=(1, 8, 8), num_classes:
 
     torch.manual_seed(seed)
     spec = ARCHS[arch]
-    small = {"mlp": {"widths": [16, 16]}, "cnn": {"channels": [4, 8]}, "deep_cnn": {"channels": [4, 4, 8, 8]}}[arch]
-    net = spec.build(typed(spec.config, {**small, **(model or {})}, "model"), input_shape, num_classes)
+    small = {"mlp": {"widths": [16, 16]}, "cnn": {"channels": [4, 8]}, "deep_cnn": {"channels": [4, 4, 8, 8]},
+             "resnet20": {"channels": [4, 8], "blocks_per_stage": 1},
+             "resnet18": {"channels": [4, 8], "blocks_per_stage": 1}}[arch]
     rule_cls = get_rule(name)
+    given = {**rule_cls.arch_defaults.get(arch, {}), **small, **(model or {})}
+    net = spec.build(typed(spec.config, given, "model"), input_shape, num_classes)
     info = RunInfo(num_classes, tuple(input_shape), epochs, steps_per_epoch, torch.device("cpu"), seed)
     return rule_cls(net, typed(rule_cls.HParams, hp or {}, "hp"), info)
 

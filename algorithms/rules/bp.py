@@ -34,7 +34,7 @@ class Backprop(Rule):
     name = "bp"
     summary = "backpropagation of the output cross-entropy by reverse-mode autograd (reference)"
     HParams = BPHParams
-    archs = {"mlp": None, "cnn": None, "deep_cnn": None}
+    archs = {"mlp": None, "cnn": None, "deep_cnn": None, "resnet20": None, "resnet18": None}
     criteria = {
         "C1": Claim(False, "the backward pass sends errors through the transpose of the forward weights",
                     _PROOF),
@@ -56,6 +56,13 @@ class Backprop(Rule):
                   "the reference of FA's and DFA's cnn cifar10 cases (the same settings); no project target"),
         Benchmark("deep_cnn", "cifar10", 0.75, ("train.epochs=15", "data.augment=crop_flip", "hp.optimizer=adamw",
                                                "hp.lr=2e-3", "hp.schedule=cosine", "hp.weight_decay=5e-4")),
+        Benchmark("resnet20", "cifar10", 0.91, ("train.epochs=60", "data.augment=crop_flip", "hp.optimizer=sgd", "hp.lr=0.1", "hp.momentum=0.9", "hp.weight_decay=5e-4", "hp.schedule=cosine"),
+                  "GPU case (60 epochs fit one GPU hour): He et al. 2016 report 91.25 % (164 epochs, step schedule)"),
+        Benchmark("resnet20", "fashion_mnist", 0.75, ("train.epochs=2", "data.train_limit=6000", "data.test_limit=2000", "model.channels=[8,16,32]", "model.blocks_per_stage=1"),
+                  "CPU learning check at small widths: well above chance in 2 epochs on a subset"),
+        Benchmark("resnet18", "cifar10", 0.93, ("train.epochs=40", "data.augment=crop_flip", "hp.optimizer=sgd", "hp.lr=0.1",
+                                           "hp.momentum=0.9", "hp.weight_decay=5e-4", "hp.schedule=cosine"),
+                  "GPU case; ResNet-18 on CIFAR-10 with this recipe is commonly reported at 93-95 %"),
     )
 
     def __init__(self, net: Network, hp: BPHParams, info: RunInfo):

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from bioplaus.algorithms.arch import Network
-from bioplaus.algorithms.feedback import default_init_like, feedback_preact
+from bioplaus.algorithms.feedback import default_init_like, feedback_forward, feedback_preact
 from bioplaus.algorithms.registry import register
 from bioplaus.algorithms.rule import Benchmark, Claim, OptimHParams, Rule, RunInfo, make_optimizer
 
@@ -49,7 +49,7 @@ class DirectFeedbackAlignment(Rule):
     name = "dfa"
     summary = "direct feedback alignment: the output error reaches each hidden block through its own fixed random matrix (Nøkland 2016)"
     HParams = DFAHParams
-    archs = {"mlp": None, "cnn": None, "deep_cnn": None}
+    archs = {"mlp": None, "cnn": None, "deep_cnn": None, "resnet20": None, "resnet18": None}
     criteria = {
         "C1": Claim(True, "hidden blocks receive e B_l with B_l fixed and random; no forward weight is read "
                     "to deliver an error", f"{_TESTS}::test_c1_no_weight_transport[dfa]"),
@@ -69,6 +69,10 @@ class DirectFeedbackAlignment(Rule):
         Benchmark("cnn", "cifar10", 0.45, ("train.epochs=10", "data.augment=crop_flip", "hp.schedule=cosine"),
                   "no project target; set below FA's 0.50 since DFA is known to be weaker on convolutions "
                   "(Launay et al. 2019)"),
+        Benchmark("resnet20", "cifar10", 0.55, ("train.epochs=60", "data.augment=crop_flip", "hp.optimizer=sgd", "hp.lr=0.01", "hp.momentum=0.9", "hp.weight_decay=5e-4", "hp.schedule=cosine"),
+                  "GPU case; target provisional, below BioTorch's DFA ResNet-20 CIFAR-10 figure (check its table)"),
+        Benchmark("resnet20", "fashion_mnist", 0.60, ("train.epochs=2", "data.train_limit=6000", "data.test_limit=2000", "model.channels=[8,16,32]", "model.blocks_per_stage=1"),
+                  "CPU learning check at small widths"),
     )
 
     def __init__(self, net: Network, hp: DFAHParams, info: RunInfo):
@@ -80,6 +84,12 @@ class DirectFeedbackAlignment(Rule):
             size = math.prod(shape)
             template = torch.empty(info.num_classes, size, device=param.device, dtype=param.dtype)
             self.register_buffer(f"feedback_{i}", default_init_like(template, hp.feedback_scale))
+        # Inside a residual block the delivered error reaches the first conv through the second conv's own fixed
+        # random matrix (feedback alignment within the block), so no forward weight is read there either.
+        for i, block in enumerate(net.blocks):
+            for j, (layer, reads_input) in enumerate(block.weight_layers()):
+                if not reads_input:
+                    self.register_buffer(f"inner_feedback_{i}_{j}", default_init_like(layer.weight, hp.feedback_scale))
         self.opt = make_optimizer(net.parameters(), hp, info.epochs * info.steps_per_epoch)
 
     def feedback(self, i: int) -> torch.Tensor:
@@ -93,8 +103,9 @@ class DirectFeedbackAlignment(Rule):
         # even saved for the backward pass (autograd's own conv node would save W although it
         # computes no input gradient from it).
         outs, h = [], x
-        for block in self.net.blocks:
-            h = block.post(feedback_preact(block, h.detach(), None))
+        for i, block in enumerate(self.net.blocks):
+            inner = [getattr(self, f"inner_feedback_{i}_{j}", None) for j in range(len(block.weight_layers()))]
+            h = feedback_forward(block, h.detach(), inner)
             outs.append(h)
         head = self.net.head
         logits = head.post(feedback_preact(head, h.detach(), None))

@@ -98,8 +98,13 @@ class DifferenceTargetPropagation(Rule):
     name = "dtp"
     summary = "difference target propagation: targets sent down through learned inverses, local regression"
     HParams = DTPHParams
-    archs = {"mlp": None, "cnn": None,
-             "deep_cnn": "batch norm makes block outputs batch-dependent, so no per-sample inverse; not implemented"}
+    archs = {"mlp": None, "cnn": None, "deep_cnn": None,
+             "resnet20": "not supported: a residual block's inverse would have to undo the identity shortcut as well; "
+                         "DDTP (Ernoult et al. 2022) defines targets for plain conv stacks only; not implemented",
+             "resnet18": "not supported: see resnet20 (no inverse of a residual block)"}
+    # Ernoult et al. 2022 train their CIFAR-10 CNNs without normalisation.
+    arch_defaults = {"deep_cnn": {"norm": "none"}}
+    forbidden_norms = {"batch": "batch norm makes block outputs batch-dependent, so no per-sample inverse exists"}
     criteria = {
         "C1": Claim(True, "targets travel down through separately learned inverses g_l; no forward weight is "
                     "read backwards (with the default top_target=inverse; gradient reads the head's W^T)",
@@ -119,6 +124,8 @@ class DifferenceTargetPropagation(Rule):
                   "recipe, run for 60 epochs since 30 fall short"),
         Benchmark("cnn", "cifar10", 0.50, ("train.epochs=10", "model.activation=tanh", "hp.schedule=cosine"),
                   "project target; cosine schedule since at a constant rate training diverges late in the run"),
+        Benchmark("deep_cnn", "fashion_mnist", 0.5, ("train.epochs=2", "data.train_limit=6000", "data.test_limit=2000", "model.channels=[8,8,16,16]", "model.activation=tanh"),
+                  "CPU learning check of the norm-free deep_cnn (the rule's default here): well above chance"),
     )
 
     def __init__(self, net: Network, hp: DTPHParams, info: RunInfo):

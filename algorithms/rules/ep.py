@@ -92,9 +92,14 @@ class EquilibriumPropagation(Rule):
     name = "ep"
     summary = "equilibrium propagation: free and beta-nudged relaxation of an energy network, contrastive update"
     HParams = EPHParams
-    archs = {"mlp": None, "cnn": None,
-             "deep_cnn": "batch norm has no place in an energy function (and 6 coupled conv layers need far "
-                         "longer relaxation than a test allows); not implemented"}
+    archs = {"mlp": None, "cnn": None, "deep_cnn": None,
+             "resnet20": "not supported: an energy function couples each layer with the next through one symmetric "
+                         "weight; a shortcut couples states two layers apart and its batch norm has no place in the "
+                         "energy (convolutional EP, Laborieux et al. 2021, is a plain conv stack); not implemented",
+             "resnet18": "not supported: see resnet20 (no energy function of a residual block)"}
+    # Convolutional EP (Laborieux et al. 2021) has no normalisation: the energy has no term for one.
+    arch_defaults = {"deep_cnn": {"norm": "none"}}
+    forbidden_norms = {n: "an energy function has no place for normalisation layers" for n in ("batch", "group", "layer")}
     criteria = {
         "C1": Claim(False, "couplings are symmetric: the state below receives the state above through the "
                     "transpose of the same forward weights", _PROBE),
@@ -111,6 +116,8 @@ class EquilibriumPropagation(Rule):
                   "phase trivial); Laborieux et al.'s MLP sigmoid and batch 64 on bp's cosine recipe, with small "
                   "random rotations/scalings/shifts (data.augment=affine), which help ep more than bp's shift; not "
                   "the limit: lr, 45 epochs, AdamW wd, batch 32, 20 nudged steps (a more exact gradient)"),
+        Benchmark("deep_cnn", "fashion_mnist", 0.5, ("train.epochs=2", "data.train_limit=6000", "data.test_limit=2000", "model.channels=[8,8,16,16]"),
+                  "CPU learning check of the norm-free deep_cnn (the rule's default here): well above chance"),
     )
 
     def __init__(self, net: Network, hp: EPHParams, info: RunInfo):

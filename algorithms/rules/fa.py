@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from bioplaus.algorithms.arch import Network
-from bioplaus.algorithms.feedback import default_init_like, feedback_preact
+from bioplaus.algorithms.feedback import default_init_like, feedback_forward, feedback_slots
 from bioplaus.algorithms.registry import register
 from bioplaus.algorithms.rule import Benchmark, Claim, OptimHParams, Rule, RunInfo, make_optimizer
 
@@ -43,12 +43,16 @@ class FAHParams(OptimHParams):
     """Cross-entropy label smoothing in [0, 1)."""
 
 
+def _name(stage: int, layer: int) -> str:
+    return f"feedback_{stage}" if layer == 0 else f"feedback_{stage}_{layer}"
+
+
 @register
 class FeedbackAlignment(Rule):
     name = "fa"
     summary = "feedback alignment: errors travel down through fixed random matrices B instead of W^T (Lillicrap 2016)"
     HParams = FAHParams
-    archs = {"mlp": None, "cnn": None, "deep_cnn": None}
+    archs = {"mlp": None, "cnn": None, "deep_cnn": None, "resnet20": None, "resnet18": None}
     criteria = {
         "C1": Claim(True, "the error goes down through fixed random B_l; the forward weights are not even "
                     "saved for the backward pass, and a hidden update ignores later forward weights",
@@ -68,26 +72,37 @@ class FeedbackAlignment(Rule):
                   "epochs since the train loss is still falling after 10"),
         Benchmark("cnn", "cifar10", 0.50, ("train.epochs=10", "data.augment=crop_flip", "hp.schedule=cosine"),
                   "project target (biotorch LeNet FA figure)"),
+        Benchmark("resnet20", "cifar10", 0.65, ("train.epochs=60", "data.augment=crop_flip", "hp.optimizer=sgd", "hp.lr=0.01", "hp.momentum=0.9", "hp.weight_decay=5e-4", "hp.schedule=cosine"),
+                  "GPU case; target provisional, below BioTorch's FA ResNet-20 CIFAR-10 figure (check its table): FA is far behind bp on deep residual nets"),
+        Benchmark("resnet20", "fashion_mnist", 0.60, ("train.epochs=2", "data.train_limit=6000", "data.test_limit=2000", "model.channels=[8,16,32]", "model.blocks_per_stage=1"),
+                  "CPU learning check at small widths"),
     )
 
     def __init__(self, net: Network, hp: FAHParams, info: RunInfo):
         super().__init__(net, hp, info)
         if not 0 <= hp.label_smoothing < 1:
             raise ValueError(f"hp.label_smoothing={hp.label_smoothing} must be in [0, 1)")
-        # B_l carries the error from stage l down to stage l-1; the first stage's input needs none.
-        for i, stage in enumerate(net.stages[1:], start=1):
-            self.register_buffer(f"feedback_{i}", default_init_like(stage.layer.weight, hp.feedback_scale))
+        # B_l carries the error from stage l down to stage l-1; the first stage's input needs none. A residual
+        # block's inner conv and shortcut projection get their own B (feedback_{l}_{j}), as in BioTorch.
+        for i, stage in enumerate(net.stages):
+            for j, ((layer, _), needed) in enumerate(zip(stage.weight_layers(), feedback_slots(i, stage))):
+                if needed:
+                    self.register_buffer(_name(i, j), default_init_like(layer.weight, hp.feedback_scale))
         self.opt = make_optimizer(net.parameters(), hp, info.epochs * info.steps_per_epoch)
 
     def feedback(self, i: int) -> torch.Tensor | None:
         """The fixed matrix that sends stage ``i``'s error to stage ``i - 1`` (None for the first stage)."""
         return getattr(self, f"feedback_{i}") if i > 0 else None
 
+    def feedbacks(self, i: int) -> list[torch.Tensor | None]:
+        """The fixed matrix of each of stage ``i``'s weight layers (None where its input needs no error)."""
+        return [getattr(self, _name(i, j), None) for j in range(len(self.net.stages[i].weight_layers()))]
+
     def gradients(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Forward pass, then the FA backward sweep into every parameter's ``.grad``; (loss, logits)."""
         h = x
         for i, stage in enumerate(self.net.stages):
-            h = stage.post(feedback_preact(stage, h, self.feedback(i)))
+            h = feedback_forward(stage, h, self.feedbacks(i))
         loss = F.cross_entropy(h, y, label_smoothing=self.hp.label_smoothing)
         self.opt.zero_grad(set_to_none=True)
         loss.backward()

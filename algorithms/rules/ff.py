@@ -116,8 +116,15 @@ class ForwardForward(BlockLocalRule):
     name = "ff"
     summary = "forward-forward: per-block goodness up for positive, down for negative (wrong-label) data (Hinton 2022)"
     HParams = FFHParams
-    archs = {"mlp": None, "cnn": None,
-             "deep_cnn": "not declared: batch-normalised VGG blocks and goodness-based learning are untested together"}
+    archs = {"mlp": None, "cnn": None, "deep_cnn": None,
+             "resnet20": "not supported: a block's goodness is a sum of squared activities, and the identity shortcut "
+                         "hands the previous block's (normalised-away) goodness straight to the next (Hinton 2022 "
+                         "normalises between layers for this reason); not implemented",
+             "resnet18": "not supported: see resnet20"}
+    # Every block input is already normalised per sample (Hinton's layer normalisation).
+    arch_defaults = {"deep_cnn": {"norm": "none"}}
+    forbidden_norms = {"batch": "batch statistics would mix positive and negative samples, so a sample's goodness "
+                                "would depend on the other samples of the batch"}
     criteria = {
         "C1": Claim(True, "each block's gradient is taken w.r.t. its own weights from its own goodness; no weight of "
                     "any other block is read", _PROBE),
@@ -141,6 +148,8 @@ class ForwardForward(BlockLocalRule):
                                             "hp.schedule=cosine"),
                   "project target; 128-256-512 channels and one goodness per position, since the default 32-64-128 "
                   "net and layer-wide goodness fall well short; hours on CPU (docs/benchmarks.md)"),
+        Benchmark("deep_cnn", "fashion_mnist", 0.5, ("train.epochs=2", "data.train_limit=6000", "data.test_limit=2000", "model.channels=[8,8,16,16]"),
+                  "CPU learning check of the norm-free deep_cnn (the rule's default here): well above chance"),
     )
 
     def __init__(self, net: Network, hp: FFHParams, info: RunInfo):

@@ -68,13 +68,15 @@ class ForwardGradientHParams(OptimHParams):
                 raise ValueError(f"hp.{name}={getattr(self, name)} must be >= 1")
 
 
+_RESIDUAL = ("not supported: the perturbation helpers perturb one weight layer and one norm per block, and a "
+             "residual block has two or three convs and norms inside its preact; not implemented")
 @register
 class ForwardGradient(PerturbationRule):
     name = "forward_gradient"
     summary = ("forward-mode directional derivatives (jvp) of local block losses along random activity "
                "perturbations (Ren et al. 2023); no reverse-mode pass")
     HParams = ForwardGradientHParams
-    archs = {"mlp": None, "cnn": None, "deep_cnn": None}
+    archs = {"mlp": None, "cnn": None, "deep_cnn": None, "resnet20": _RESIDUAL, "resnet18": _RESIDUAL}
     criteria = {
         "C1": Claim(True, "tangents only flow forward through a block's own post and readout; a block's update "
                     "never reads a later block's weights", f"{_TESTS}::test_update_ignores_later_blocks"),

@@ -70,13 +70,15 @@ class NodePerturbationHParams(OptimHParams):
             raise ValueError(f"hp.sigma={self.sigma} must be > 0")
 
 
+_RESIDUAL = ("not supported: the perturbation helpers perturb one weight layer and one norm per block, and a "
+             "residual block has two or three convs and norms inside its preact; not implemented")
 @register
 class NodePerturbation(PerturbationRule):
     name = "node_perturbation"
     summary = ("node perturbation: antithetic noise in each block's activity, loss change x noise as the "
                "update (REINFORCE), local block losses; no backward pass")
     HParams = NodePerturbationHParams
-    archs = {"mlp": None, "cnn": None, "deep_cnn": None}
+    archs = {"mlp": None, "cnn": None, "deep_cnn": None, "resnet20": _RESIDUAL, "resnet18": _RESIDUAL}
     criteria = {
         "C1": Claim(True, "a block's update is built from loss values of its own readout and its own noise; no "
                     "weights of a later block are read", f"{_TESTS}::test_update_ignores_later_blocks"),

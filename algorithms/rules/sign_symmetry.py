@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from bioplaus.algorithms.arch import Network
-from bioplaus.algorithms.feedback import fan_in, feedback_preact
+from bioplaus.algorithms.feedback import fan_in, feedback_forward, feedback_slots
 from bioplaus.algorithms.registry import register
 from bioplaus.algorithms.rule import Benchmark, Claim, OptimHParams, Rule, RunInfo, make_optimizer
 
@@ -54,7 +54,7 @@ class SignSymmetry(Rule):
     name = "sign_symmetry"
     summary = "sign-symmetric feedback: errors travel down through sign(W) times a constant, optional batch-manhattan (Liao 2016)"
     HParams = SignSymmetryHParams
-    archs = {"mlp": None, "cnn": None, "deep_cnn": None}
+    archs = {"mlp": None, "cnn": None, "deep_cnn": None, "resnet20": None, "resnet18": None}
     criteria = {
         "C1": Claim(False, "the feedback is sign(W) of the later block: one bit of each forward weight is "
                     "transported, so a hidden update changes when later forward weights change sign",
@@ -72,6 +72,10 @@ class SignSymmetry(Rule):
         Benchmark("cnn", "cifar10", 0.70, ("train.epochs=20", "data.augment=crop_flip", "model.norm=batch",
                                            "hp.schedule=cosine"),
                   "project target (biotorch LeNet uSF figure); batch norm as in Liao et al."),
+        Benchmark("resnet20", "cifar10", 0.894, ("train.epochs=60", "data.augment=crop_flip", "hp.optimizer=sgd", "hp.lr=0.1", "hp.momentum=0.9", "hp.weight_decay=5e-4", "hp.schedule=cosine"),
+                  "GPU case: BioTorch (Sanfiz & Akrout 2021) uSF ResNet-20 CIFAR-10 89.44 %"),
+        Benchmark("resnet20", "fashion_mnist", 0.70, ("train.epochs=2", "data.train_limit=6000", "data.test_limit=2000", "model.channels=[8,16,32]", "model.blocks_per_stage=1"),
+                  "CPU learning check at small widths"),
     )
 
     def __init__(self, net: Network, hp: SignSymmetryHParams, info: RunInfo):
@@ -79,19 +83,28 @@ class SignSymmetry(Rule):
         if not 0 <= hp.label_smoothing < 1:
             raise ValueError(f"hp.label_smoothing={hp.label_smoothing} must be in [0, 1)")
         # One constant per layer, from its shape only (never from W's values).
-        self.scales = [hp.feedback_scale / math.sqrt(3 * fan_in(s.layer.weight)) for s in net.stages]
+        self.scales = [[hp.feedback_scale / math.sqrt(3 * fan_in(layer.weight)) for layer, _ in s.weight_layers()]
+                       for s in net.stages]
         self.opt = make_optimizer(net.parameters(), hp, info.epochs * info.steps_per_epoch)
 
     @torch.no_grad()
     def feedback(self, i: int) -> torch.Tensor | None:
         """sign(W_i) * s_i: sends stage ``i``'s error to stage ``i - 1`` (None for the first stage)."""
-        return torch.sign(self.net.stages[i].layer.weight) * self.scales[i] if i > 0 else None
+        return self.feedbacks(i)[0]
+
+    @torch.no_grad()
+    def feedbacks(self, i: int) -> list[torch.Tensor | None]:
+        """sign(W) * s of each of stage ``i``'s weight layers (a residual block's projection included); None
+        where the layer's input needs no error."""
+        stage = self.net.stages[i]
+        return [torch.sign(layer.weight) * scale if needed else None for (layer, _), scale, needed
+                in zip(stage.weight_layers(), self.scales[i], feedback_slots(i, stage))]
 
     def gradients(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Forward pass, then the sign-feedback backward sweep into every ``.grad``; (loss, logits)."""
         h = x
         for i, stage in enumerate(self.net.stages):
-            h = stage.post(feedback_preact(stage, h, self.feedback(i)))
+            h = feedback_forward(stage, h, self.feedbacks(i))
         loss = F.cross_entropy(h, y, label_smoothing=self.hp.label_smoothing)
         self.opt.zero_grad(set_to_none=True)
         loss.backward()

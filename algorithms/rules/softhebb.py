@@ -108,8 +108,12 @@ class SoftHebb(BlockLocalRule):
     summary = ("soft winner-take-all Hebbian/anti-Hebbian hidden blocks with weight-norm adaptive rates, "
                "delta-rule readout (Journé et al. 2023)")
     HParams = SoftHebbHParams
-    archs = {"mlp": None, "cnn": None,
-             "deep_cnn": "not declared: the paper's deep nets widen every layer 4x; the small VGG is untested"}
+    archs = {"mlp": None, "cnn": None, "deep_cnn": None,
+             "resnet20": "not supported: SoftHebb's competition and Oja update are defined for one weight layer per "
+                         "block (Journé et al. 2023 use plain conv stacks); a residual block has two or three",
+             "resnet18": "not supported: see resnet20"}
+    # Each block input is standardised per sample (see the module docstring); no batch statistics on top.
+    arch_defaults = {"deep_cnn": {"norm": "none"}}
     criteria = {
         "C1": Claim(True, "hidden updates read only the block's input, output and own weights; the readout's delta "
                     "rule reads only its input and its own output error", f"{_OWN}::test_no_dependence_on_later_blocks"),
@@ -138,6 +142,8 @@ class SoftHebb(BlockLocalRule):
                   "project target; anchor 80.3% (Journe et al. 2023: 5x5 kernels, 4x4 pools, 50 readout epochs). The "
                   "paper's widths with 3x3 kernels, Hebbian for one epoch, then the readout alone on the frozen "
                   "features; two layers [96,384] fall short whatever the readout's lr or dropout"),
+        Benchmark("deep_cnn", "fashion_mnist", 0.5, ("train.epochs=2", "data.train_limit=6000", "data.test_limit=2000", "model.channels=[8,8,16,16]"),
+                  "CPU learning check of the norm-free deep_cnn (the rule's default here): well above chance"),
     )
 
     def __init__(self, net: Network, hp: SoftHebbHParams, info: RunInfo):

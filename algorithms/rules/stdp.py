@@ -126,6 +126,9 @@ class STDP(BlockLocalRule):
         "cnn": "not supported: convolutional STDP needs per-position competition and spike-train pooling that "
                "this rule does not implement (only the fully connected Diehl & Cook network was built and tuned)",
         "deep_cnn": "not supported: no convolutional spiking variant (see cnn); batch norm has no spiking analogue",
+        "resnet20": "not supported: no convolutional spiking variant (see cnn), and a residual sum of spike trains is "
+                    "not a spike train",
+        "resnet18": "not supported: see resnet20",
     }
     criteria = {
         "C1": Claim(True, "a hidden update reads only its own layer's pre/post spike trains; the readout's update "

@@ -85,13 +85,17 @@ def _signs(rows: int, cols: int, like: torch.Tensor) -> torch.Tensor:
     return torch.randint(0, 2, (rows, cols), device=like.device).to(like.dtype) * 2 - 1
 
 
+_RESIDUAL = ("not supported: the perturbation helpers perturb one weight layer and one norm per block, and a "
+             "residual block has two or three convs and norms inside its preact; not implemented")
+
+
 @register
 class WeightPerturbation(PerturbationRule):
     name = "weight_perturbation"
     summary = ("weight perturbation: antithetic random weight directions (Flipout per example), loss "
                "difference x direction as the update, local block losses; no backward pass")
     HParams = WeightPerturbationHParams
-    archs = {"mlp": None, "cnn": None, "deep_cnn": None}
+    archs = {"mlp": None, "cnn": None, "deep_cnn": None, "resnet20": _RESIDUAL, "resnet18": _RESIDUAL}
     criteria = {
         "C1": Claim(True, "a block's update is built from loss values of its own readout and its own weight "
                     "perturbation; no weights of a later block are read", f"{_TESTS}::test_update_ignores_later_blocks"),

@@ -125,7 +125,7 @@ PRESETS: dict[str, list[str]] = {
               "budget.final_seeds=3", "trial.data.train_limit=6000", "trial.data.test_limit=2000",
               "trial.model.widths=[256,256]"],
     # The paper's comparison, meant for a GPU cluster (ray.address=auto).
-    "paper": ["archs=[mlp,cnn,deep_cnn]", "datasets=[mnist,fashion_mnist,cifar10]",
+    "paper": ["archs=[mlp,cnn,deep_cnn,resnet20,resnet18]", "datasets=[mnist,fashion_mnist,cifar10]",
               "optional_datasets=[cifar100,svhn]", "budget.trials=32", "budget.epochs=30", "budget.grace_epochs=3",
               "budget.final_seeds=5", "resources.gpus_per_trial=0.25", "wandb.mode=online", "brain=true"],
     # Seconds-long end-to-end check (tests, CI).
