@@ -28,10 +28,10 @@ from tests.conftest import FAULTY_ENV
 BIN = Path(sys.executable).parent / "bioplaus"
 
 
-def slow_sweep_args(root: Path) -> list[str]:
-    """A CLI sweep of 4 one-at-a-time faulty trials, slow enough to be signalled mid-tuning."""
-    return [str(BIN), "sweep", "preset=smoke", "rules=[faulty]", f"root={root}", "name=k", "budget.trials=4",
-            "trial.hp.sleep_per_step_s=0.2", "resources.max_concurrent=1", "ray.num_cpus=2"]
+def slow_sweep_args(root: Path, trials: int, sleep_s: float) -> list[str]:
+    """A CLI sweep of one-at-a-time faulty trials, slow enough to be signalled mid-tuning."""
+    return [str(BIN), "sweep", "preset=smoke", "rules=[faulty]", f"root={root}", "name=k", f"budget.trials={trials}",
+            f"trial.hp.sleep_per_step_s={sleep_s}", "resources.max_concurrent=1", "ray.num_cpus=2"]
 
 
 def wait_for_first_trial(proc: subprocess.Popen, trials_dir: Path) -> None:
@@ -48,14 +48,16 @@ def manifest(sweep_dir: Path) -> dict:
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 def test_stop_signal_during_tuning_exits_128_plus_signal_interrupted_without_finals(sig, tmp_path):
-    args = slow_sweep_args(tmp_path)
+    # SIGTERM's case also starts a second driver meanwhile, and does not resume: more, never-finished trials.
+    trials, sleep_s = (4, 0.3) if sig == signal.SIGINT else (12, 0.5)
+    args = slow_sweep_args(tmp_path, trials, sleep_s)
     env = {**os.environ, **FAULTY_ENV}
     proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
     d = tmp_path / "k"
     try:
         wait_for_first_trial(proc, d / "trials")
-        if sig == signal.SIGINT:  # the lock: a second driver on the live folder is refused, naming the first
+        if sig == signal.SIGTERM:  # the lock: a second driver on the live folder is refused, naming the first
             second = subprocess.run(args, env=env, capture_output=True, text=True, timeout=120)
             lines = second.stderr.strip().splitlines()
             assert second.returncode == 2 and len(lines) == 1, second.stderr[-2000:]
@@ -70,15 +72,15 @@ def test_stop_signal_during_tuning_exits_128_plus_signal_interrupted_without_fin
     assert manifest(d)["status"] == "interrupted" and manifest(d)["signal"] == sig
     assert read_table(d, "final_runs").is_empty() and read_table(d, "finals").is_empty()
     assert not list(d.glob("models/*.pt"))
-    trials = read_table(d, "trials")
-    assert 1 <= trials.height < 4 and trials["trial_number"].n_unique() == trials.height
+    done = read_table(d, "trials")
+    assert 1 <= done.height < trials and done["trial_number"].n_unique() == done.height
     if sig == signal.SIGTERM:
         return
     again = subprocess.run(args, env=env, capture_output=True, text=True, timeout=300)  # the same command resumes
     assert again.returncode == 0, again.stderr[-3000:]
     assert manifest(d)["status"] == "complete"
     resumed = read_table(d, "trials")
-    assert resumed.height == 4 and set(trials["run_id"]) <= set(resumed["run_id"])
+    assert resumed.height == 4 and set(done["run_id"]) <= set(resumed["run_id"])
     assert read_table(d, "final_runs").height == 2
 
 

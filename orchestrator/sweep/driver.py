@@ -285,6 +285,7 @@ class Sweep:
             log(f"skipped cell {c.key}: {why}")
         ray_started = ray_local.start(self.dir, address=cfg.ray.address, num_cpus=cfg.ray.num_cpus,
                                       num_gpus=cfg.ray.num_gpus, timeout_s=cfg.ray.timeout_s)
+        self.signals.install()  # ray.init replaced the SIGTERM handler
         try:
             self.tune(log)
             self.finals(log)

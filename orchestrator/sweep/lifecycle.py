@@ -87,10 +87,15 @@ class StopSignals:
             self.received = signum
 
     def install(self) -> None:
-        try:
-            self._saved = {s: signal.signal(s, self._record) for s in self.SIGNALS}
-        except ValueError:  # not the main thread
-            self._saved = {}
+        """Install the handlers; again after ``ray.init``, which sets its own SIGTERM handler (the handlers
+        from before the first install are the ones :meth:`restore` puts back)."""
+        for s in self.SIGNALS:
+            try:
+                previous = signal.signal(s, self._record)
+            except ValueError:  # not the main thread
+                return
+            if previous != self._record:
+                self._saved.setdefault(s, previous)
 
     def restore(self) -> None:
         for s, handler in self._saved.items():
