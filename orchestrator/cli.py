@@ -107,20 +107,27 @@ def brain_step(cfg):
 
 
 def cmd_sweep(args) -> int:
-    from bioplaus.orchestrator.sweep import Sweep, parse_sweep
+    from bioplaus.orchestrator.sweep import EXIT_CODES, Sweep, SweepInterrupted, parse_sweep
 
     import polars as pl
 
     cfg = parse_sweep(args.overrides)
     sweep = Sweep(cfg, after_finals=brain_step(cfg))  # everything is validated here, before Ray starts
     tick = time.time()
-    folder = sweep.run()
+    try:
+        folder = sweep.run()
+    except SweepInterrupted as stop:
+        print(f"bioplaus: {stop}", file=sys.stderr)
+        return stop.exit_code
     table = sweep.summary()
     with pl.Config(tbl_rows=200, tbl_cols=20, tbl_width_chars=160, float_precision=4):
         print(table)
     print(f"sweep {sweep.cfg.name}: {len(sweep.cells)} cells in {(time.time() - tick) / 60:.1f} min; results in "
           f"{folder} (pl.scan_parquet('{folder}/finals'), '{folder}/trials', '{folder}/final_runs', '{folder}/epochs')")
-    return 0
+    if sweep.status != "complete":
+        print(f"bioplaus: sweep {sweep.cfg.name} is {sweep.status}: some cells have no finals (reasons above and "
+              f"in {folder}/manifest.json)", file=sys.stderr)
+    return EXIT_CODES[sweep.status]
 
 
 def cmd_cells(args) -> int:

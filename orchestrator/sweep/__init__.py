@@ -20,7 +20,8 @@ Data flows one way: sweep config -> cells -> tuning trials (Ray Tune) -> finals 
 
 Modules: ``config`` (SweepConfig, presets, ``parse_sweep`` and its checks), ``cells`` (Cell, ``plan_cells``,
 ``trial_config``), ``search`` (the Optuna/ASHA adapters), ``workers`` (what runs on Ray workers),
-``recording`` (the Tune callback writing trials, W&B), ``finals`` (best configurations, the finals table),
+``recording`` (the Tune callback writing trials, W&B), ``lifecycle`` (the folder lock, stop signals, the
+manifest status), ``finals`` (best configurations, the finals table),
 ``driver`` (:class:`Sweep`). Reading a sweep folder back is :mod:`bioplaus.orchestrator.results`'s.
 """
 
@@ -32,13 +33,14 @@ from bioplaus.orchestrator.sweep.config import (PRESETS, BudgetConfig, RayConfig
                                                 WandbConfig, check_local_resources, parse_sweep)
 from bioplaus.orchestrator.sweep.driver import Sweep
 from bioplaus.orchestrator.sweep.finals import best_configs, write_finals
+from bioplaus.orchestrator.sweep.lifecycle import EXIT_CODES, STATUSES, StopSignals, SweepInterrupted, SweepLock
 from bioplaus.orchestrator.sweep.recording import TrialRecorder, WandbLogger, WriteFailureStopper, wandb_online_problem
 from bioplaus.orchestrator.sweep.search import (METRIC, CellASHA, CellSearcher, cell_search, close_stale_trials,
                                                 optuna_space, optuna_storage)
 from bioplaus.orchestrator.sweep.workers import final_task, tune_trainable
 
 __all__ = [
-    "METRIC", "PRESETS", "BudgetConfig", "Cell", "CellASHA", "CellSearcher", "RayConfig", "ResourcesConfig", "Sweep",
+    "EXIT_CODES", "METRIC", "PRESETS", "STATUSES", "StopSignals", "SweepInterrupted", "SweepLock", "BudgetConfig", "Cell", "CellASHA", "CellSearcher", "RayConfig", "ResourcesConfig", "Sweep",
     "SweepConfig", "TrialRecorder", "WandbConfig", "WandbLogger", "WriteFailureStopper", "best_configs",
     "cell_search", "check_local_resources", "close_stale_trials", "final_task", "optuna_space", "optuna_storage",
     "parse_sweep", "plan_cells", "read_table", "rows_by_cell", "trial_config", "trial_spec", "tune_trainable",

@@ -3,6 +3,7 @@ of one run of a cell: what a Ray worker receives."""
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
@@ -55,9 +56,20 @@ def plan_cells(cfg: DictConfig) -> tuple[list[Cell], list[tuple[Cell, str]]]:
             ok, why = registry[rule].supports(arch)
             for dataset in datasets:
                 (cells.append(Cell(rule, arch, dataset)) if ok else skipped.append((Cell(rule, arch, dataset), why)))
+    if not cells and skipped:
+        reasons = "; ".join(sorted({f"{c.rule} x {c.arch}: {why}" for c, why in skipped}))
+        raise UsageError(f"the sweep has no runnable cell: {reasons} (choose another rules= or archs=; "
+                         "`bioplaus cells` lists the supported cells)")
     if not cells:
         raise UsageError("the sweep has no runnable cell (check rules=, archs=, datasets=; `bioplaus cells` lists them)")
     return cells, skipped
+
+
+def sampler_seed(sweep_seed: int, cell: Cell) -> int:
+    """The seed of a cell's Optuna sampler: from the sweep seed and the cell's key only (below 2**32), so a
+    cell's tuning does not change when other cells are added to or removed from the sweep."""
+    digest = hashlib.sha256(f"{sweep_seed}/{cell.key}".encode()).digest()
+    return int.from_bytes(digest[:4], "big")
 
 
 def trial_config(cfg: DictConfig, cell: Cell, hp: dict, seed: int, epochs: int) -> dict:

@@ -10,6 +10,7 @@ from __future__ import annotations
 from bioplaus.orchestrator import ray_local  # noqa: I001  (sets Ray's loopback environment before ray is imported)
 
 import json
+import os
 import platform
 import sys
 import time
@@ -34,9 +35,11 @@ from bioplaus.orchestrator.progress import runs_bar
 from bioplaus.orchestrator.results import (RunRecord, git_commit, read_table, remove_interrupted_writes, rows_by_cell,
                                            unwritable, version, write_run, write_table)
 from bioplaus.orchestrator.search_space import defaults_in_space, load_search_space
-from bioplaus.orchestrator.sweep.cells import Cell, plan_cells, trial_config, trial_spec
+from bioplaus.orchestrator.sweep.cells import Cell, plan_cells, sampler_seed, trial_config, trial_spec
 from bioplaus.orchestrator.sweep.config import check_local_resources
 from bioplaus.orchestrator.sweep.finals import best_configs, write_finals
+from bioplaus.orchestrator.sweep.lifecycle import (StopSignals, SweepInterrupted, SweepLock, cell_outcomes,
+                                                   sweep_status)
 from bioplaus.orchestrator.sweep.recording import TrialRecorder, WandbLogger, WriteFailureStopper
 from bioplaus.orchestrator.sweep.search import CellASHA, CellSearcher, cell_search, close_stale_trials, optuna_storage
 from bioplaus.orchestrator.sweep.workers import final_task, tune_trainable
@@ -66,16 +69,15 @@ class Sweep:
             raise UsageError("brain=true needs the brain step, which `bioplaus sweep` adds; from Python pass "
                              "Sweep(cfg, after_finals=...), or set brain=false and run `bioplaus brain SWEEP_DIR`")
         self.after_finals = after_finals
+        self.signals = StopSignals()
+        self.status: str | None = None  # the status the last run() ended with (None while running)
         self.rules = load_rules()
         # A hyperparameter set on the command line (trial.hp.lr=...) is pinned: taken out of every search
         # space, so the value given is the value every trial and final run uses.
         self.pinned = dict(to_plain(cfg.trial.hp))
         self.spaces = {c.rule: {k: p for k, p in load_search_space(self.rules[c.rule]).items() if k not in self.pinned}
                        for c in self.cells}
-        empty = sorted({c.rule for c in self.cells if not self.spaces[c.rule]})
-        if empty:
-            raise UsageError(f"trial.hp pins every searched hyperparameter of {', '.join(empty)}; "
-                             "leave at least one to search, or use `bioplaus train` for a single run")
+        self._check_spaces_not_empty()
         self.final_epochs = cfg.budget.final_epochs or cfg.budget.epochs
         # Every trial config a sweep will build is checked now, before Ray starts.
         for cell in self.cells:
@@ -84,6 +86,16 @@ class Sweep:
         # Data too: missing files are downloaded (or refused, naming the fix) here, not in every worker.
         for name in sorted({c.dataset for c in self.cells}):
             ensure_files(DATASETS[name], cfg.trial.data)
+
+    def _check_spaces_not_empty(self) -> None:
+        empty = sorted({c.rule for c in self.cells if not self.spaces[c.rule]})
+        unsearched = [r for r in empty if not load_search_space(self.rules[r])]
+        if unsearched:
+            raise UsageError(f"the search space of {', '.join(unsearched)} has no parameters; add one to its "
+                             "search_spaces/<rule>.yaml, or use `bioplaus train` for a single run")
+        if empty:
+            raise UsageError(f"trial.hp pins every searched hyperparameter of {', '.join(empty)}; "
+                             "leave at least one to search, or use `bioplaus train` for a single run")
 
     def wandb_logger(self, log: Log) -> WandbLogger:
         """The sweep's one W&B logger (tuning and finals share it, so a W&B failure is reported once)."""
@@ -122,7 +134,7 @@ class Sweep:
         done = self._done("trials")
         storage = optuna_storage(cfg, self.dir)
         searchers, remaining, configs = {}, {}, {}
-        for i, cell in enumerate(self.cells):
+        for cell in self.cells:
             rows = done.get(cell.key, pl.DataFrame())
             close_stale_trials(storage, cell.key, rows)
             remaining[cell.key] = max(0, cfg.budget.trials - len(rows))
@@ -131,7 +143,8 @@ class Sweep:
             space = self.spaces[cell.rule]
             # The rule's defaults are the first point tried in a fresh study.
             first = None if len(rows) else defaults_in_space(self.rules[cell.rule], space)
-            searchers[cell.key] = cell_search(cell.key, space, storage, seed=cfg.seed * 7919 + i, first_point=first)
+            searchers[cell.key] = cell_search(cell.key, space, storage, seed=sampler_seed(cfg.seed, cell),
+                                              first_point=first)
             configs[cell.key] = (lambda hp, cell=cell: trial_config(cfg, cell, hp, cfg.seed, cfg.budget.epochs))
         return searchers, remaining, configs
 
@@ -149,7 +162,8 @@ class Sweep:
             return
         scheduler = CellASHA(cfg.budget.epochs, cfg.budget.grace_epochs, cfg.budget.reduction_factor,
                              cfg.budget.trial_timeout_s)
-        recorder = TrialRecorder(self.dir, cfg, self.wandb_logger(log), total, timed_out=scheduler.timed_out)
+        recorder = TrialRecorder(self.dir, cfg, self.wandb_logger(log), total, timed_out=scheduler.timed_out,
+                                 interrupted=lambda: self.signals.received is not None)
         # train.mode=pipeline: a placement group with one bundle per stage group (orchestrator/pipeline.py)
         trainable = tune.with_resources(tune_trainable, trial_resources(
             cfg.trial.train, cfg.resources.cpus_per_trial, cfg.resources.gpus_per_trial))
@@ -166,12 +180,19 @@ class Sweep:
                 failure_config=tune.FailureConfig(max_failures=cfg.retries), callbacks=[recorder],
                 stop=WriteFailureStopper(recorder), verbose=0),
         )
+        # The driver's own handlers record SIGINT/SIGTERM and WriteFailureStopper ends the Tune run; Tune's
+        # SIGINT handler would end fit() as if the run had finished.
+        saved = os.environ.get("TUNE_DISABLE_SIGINT_HANDLER")
+        os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
         try:
             tuner.fit()
         finally:
             recorder.close()
+            os.environ.pop("TUNE_DISABLE_SIGINT_HANDLER") if saved is None else os.environ.update(
+                TUNE_DISABLE_SIGINT_HANDLER=saved)
         if recorder.write_error is not None:
             raise recorder.write_error
+        self.signals.check()
 
     # finals ----------------------------------------------------------------------------------------
     def _final_todo(self) -> list[tuple[Cell, int, dict]]:
@@ -214,14 +235,17 @@ class Sweep:
         wandb = self.wandb_logger(log)
         try:
             while pending:
-                ready, _ = ray.wait(list(pending), num_returns=1)
+                self.signals.check()  # a stop signal: cancel the rest (finally), record nothing more
+                ready, _ = ray.wait(list(pending), num_returns=1, timeout=0.5)
+                if not ready:
+                    continue
                 cell, seed = pending.pop(ready[0])
                 record = self._record_final(ready[0], cell, seed, models)
                 wandb.log_run(f"{cell.key}.final{seed}", cell, "final", record)
                 test = record.test_acc if record.test_acc is not None else float("nan")
                 bar.update(advance=1, info=f"{cell.key} seed {seed}: test {test:.4f}"[-90:])
         finally:
-            for ref in pending:  # left only when a write failed: do not keep computing what cannot be recorded
+            for ref in pending:  # left when a write failed or a stop signal came: do not compute what is not recorded
                 ray.cancel(ref, force=True)
             bar.close()
             wandb.close()
@@ -229,11 +253,27 @@ class Sweep:
 
     # whole sweep -------------------------------------------------------------------------------------
     def run(self, log: Log = _stderr) -> Path:
-        cfg = self.cfg
+        """Tune, finals, manifest; the status it ends with is in ``self.status`` (see lifecycle.STATUSES).
+
+        Holds the folder's lock throughout (a second driver is refused) and records SIGINT/SIGTERM: a stop
+        signal ends the run with status ``interrupted`` and :class:`SweepInterrupted`, never with finals.
+        """
         try:
             self.dir.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise unwritable(self.dir, e) from None
+        lock = SweepLock(self.dir)
+        lock.acquire()
+        self.signals.install()
+        try:
+            return self._run_locked(log)
+        finally:
+            self.signals.restore()
+            lock.release()
+
+    def _run_locked(self, log: Log) -> Path:
+        cfg = self.cfg
+        self.status = None
         # A driver killed mid-write leaves a temp file (table scans choke on it) or an uncommitted epochs file.
         removed = remove_interrupted_writes(self.dir, runs_tables=("trials", "final_runs"), epochs_table="epochs",
                                             other_tables=("finals",))
@@ -245,14 +285,26 @@ class Sweep:
             log(f"skipped cell {c.key}: {why}")
         ray_started = ray_local.start(self.dir, address=cfg.ray.address, num_cpus=cfg.ray.num_cpus,
                                       num_gpus=cfg.ray.num_gpus, timeout_s=cfg.ray.timeout_s)
+        self.signals.install()  # ray.init replaced the SIGTERM handler
         try:
             self.tune(log)
             self.finals(log)
+        except SweepInterrupted as stop:
+            self.status = "interrupted"
+            self.write_manifest("interrupted", started, {"finished_at": time.time(), "signal": stop.signum})
+            log(f"{stop}")
+            raise
         finally:
             ray_local.stop(ray_started)
-        if self.after_finals is not None:
+        missing = cell_outcomes([c.key for c in self.cells], self._done("trials"), self._done("final_runs"),
+                                self._done("finals"))
+        status, extra = sweep_status(len(self.cells), missing)
+        if self.after_finals is not None and status != "failed":
             self.after_finals(self.dir, log)
-        self.write_manifest("complete", started, {"finished_at": time.time()})
+        for key, why in missing.items():
+            log(f"cell {key} has no finals: {why}")
+        self.status = status
+        self.write_manifest(status, started, {"finished_at": time.time(), **extra})
         return self.dir
 
     def summary(self) -> pl.DataFrame:

@@ -16,6 +16,7 @@ import netrc
 import os
 import socket
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -143,7 +144,8 @@ def _wandb_id(sweep: str, run_id: str) -> str:
 # --- Tune callbacks -----------------------------------------------------------------------------------------
 class WriteFailureStopper(Stopper):
     """Ends the Tune run as soon as a results write failed (disk full, read-only folder): trials that
-    cannot be recorded are wasted work. Sweep.tune then raises the write's one-line error."""
+    cannot be recorded are wasted work. Sweep.tune then raises the write's one-line error. Also ends it
+    when the driver got a stop signal (the recorder's ``interrupted``): Tune polls this at every step."""
 
     def __init__(self, recorder: TrialRecorder):
         self.recorder = recorder
@@ -152,31 +154,34 @@ class WriteFailureStopper(Stopper):
         return False
 
     def stop_all(self) -> bool:
-        return self.recorder.write_error is not None
+        return self.recorder.write_error is not None or self.recorder.interrupted()
 
 
 class TrialRecorder(Callback):
     """Tune callback on the driver: collects each trial's epoch reports and writes its rows on completion.
 
     ``timed_out`` is the scheduler's record of trials it stopped for running over ``budget.trial_timeout_s``
-    (CellASHA fills it); such a trial is recorded as failed with a "timeout:" error.
+    (CellASHA fills it); such a trial is recorded as failed with a "timeout:" error. ``interrupted()``
+    tells whether the driver got a stop signal: trials ending after it were cut short by the stop and are
+    not recorded (a resume runs them again).
     """
 
     def __init__(self, sweep_dir: Path, cfg: DictConfig, wandb: WandbLogger, total: int,
-                 timed_out: dict[str, float] | None = None):
+                 timed_out: dict[str, float] | None = None, interrupted: Callable[[], bool] = lambda: False):
         self.dir, self.cfg = sweep_dir, cfg
         self.epochs: dict[str, dict[int, dict]] = {}
         self.last: dict[str, dict] = {}
         self.best: dict[str, float] = {}
         self.timed_out = {} if timed_out is None else timed_out
         self.write_error: UsageError | None = None  # a results write failed (disk full, read-only): the sweep stops
+        self.interrupted = interrupted
         self.wandb = wandb
         self.bar = runs_bar(cfg.progress, "tuning", total)
 
     def __getstate__(self):
         # Tune pickles its callbacks into tuner.pkl (for its own restore, which sweeps do not use: they
         # resume from their tables). The live progress view and W&B runs hold locks; leave them out.
-        return {k: v for k, v in self.__dict__.items() if k not in ("bar", "wandb")}
+        return {k: v for k, v in self.__dict__.items() if k not in ("bar", "wandb", "interrupted")}
 
     @staticmethod
     def _ids(trial) -> tuple[str, Cell]:
@@ -207,10 +212,14 @@ class TrialRecorder(Callback):
         message = "worker failed"
         if trial.error_file and Path(trial.error_file).is_file():
             message = last_line(Path(trial.error_file).read_text()) or message
-        self._write(trial, trials, error=message)
+        self._write(trial, trials, error=message, errored=True)
 
-    def _record(self, trial, error: str | None) -> RunRecord:
-        """The trial's run record, from its config and its reports (the last report carries the totals)."""
+    def _record(self, trial, error: str | None, errored: bool = False) -> RunRecord:
+        """The trial's run record, from its config and its reports (the last report carries the totals).
+
+        ``errored``: the trial ended in an error after its last allowed attempt; Tune has then counted
+        that attempt's failure too, so ``num_failures`` is the number of attempts.
+        """
         last = self.last.get(trial.trial_id, {})
         plain = trial.config["trial"]
         reported = self.epochs.get(trial.trial_id, {})
@@ -225,18 +234,18 @@ class TrialRecorder(Callback):
         return RunRecord(
             **Cell.from_key(trial.config["cell"]).record(), phase="tune", seed=plain["seed"], status=status,
             error=error, trial_number=trial.config["trial_number"], node_id=last.get("node_id"),
-            attempts=trial.num_failures + 1, epochs_planned=plain["train"]["epochs"], epochs_run=len(epochs),
+            attempts=max(1, trial.num_failures) if errored else trial.num_failures + 1, epochs_planned=plain["train"]["epochs"], epochs_run=len(epochs),
             best_epoch=last.get("best_epoch"), val_acc=last.get(METRIC) if epochs else None,
             train_seconds=last.get("train_seconds"), n_params=last.get("n_params"),
             peak_mem_mb=last.get("peak_mem_mb"), hp=plain["hp"], config=plain, epochs=epochs,
             samples_per_second=(sum(e["samples_per_second"] * e["epoch_seconds"] for e in epochs)
                                 / sum(e["epoch_seconds"] for e in epochs)) if epochs else None)
 
-    def _write(self, trial, trials, error: str | None) -> None:
+    def _write(self, trial, trials, error: str | None, errored: bool = False) -> None:
         run_id, cell = self._ids(trial)
-        record = self._record(trial, error)
-        if self.write_error is not None:
-            return  # the results folder cannot be written: Tune is being stopped (WriteFailureStopper)
+        record = self._record(trial, error, errored)
+        if self.write_error is not None or self.interrupted():
+            return  # cannot be written, or cut short by a stop signal: Tune is being stopped (WriteFailureStopper)
         try:
             write_run(self.dir, record, run_id=run_id, runs_table="trials")
         except UsageError as e:  # not raised here: Tune would log it as a traceback and carry on
