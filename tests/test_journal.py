@@ -22,7 +22,7 @@ CELL = "bp.mlp.digits"
 
 
 def sweep(root: Path, *overrides: str, log=None) -> Sweep:
-    s = Sweep(parse_sweep(["preset=smoke", f"root={root}", "name=s", "rules=[bp]", "budget.final_seeds=1",
+    s = Sweep(parse_sweep(["preset=smoke", f"root={root}", "name=s", "rules=[bp]", "budget.final_seeds=1", "budget.epochs=1",
                            *overrides]))
     s.run(log=log or (lambda m: None))
     return s
@@ -57,23 +57,32 @@ def test_torn_journal_tail_is_cut_back_with_one_warning_and_the_sweep_resumes(ra
     assert_extended(again, before, trials=3)
 
 
-def test_lost_journal_is_rebuilt_from_the_tables_no_trial_number_repeats_no_row_replaced(ray_session, tmp_path):
-    s = sweep(tmp_path, "budget.trials=2")
-    intact = tmp_path / "intact.journal"
-    shutil.copy(s.dir / "optuna.journal", intact)
-    (s.dir / "optuna.journal").unlink()
+@pytest.mark.parametrize("kind", ["journal", "sqlite"])
+def test_lost_study_is_rebuilt_from_the_tables_no_trial_number_repeats_no_row_replaced(ray_session, tmp_path, kind):
+    db = tmp_path / "optuna.db"
+    storage = [f"storage=sqlite:///{db}"] if kind == "sqlite" else []
+    s = sweep(tmp_path, "budget.trials=2", *storage)
+    study_file = db if kind == "sqlite" else s.dir / "optuna.journal"
+    intact = tmp_path / f"intact.{kind}"
+    shutil.copy(study_file, intact)
+    study_file.unlink()  # deleted, or a new machine given only the tables
     before = trial_files(s.dir)
-    again = sweep(tmp_path, "budget.trials=3")
+    again = sweep(tmp_path, "budget.trials=3", *storage)
     t = assert_extended(again, before, trials=3)
-    # The rebuilt study holds what the tables hold: same numbers, parameters and values.
-    study = optuna.load_study(study_name=CELL, storage=optuna.storages.JournalStorage(
-        optuna.storages.journal.JournalFileBackend(str(s.dir / "optuna.journal"))))
+    # The rebuilt study holds what the tables hold: same numbers and values.
+    study = optuna.load_study(study_name=CELL, storage=storage_at(study_file, kind))
     got = {tr.number: tr.value for tr in study.get_trials() if tr.state.is_finished()}
     assert got == dict(zip(t["trial_number"].to_list(), t["val_acc"].to_list()))
-    # TPE (same seed) suggests the same next point from the rebuilt study as from the intact journal.
-    rebuilt = journal_storage(tmp_path / "rebuilt.journal")
+    # TPE (same seed) suggests the same next point from the rebuilt study as from the intact one.
+    rebuilt = storage_at(tmp_path / f"rebuilt.{kind}", kind)
     reconcile_study(rebuilt, CELL, bp_space(), pl.concat([pl.read_parquet(p) for p in before], how="diagonal_relaxed"))
-    assert next_point(rebuilt) == next_point(journal_storage(intact))
+    assert next_point(rebuilt) == next_point(storage_at(intact, kind))
+
+
+def storage_at(path: Path, kind: str):
+    if kind == "sqlite":
+        return optuna.storages.RDBStorage(f"sqlite:///{path}")
+    return journal_storage(path)
 
 
 def journal_storage(path: Path):
