@@ -311,6 +311,20 @@ def write_run(root: str | Path, record: RunRecord | Mapping[str, Any], run_id: s
     return run_id
 
 
+def refuse_other_config(root: str | Path, record: RunRecord, run_id: str, runs_table: str = "runs") -> None:
+    """UsageError when ``run_id`` already has a row in ``runs_table`` with other hyperparameters than ``record``:
+    a row is never overwritten by a different run (the same run written again is allowed)."""
+    path = partition_dir(Path(root), runs_table, record.cell) / f"{run_id}.parquet"
+    if not path.is_file():
+        return
+    old = pq.read_table(path, columns=["hp_json"]).column("hp_json").to_pylist()[0]
+    new = json.dumps(record.hp, sort_keys=True, default=str)
+    if old != new:
+        raise UsageError(f"refusing to overwrite {path}: row {run_id} holds hp {old}, the new run has hp {new}; "
+                         "the Optuna study and the tables disagree: move the study away (the sweep's "
+                         "optuna.journal, or storage=) and run again, the study is rebuilt from the tables")
+
+
 def new_run_id() -> str:
     return uuid.uuid4().hex[:16]
 

@@ -16,10 +16,12 @@ Data flows one way: sweep config -> cells -> tuning trials (Ray Tune) -> finals 
 * **Results** are written by the driver only, atomically, keyed by deterministic ids (cell + Optuna
   trial number, cell + final seed), so a rerun after a crash neither repeats nor duplicates anything:
   completed work is read back from the Parquet tables, Optuna trials left RUNNING by a dead driver
-  are closed, and only the missing trials and finals run.
+  are closed, and only the missing trials and finals run. The tables are the record: a lost or torn
+  study is rebuilt from them (``journal``), and a tuning row is never overwritten by another configuration.
 
 Modules: ``config`` (SweepConfig, presets, ``parse_sweep`` and its checks), ``cells`` (Cell, ``plan_cells``,
 ``trial_config``), ``search`` (the Optuna/ASHA adapters), ``workers`` (what runs on Ray workers),
+``journal`` (the study kept in step with the tables),
 ``recording`` (the Tune callback writing trials, W&B), ``lifecycle`` (the folder lock, stop signals, the
 manifest status), ``finals`` (best configurations, the finals table),
 ``driver`` (:class:`Sweep`). Reading a sweep folder back is :mod:`bioplaus.orchestrator.results`'s.

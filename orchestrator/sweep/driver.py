@@ -38,10 +38,11 @@ from bioplaus.orchestrator.search_space import defaults_in_space, load_search_sp
 from bioplaus.orchestrator.sweep.cells import Cell, plan_cells, sampler_seed, trial_config, trial_spec
 from bioplaus.orchestrator.sweep.config import check_local_resources
 from bioplaus.orchestrator.sweep.finals import best_configs, write_finals
+from bioplaus.orchestrator.sweep.journal import check_journal, journal_path, reconciled_storage
 from bioplaus.orchestrator.sweep.lifecycle import (StopSignals, SweepInterrupted, SweepLock, cell_outcomes,
                                                    sweep_status)
 from bioplaus.orchestrator.sweep.recording import TrialRecorder, WandbLogger, WriteFailureStopper
-from bioplaus.orchestrator.sweep.search import CellASHA, CellSearcher, cell_search, close_stale_trials, optuna_storage
+from bioplaus.orchestrator.sweep.search import CellASHA, CellSearcher, cell_search
 from bioplaus.orchestrator.sweep.workers import final_task, tune_trainable
 
 Log = Callable[[str], None]
@@ -86,6 +87,7 @@ class Sweep:
         # Data too: missing files are downloaded (or refused, naming the fix) here, not in every worker.
         for name in sorted({c.dataset for c in self.cells}):
             ensure_files(DATASETS[name], cfg.trial.data)
+        check_journal(journal_path(cfg, self.dir))  # a corrupt study file is refused before anything is written
 
     def _check_spaces_not_empty(self) -> None:
         empty = sorted({c.rule for c in self.cells if not self.spaces[c.rule]})
@@ -128,15 +130,15 @@ class Sweep:
         write_table(pa.Table.from_pylist(cells), self.dir / "cells.parquet")
 
     # tuning ----------------------------------------------------------------------------------------
-    def _searchers(self) -> tuple[dict, dict[str, int], dict]:
+    def _searchers(self, log: Log = _stderr) -> tuple[dict, dict[str, int], dict]:
         """Per cell with trials left: its OptunaSearch, trials remaining, and its trial-config builder."""
         cfg = self.cfg
         done = self._done("trials")
-        storage = optuna_storage(cfg, self.dir)
+        storage = reconciled_storage(cfg, self.dir, {c.key: (self.spaces[c.rule], done.get(c.key, pl.DataFrame()))
+                                                     for c in self.cells}, log)
         searchers, remaining, configs = {}, {}, {}
         for cell in self.cells:
             rows = done.get(cell.key, pl.DataFrame())
-            close_stale_trials(storage, cell.key, rows)
             remaining[cell.key] = max(0, cfg.budget.trials - len(rows))
             if not remaining[cell.key]:
                 continue
@@ -153,7 +155,7 @@ class Sweep:
 
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         cfg = self.cfg
-        searchers, remaining, configs = self._searchers()
+        searchers, remaining, configs = self._searchers(log)
         total = sum(remaining.values())
         log(f"tuning: {len(self.cells)} cells x {cfg.budget.trials} trials, {total} to run "
             f"({cfg.budget.trials * len(self.cells) - total} already done)"

@@ -27,7 +27,7 @@ from ray.tune.stopper import Stopper
 
 from bioplaus.orchestrator.errors import UsageError, last_line, one_line
 from bioplaus.orchestrator.progress import runs_bar
-from bioplaus.orchestrator.results import RunRecord, write_run
+from bioplaus.orchestrator.results import RunRecord, refuse_other_config, write_run
 from bioplaus.orchestrator.sweep.cells import Cell
 from bioplaus.orchestrator.sweep.search import METRIC
 
@@ -247,6 +247,7 @@ class TrialRecorder(Callback):
         if self.write_error is not None or self.interrupted():
             return  # cannot be written, or cut short by a stop signal: Tune is being stopped (WriteFailureStopper)
         try:
+            refuse_other_config(self.dir, record, run_id, runs_table="trials")
             write_run(self.dir, record, run_id=run_id, runs_table="trials")
         except UsageError as e:  # not raised here: Tune would log it as a traceback and carry on
             self.write_error = e

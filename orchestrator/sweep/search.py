@@ -57,12 +57,21 @@ def optuna_storage(cfg: DictConfig, sweep_dir: Path):
 
 
 def cell_search(study_name: str, space: dict[str, Param], storage, seed: int, first_point: dict | None):
-    """The ``OptunaSearch`` of one cell: a seeded TPE study in ``storage``, trying ``first_point`` first if given."""
+    """The ``OptunaSearch`` of one cell: a seeded TPE study in ``storage``, trying ``first_point`` first if given.
+
+    A study resumed with trials in it seeds its sampler with ``seed`` and that count: with ``seed`` alone, a
+    rerun would replay the draws of the run that started the study and repeat its configurations.
+    """
     import optuna
     from ray.tune.search.optuna import OptunaSearch
 
+    try:
+        done = len(optuna.load_study(study_name=study_name, storage=storage).get_trials(deepcopy=False))
+    except KeyError:
+        done = 0
+    sampler_seed = seed if not done else (seed * 1_000_003 + done) % 2**32
     return OptunaSearch(space=optuna_space(space), metric=METRIC, mode="max", study_name=study_name, storage=storage,
-                        sampler=optuna.samplers.TPESampler(seed=seed),
+                        sampler=optuna.samplers.TPESampler(seed=sampler_seed),
                         points_to_evaluate=None if first_point is None else [first_point])
 
 
