@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bioplaus.algorithms.arch import Network
+from bioplaus.algorithms.schedules import SCHEDULES, build_schedule
 
 # The plausibility criteria. Each rule states, for every criterion, whether it holds and which
 # test proves the statement (see algorithms/probes.py for the measuring instruments).
@@ -78,7 +79,8 @@ class OptimHParams:
     weight_decay: float = 0.0
     """L2 weight decay (decoupled for adamw)."""
     schedule: str = "constant"
-    """Learning-rate schedule over the whole run: constant or cosine (to zero at the last step)."""
+    """Learning-rate schedule over the whole run: constant, cosine (to zero at the last step) or onecycle
+    (warm-up then annealing; see algorithms/schedules.py)."""
 
 
 @dataclass
@@ -268,7 +270,7 @@ def set_delta_rule_grads(layer: nn.Module, x: torch.Tensor, err: torch.Tensor) -
 
 
 def make_optimizer(params, hp: OptimHParams, total_steps: int) -> ScheduledOptimizer:
-    """The optimiser and per-step LR schedule :class:`OptimHParams` asks for (cosine over ``total_steps``)."""
+    """The optimiser and per-step LR schedule :class:`OptimHParams` asks for (over ``total_steps``)."""
     params = [p for p in params if p.requires_grad]
     if hp.optimizer == "adam":
         opt = torch.optim.Adam(params, lr=hp.lr, weight_decay=hp.weight_decay)
@@ -278,13 +280,7 @@ def make_optimizer(params, hp: OptimHParams, total_steps: int) -> ScheduledOptim
         opt = torch.optim.SGD(params, lr=hp.lr, momentum=hp.momentum, weight_decay=hp.weight_decay)
     else:
         raise ValueError(f"unknown optimizer {hp.optimizer!r}; use adam, adamw or sgd")
-    if hp.schedule == "constant":
-        sched = None
-    elif hp.schedule == "cosine":
-        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, total_steps))
-    else:
-        raise ValueError(f"unknown schedule {hp.schedule!r}; use constant or cosine")
-    return ScheduledOptimizer(opt, sched)
+    return ScheduledOptimizer(opt, build_schedule(opt, hp.schedule, total_steps))
 
 
 def validate_hparams(rule_cls: type[Rule], hp: Any) -> None:
@@ -292,8 +288,8 @@ def validate_hparams(rule_cls: type[Rule], hp: Any) -> None:
     if isinstance(hp, OptimHParams):
         if hp.optimizer not in ("adam", "adamw", "sgd"):
             raise ValueError(f"hp.optimizer={hp.optimizer!r} is not one of adam, adamw, sgd")
-        if hp.schedule not in ("constant", "cosine"):
-            raise ValueError(f"hp.schedule={hp.schedule!r} is not one of constant, cosine")
+        if hp.schedule not in SCHEDULES:
+            raise ValueError(f"hp.schedule={hp.schedule!r} is not one of {', '.join(SCHEDULES)}")
         if not hp.lr > 0:
             raise ValueError(f"hp.lr={hp.lr} must be > 0")
 

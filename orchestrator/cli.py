@@ -148,6 +148,33 @@ def cmd_cells(args) -> int:
     return 0
 
 
+def _range(p: dict) -> str:
+    if p["type"] == "categorical":
+        return "{" + ", ".join(map(str, p["choices"])) + "}"
+    extra = (" log" if p.get("log") else "") + (f" step {p['step']}" if p.get("step") else "")
+    return f"[{p['low']:g}, {p['high']:g}]{extra}"
+
+
+def cmd_space(args) -> int:
+    from bioplaus.algorithms.registry import load_rules
+    from bioplaus.orchestrator.search_space import load_search_space
+
+    rules = load_rules()
+    unknown = [r for r in args.rules if r not in rules]
+    if unknown:
+        raise UsageError(f"unknown rule {unknown[0]!r}; known rules: {', '.join(rules)}")
+    spaces = {name: {k: p.describe() for k, p in load_search_space(rules[name]).items()}
+              for name in (args.rules or rules)}
+    if args.json:
+        print(json.dumps(spaces))
+        return 0
+    for name, space in spaces.items():
+        print(name)
+        for knob, p in space.items():
+            print(f"  {knob:<18} {p['type']:<12} {_range(p):<36} {p['source']}")
+    return 0
+
+
 def cmd_bench(args) -> int:
     if args.orchestrator:
         from bioplaus.orchestrator.efficiency import measure
@@ -215,6 +242,12 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("overrides", nargs="*")
     c.add_argument("--json", action="store_true", help="one JSON list of every cell: rule, arch, dataset, supported, reason")
     c.set_defaults(func=cmd_cells)
+
+    sp = sub.add_parser("space", help="the effective search space of each rule (shared knobs and its own, with "
+                                      "the file each range comes from)")
+    sp.add_argument("rules", nargs="*", help="rule names (default: every rule)")
+    sp.add_argument("--json", action="store_true", help="one JSON object: rule -> knob -> range and source")
+    sp.set_defaults(func=cmd_space)
 
     b = sub.add_parser("bench", help="accuracy targets the rules declare (long; not part of make test)")
     b.add_argument("overrides", nargs="*", help="overrides applied to every bench run, e.g. data.root=DIR")

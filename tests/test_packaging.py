@@ -50,7 +50,7 @@ def test_the_wheel_installs_bioplaus_alone_with_its_search_spaces(installed):
     _, wheel = installed
     names = zipfile.ZipFile(wheel).namelist()
     assert {n.split("/")[0] for n in names if ".dist-info/" not in n} == {"bioplaus"}
-    assert "bioplaus/search_spaces/bp.yaml" in names
+    assert {"bioplaus/search_spaces/bp.yaml", "bioplaus/search_spaces/_optimiser.yaml"} <= set(names)
     assert not [n for n in names if n.startswith("bioplaus/tests/") or n.endswith((".sbatch", "Dockerfile"))]
 
 
@@ -62,6 +62,9 @@ def test_the_installed_cli_runs_from_an_empty_folder(installed, tmp_path):
     rules = run([str(bindir / "bioplaus"), "rules", "--json"], tmp_path)
     assert rules.returncode == 0, rules.stderr
     assert "bp" in {r["name"] for r in json.loads(rules.stdout)}
+    space = run([str(bindir / "bioplaus"), "space", "bp", "--json"], tmp_path)  # the shared fragment, as package data
+    assert space.returncode == 0, space.stderr
+    assert json.loads(space.stdout)["bp"]["schedule"]["source"] == "_optimiser.yaml"
     where = run([str(bindir / "python"), "-c", "import bioplaus; print(bioplaus.__file__)"], tmp_path)
     assert not where.stdout.strip().startswith(str(REPO)), where.stdout
     for old in ("algorithms", "orchestrator", "analysis", "cluster"):
