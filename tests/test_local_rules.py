@@ -24,7 +24,7 @@ from bioplaus.algorithms import probes
 from bioplaus.algorithms.rule import Rule
 from bioplaus.orchestrator.config import parse_overrides
 from bioplaus.orchestrator.trial import load_splits, resolve, run_trial
-from tests.conftest import batch, small_rule
+from conftest import batch, small_rule
 
 LOCAL = ("local_losses", "ff", "softhebb")
 VARIANTS = [  # (rule, arch, hp): every code path of block_step

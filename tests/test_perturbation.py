@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from bioplaus.algorithms import probes
 from bioplaus.orchestrator.config import parse_overrides
 from bioplaus.orchestrator.trial import resolve, run_trial
-from tests.conftest import batch, small_rule
+from conftest import batch, small_rule
 
 RULES = ["node_perturbation", "weight_perturbation", "forward_gradient"]
 ARCHS = ["mlp", "cnn", "deep_cnn"]

@@ -26,7 +26,7 @@ from bioplaus.algorithms.rule import Rule
 from bioplaus.algorithms.spiking import latency_encode, lif_run, poisson_encode, stdp_update, to_intensity
 from bioplaus.orchestrator.config import parse_overrides
 from bioplaus.orchestrator.trial import load_splits, resolve, run_trial
-from tests.conftest import batch, small_rule
+from conftest import batch, small_rule
 
 READOUTS = ["label", "delta"]
 
