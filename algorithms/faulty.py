@@ -16,6 +16,9 @@ import torch
 from bioplaus.algorithms.registry import register
 from bioplaus.algorithms.rules.bp import Backprop, BPHParams
 
+# How long wait_for_started waits for the other runs: a guard against a test that can never fill the barrier.
+WAIT_LIMIT_S = 300.0
+
 
 @dataclass
 class FaultyHParams(BPHParams):
@@ -33,15 +36,25 @@ class FaultyHParams(BPHParams):
     """Block for good at this training step, never returning (a hung trial; -1: never)."""
     hang_once_marker: str = ""
     """With hang_at_step: only the run that creates this file (the first to get there) hangs."""
+    hang_skip: int = 0
+    """With hang_once_marker: the first this many runs to get there go on (each creates ``<marker>.skip<i>``)
+    and the next one hangs, so a test can hold a sweep at a known point (after that many runs)."""
+    hang_on_node: str = ""
+    """With hang_at_step: only runs on the Ray node with this id hang (that node is then busy when it dies)."""
     started_dir: str = ""
     """If set: at its first step a run writes a file named after its Ray node and process into this folder
     (so a test knows which nodes are busy before it injects a fault)."""
+    wait_for_started: int = 0
+    """With started_dir: at its first step a run waits until this many runs have written their file there
+    (raising after ``WAIT_LIMIT_S``), so that many are under way at once: on nodes that each fit one run,
+    on that many nodes, whatever order the scheduler starts them in."""
 
 
 @register
 class Faulty(Backprop):
     name = "faulty"
-    summary = "backprop with injectable faults (NaN, exception, worker death, slowness, hang); tests only"
+    summary = ("backprop with injectable faults (NaN, exception, worker death, slowness, hang) and a barrier "
+               "between runs; tests only")
     HParams = FaultyHParams
     benchmarks = ()
 
@@ -54,9 +67,11 @@ class Faulty(Backprop):
         hp = self.hp
         if hp.started_dir and self.steps == 1:
             Path(hp.started_dir, f"{_node_id()}-{os.getpid()}").write_text(str(time.time()))
+            if hp.wait_for_started:
+                _wait_for_files(Path(hp.started_dir), hp.wait_for_started)
         if hp.sleep_per_step_s:
             time.sleep(hp.sleep_per_step_s)
-        if self.steps == hp.hang_at_step and (not hp.hang_once_marker or _claim(hp.hang_once_marker)):
+        if self.steps == hp.hang_at_step and self._hangs_here():
             while True:  # a hung step: only a timeout (budget.trial_timeout_s) or a kill ends it
                 time.sleep(1.0)
         if self.steps == hp.raise_at_step:
@@ -68,6 +83,25 @@ class Faulty(Backprop):
         if 0 <= hp.nan_at_step <= self.steps:
             metrics["loss"] = torch.tensor(float("nan"))
         return metrics
+
+    def _hangs_here(self) -> bool:
+        hp = self.hp
+        if hp.hang_on_node and _node_id() != hp.hang_on_node:
+            return False
+        if not hp.hang_once_marker:
+            return True
+        if any(_claim(f"{hp.hang_once_marker}.skip{i}") for i in range(hp.hang_skip)):
+            return False
+        return _claim(hp.hang_once_marker)
+
+
+def _wait_for_files(folder: Path, count: int) -> None:
+    """Block until ``folder`` holds ``count`` files (a barrier between runs); RuntimeError after WAIT_LIMIT_S."""
+    deadline = time.monotonic() + WAIT_LIMIT_S
+    while (found := len(list(folder.iterdir()))) < count:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"only {found} of {count} runs started within {WAIT_LIMIT_S:.0f}s ({folder})")
+        time.sleep(0.05)
 
 
 def _claim(marker: str) -> bool:

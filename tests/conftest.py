@@ -1,4 +1,4 @@
-"""Shared fixtures: the read-only real data mirror, a loopback HTTP server, small rule builders, and the
+"""Shared fixtures: where the real data is, a loopback HTTP server, small rule builders, and the
 fault-injection rule in a loopback Ray for the sweep, reliability and cluster tests."""
 
 from __future__ import annotations
@@ -14,9 +14,21 @@ from pathlib import Path
 import pytest
 import torch
 
+from bioplaus.orchestrator.config import DataConfig
+from bioplaus.orchestrator.data.datasets import data_root
+
 REPO = Path(__file__).resolve().parent.parent
-# The real data mirror beside the checkout (read-only); BIOPLAUS_TEST_DATA points elsewhere.
-SHARED_DATA = Path(os.environ.get("BIOPLAUS_TEST_DATA", REPO.parent / "shared" / "data"))
+
+
+def _real_data_candidates() -> tuple[Path, ...]:
+    """The data root the project itself would use (data.root's default: $BIOPLAUS_DATA, else the user cache),
+    then the sandbox's mirror beside the checkout. Read when this module loads: every test then points
+    BIOPLAUS_DATA at a folder of its own (``_isolated_env``)."""
+    roots = (data_root(DataConfig()), REPO.parent / "shared" / "data")
+    return tuple(dict.fromkeys(r.resolve() for r in roots))
+
+
+REAL_DATA_CANDIDATES = _real_data_candidates()
 
 
 # algorithms/faulty.py registers only where this is set: the test process and the Ray workers it starts.
@@ -57,11 +69,21 @@ def _isolated_env(tmp_path, monkeypatch):
     torch.set_num_threads(min(2, torch.get_num_threads()))
 
 
+def find_real_data(*needed: str) -> Path:
+    """The first candidate data root holding every path in ``needed`` (relative to the root); where none
+    does, the test skips, naming every place it looked."""
+    for root in REAL_DATA_CANDIDATES:
+        if all((root / n).exists() for n in needed):
+            return root
+    looked = ", ".join(str(r) for r in REAL_DATA_CANDIDATES)
+    pytest.skip(f"real data ({', '.join(needed)}) not found in any data root: looked in {looked} "
+                "(set BIOPLAUS_DATA to the data root that has it)")
+
+
 @pytest.fixture
-def shared_data() -> Path:
-    if not (SHARED_DATA / "SHA256SUMS").is_file():
-        pytest.skip(f"real data mirror not found at {SHARED_DATA} (set BIOPLAUS_TEST_DATA to its path)")
-    return SHARED_DATA
+def real_data() -> Path:
+    """The real data mirror (read-only): a data root with the mirror's SHA256SUMS beside its datasets."""
+    return find_real_data("SHA256SUMS")
 
 
 class _QuietHandler(http.server.SimpleHTTPRequestHandler):

@@ -1,6 +1,7 @@
 """Brain similarity (analysis/brain.py): the 92-image loader, RSA against rsatoolbox, CKA, controls, the table.
 
-Tests on the real data skip, naming the folder, when ``<shared data>/rsa92`` is absent.
+Tests on the real data look for ``rsa92/`` in every candidate data root (conftest.find_real_data) and skip,
+naming where they looked, when none has it.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from bioplaus.analysis.brain import (
     stimuli_tensor,
 )
 from bioplaus.orchestrator.errors import UsageError
+from conftest import find_real_data
 
 
 @functools.lru_cache(maxsize=1)
@@ -34,11 +36,9 @@ def _load(folder: str):
 
 
 @pytest.fixture
-def rsa92_dir(shared_data) -> Path:
-    folder = shared_data / "rsa92"
-    if not (folder / STIMULI_FILE).is_file():
-        pytest.skip(f"rsa92 data not found at {folder} (the Kriegeskorte 2008 .mat files)")
-    return folder
+def rsa92_dir() -> Path:
+    """The Kriegeskorte 2008 .mat files, ``<data root>/rsa92``."""
+    return find_real_data(f"rsa92/{STIMULI_FILE}") / "rsa92"
 
 
 @pytest.fixture

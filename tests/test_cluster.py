@@ -2,7 +2,9 @@
 lost mid-sweep, and the launcher / KubeRay / SLURM files the docs rely on.
 
 The local cluster's head has no CPUs, so every trial runs on one of the two worker nodes (1 CPU each),
-as on a cluster whose head only schedules.
+as on a cluster whose head only schedules. Which node runs what is forced, never left to the scheduler's
+timing: a trial waits at its first step until two trials have started (the faulty rule's barrier), and
+with one trial per node the second can only start on the other node.
 """
 
 from __future__ import annotations
@@ -28,10 +30,16 @@ from bioplaus.orchestrator.sweep import Sweep, parse_sweep
 
 CLUSTER_DIR = Path(__file__).resolve().parent.parent / "cluster"
 # Fully deterministic tuning: no ASHA stop (grace = max epochs) and fewer trials than TPE's random start-up,
-# so the same seeds give the same trials wherever they run.
-# faulty = backprop; its sleep makes each trial last long enough (~3 s) that two run at once, one per node.
-SAME_EVERYWHERE = ["preset=smoke", "rules=[faulty]", "trial.hp.sleep_per_step_s=0.25", "budget.trials=4",
-                   "budget.epochs=2", "budget.grace_epochs=2", "budget.final_seeds=2", "resources.cpus_per_trial=1"]
+# so the same seeds give the same trials wherever they run. faulty = backprop.
+SAME_EVERYWHERE = ["preset=smoke", "rules=[faulty]", "budget.trials=4", "budget.epochs=2", "budget.grace_epochs=2",
+                   "budget.final_seeds=2", "resources.cpus_per_trial=1"]
+
+
+def two_at_once(started: Path) -> list[str]:
+    """Overrides that hold every trial at its first step until two trials have started (a file each in
+    ``started``): the first cannot finish before the second starts, which on one-CPU nodes is elsewhere."""
+    started.mkdir(exist_ok=True)
+    return [f"trial.hp.started_dir={started}", "trial.hp.wait_for_started=2"]
 
 
 @pytest.fixture(scope="module")
@@ -49,14 +57,16 @@ def run_sweep(root: Path, *overrides: str) -> Sweep:
 
 
 def test_sweep_on_two_nodes_uses_both_and_matches_the_single_node_run(cluster, tmp_path):
-    on_cluster = run_sweep(tmp_path / "cluster", f"ray.address={cluster.address}")
+    # The same trial.hp in both runs (hp_json is compared); the single-node run finds the barrier already met.
+    barrier = two_at_once(tmp_path / "started")
+    on_cluster = run_sweep(tmp_path / "cluster", f"ray.address={cluster.address}", *barrier)
     trials, finals = on_cluster.table("trials"), on_cluster.table("final_runs")
     assert trials.height == 4 and set(trials["status"]) == {"ok"}
     assert set(trials["node_id"]) == set(cluster.worker_node_ids())  # both worker nodes ran trials
     assert set(finals["node_id"]) <= set(cluster.worker_node_ids())
     assert len(list((on_cluster.dir / "models").glob("*.pt"))) == 2  # sent back to the driver, written there
 
-    single = run_sweep(tmp_path / "single", "ray.num_cpus=2")
+    single = run_sweep(tmp_path / "single", "ray.num_cpus=2", *barrier)
     one = single.table("trials")
     assert one["node_id"].n_unique() == 1
     by_number = lambda df: df.sort("trial_number").select("trial_number", "hp_json", "val_acc")
@@ -68,16 +78,18 @@ def test_sweep_on_two_nodes_uses_both_and_matches_the_single_node_run(cluster, t
 
 
 def test_killed_worker_node_mid_sweep_its_trials_rerun_on_the_survivor(cluster, tmp_path):
-    started = tmp_path / "started"
-    started.mkdir()
-    overrides = ["budget.trials=4", "trial.hp.sleep_per_step_s=0.5", f"trial.hp.started_dir={started}",
-                 "retries=3", "budget.final_seeds=1", f"ray.address={cluster.address}"]
     survivor, victim = cluster.nodes[0].node_id, cluster.nodes[-1].node_id
+    hung = tmp_path / "hung"
+    # Both nodes get a trial (the barrier); the victim's hangs at its first step until the node is killed,
+    # so the kill always lands on a busy node, however slowly anything here runs.
+    overrides = [*two_at_once(tmp_path / "started"), "trial.hp.hang_at_step=1", f"trial.hp.hang_on_node={victim}",
+                 f"trial.hp.hang_once_marker={hung}", "retries=3", "budget.final_seeds=1",
+                 f"ray.address={cluster.address}"]
     killed = {}
 
     def kill_the_victim_while_it_trains():
-        deadline = time.time() + 300
-        while time.time() < deadline and not any(p.name.startswith(victim) for p in started.iterdir()):
+        deadline = time.monotonic() + 300  # a guard: the sweep cannot finish before the kill
+        while time.monotonic() < deadline and not hung.exists():
             time.sleep(0.1)
         killed["node"] = cluster.kill_worker(len(cluster.nodes) - 1)  # every process of the node, SIGKILL
 
@@ -118,9 +130,13 @@ def test_local_cluster_command_prints_its_address_and_cleans_up_on_sigterm(tmp_p
         raylets = subprocess.run(["pgrep", "-s", str(proc.pid), "-f", "raylet"], capture_output=True, text=True, check=False)
         assert len(raylets.stdout.split()) == 2  # head + 1 worker, in the command's own session
         proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=90) == 0
-        time.sleep(1)
-        left = subprocess.run(["pgrep", "-s", str(proc.pid)], capture_output=True, text=True, check=False).stdout.split()
+        assert proc.wait(timeout=180) == 0
+        # The nodes' processes were told to stop; wait until they are gone (a guard, not a measured delay).
+        deadline, left = time.monotonic() + 30, ["?"]
+        while left and time.monotonic() < deadline:
+            left = subprocess.run(["pgrep", "-s", str(proc.pid)], capture_output=True, text=True,
+                                  check=False).stdout.split()
+            time.sleep(0.2)
         assert not left, f"Ray processes left behind: {left}"
     finally:
         if proc.poll() is None:

@@ -13,7 +13,7 @@ import pytest
 
 from bioplaus.algorithms import probes
 from bioplaus.algorithms.registry import load_rules
-from tests.conftest import REPO, batch, small_rule
+from conftest import REPO, batch, small_rule
 
 RULES = list(load_rules())
 GENERIC = "tests/test_criteria.py::test_claims_match_probes"

@@ -1,5 +1,6 @@
-"""Datasets: real files from the shared mirror, downloads over loopback HTTP, and small files in the
-official formats (CIFAR-100, SVHN, KMNIST, image folders) that the tests write themselves."""
+"""Datasets: real files from the data mirror (found by conftest.find_real_data), downloads over loopback
+HTTP, and small files in the official formats (CIFAR-100, SVHN, KMNIST, image folders) that the tests write
+themselves."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from bioplaus.orchestrator.data import DATASETS, load_raw, make_splits
 from bioplaus.orchestrator.data.datasets import data_root
 from bioplaus.orchestrator.data.formats import read_idx
 from bioplaus.orchestrator.errors import DataError, UsageError
+from conftest import find_real_data
 
 
 def data_cfg(*overrides: str):
@@ -40,6 +42,11 @@ def write_idx_dataset(folder: Path, n_train=20, n_test=10, size=28, classes=10, 
         write_idx(folder / f"{prefix}-labels-idx1-ubyte.gz", np.arange(n) % classes)
 
 
+def real_files_of(*datasets: str) -> Path:
+    """A data root holding every file of ``datasets`` (the mirror or a data root that downloaded them)."""
+    return find_real_data(*(f"{DATASETS[d].dirname}/{f.name}" for d in datasets for f in DATASETS[d].files))
+
+
 def add_tar_member(tar: tarfile.TarFile, name: str, data: bytes):
     info = tarfile.TarInfo(name)
     info.size = len(data)
@@ -47,29 +54,30 @@ def add_tar_member(tar: tarfile.TarFile, name: str, data: bytes):
 
 
 # --- real files ---------------------------------------------------------------------------------
-def test_mnist_subset_is_read_with_the_count_from_its_header(shared_data):
-    raw = load_raw("mnist", data_cfg(f"data.root={shared_data}"))
+def test_mnist_subset_is_read_with_the_count_from_its_header(real_data):
+    raw = load_raw("mnist", data_cfg(f"data.root={real_data}"))
     assert raw.train_x.shape == (10000, 1, 28, 28) and raw.test_x.shape == (10000, 1, 28, 28)
     assert raw.train_x.dtype == np.uint8 and set(np.unique(raw.test_y)) == set(range(10))
     assert np.bincount(raw.test_y).tolist()[:3] == [980, 1135, 1032]  # the canonical MNIST test set
 
 
-def test_fashion_mnist_and_cifar10_load_whole(shared_data):
-    fm = load_raw("fashion_mnist", data_cfg(f"data.root={shared_data}"))
+def test_fashion_mnist_and_cifar10_load_whole():
+    root = real_files_of("fashion_mnist", "cifar10")
+    fm = load_raw("fashion_mnist", data_cfg(f"data.root={root}"))
     assert fm.train_x.shape == (60000, 1, 28, 28) and fm.classes[9] == "Ankle boot"
-    cifar = load_raw("cifar10", data_cfg(f"data.root={shared_data}"))
+    cifar = load_raw("cifar10", data_cfg(f"data.root={root}"))
     assert cifar.train_x.shape == (50000, 3, 32, 32) and cifar.test_x.shape == (10000, 3, 32, 32)
     assert np.bincount(cifar.test_y).tolist() == [1000] * 10
     assert cifar.classes[0] == "airplane" and cifar.classes[9] == "truck"
 
 
 # --- downloads over loopback ----------------------------------------------------------------------
-def test_download_from_loopback_mirror_is_verified_against_its_sha256sums(shared_data, http_serve, tmp_path):
+def test_download_from_loopback_mirror_is_verified_against_its_sha256sums(real_data, http_serve, tmp_path):
     root = tmp_path / "dl"
-    raw = load_raw("mnist", data_cfg(f"data.root={root}", f"data.mirror={http_serve(shared_data)}"))
+    raw = load_raw("mnist", data_cfg(f"data.root={root}", f"data.mirror={http_serve(real_data)}"))
     assert raw.train_x.shape[0] == 10000
     for name in ("train-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"):
-        assert (root / "mnist" / name).read_bytes() == (shared_data / "mnist" / name).read_bytes()
+        assert (root / "mnist" / name).read_bytes() == (real_data / "mnist" / name).read_bytes()
     assert not list((root / "mnist").glob(".*part"))  # no temp files left behind
 
 

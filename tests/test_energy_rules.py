@@ -19,7 +19,7 @@ from bioplaus.algorithms.arch import ARCHS
 from bioplaus.algorithms.rule import RunInfo
 from bioplaus.orchestrator.config import parse_overrides
 from bioplaus.orchestrator.trial import load_splits, resolve, run_trial
-from tests.conftest import batch, small_rule
+from conftest import batch, small_rule
 
 
 @pytest.fixture(autouse=True)

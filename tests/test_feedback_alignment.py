@@ -22,7 +22,7 @@ from bioplaus.algorithms import probes
 from bioplaus.algorithms.registry import get_rule
 from bioplaus.orchestrator.config import parse_overrides
 from bioplaus.orchestrator.trial import resolve, run_trial
-from tests.conftest import batch, small_rule
+from conftest import batch, small_rule
 
 FAMILY = ["fa", "dfa", "sign_symmetry"]
 SHAPES = {"mlp": (1, 8, 8), "cnn": (1, 8, 8), "deep_cnn": (3, 8, 8)}

@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import copy
+import time
 
 import pytest
 import torch
@@ -24,7 +25,7 @@ from bioplaus.algorithms import probes
 from bioplaus.algorithms.rule import Rule
 from bioplaus.orchestrator.config import parse_overrides
 from bioplaus.orchestrator.trial import load_splits, resolve, run_trial
-from tests.conftest import batch, small_rule
+from conftest import batch, small_rule
 
 LOCAL = ("local_losses", "ff", "softhebb")
 VARIANTS = [  # (rule, arch, hp): every code path of block_step
@@ -343,7 +344,9 @@ LEARN = [  # small nets, a few hundred steps at most
 def test_beats_chance_on_digits(digits, one_thread, name, arch, floor, overrides):
     """Chance is 0.10; each rule must reach ``floor`` on the test split within a few seconds of training."""
     cfg = parse_overrides([f"rule={name}", f"arch={arch}", "dataset=digits", "out=null", one_thread, *overrides])
+    cpu = time.process_time()
     record = run_trial(resolve(cfg), splits=digits)
+    cpu = time.process_time() - cpu
     assert record["status"] == "ok", record.get("traceback")
     assert record["test_acc"] > floor and record["val_acc"] > floor, record["test_acc"]
-    assert record["train_seconds"] < 60  # a few seconds on an idle core; generous for a loaded machine
+    assert cpu < 60  # CPU seconds, not wall: processes beside this one stretch the wall time, not the work

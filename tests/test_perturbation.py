@@ -16,6 +16,7 @@ train_step, and every rule beats chance widely on ``digits`` in seconds.
 from __future__ import annotations
 
 import copy
+import time
 
 import pytest
 import torch
@@ -24,7 +25,7 @@ import torch.nn.functional as F
 from bioplaus.algorithms import probes
 from bioplaus.orchestrator.config import parse_overrides
 from bioplaus.orchestrator.trial import resolve, run_trial
-from tests.conftest import batch, small_rule
+from conftest import batch, small_rule
 
 RULES = ["node_perturbation", "weight_perturbation", "forward_gradient"]
 ARCHS = ["mlp", "cnn", "deep_cnn"]
@@ -168,10 +169,13 @@ def test_block_step_is_train_step(name):
 @pytest.mark.parametrize("name", RULES)
 def test_learns_digits_within_seconds(name):
     """Well above chance (10 %) on held-out digits after a few seconds of training."""
+    cpu = time.process_time()
     record = run_trial(resolve(parse_overrides([
         f"rule={name}", "arch=mlp", "dataset=digits", "model.widths=[64]", "train.epochs=6", "train.batch_size=64",
         "data.train_limit=1000", "data.test_limit=500", "hp.lr=3e-3"])))
-    assert record["status"] == "ok" and record["train_seconds"] < 60  # seconds on 2 idle cores
+    cpu = time.process_time() - cpu
+    assert record["status"] == "ok", record.get("traceback")
+    assert cpu < 60  # CPU seconds (both threads), not wall: processes beside this one stretch wall time only
     assert record["test_acc"] > 0.75, record["test_acc"]
 
 

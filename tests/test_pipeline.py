@@ -72,9 +72,10 @@ def test_stage_actor_crash_is_a_failed_trial_not_a_hang(ray_session):
     import ray
 
     killed: list[str] = []
+    killed_at: list[float] = []
 
     def kill_stage_1():  # a real process death of the second stage's actor, mid-training
-        deadline = time.monotonic() + 120
+        deadline = time.monotonic() + 300  # a guard: the trial's 200 epochs outlast any start-up
         while time.monotonic() < deadline:
             names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
                      if a["name"].startswith("bioplaus-pipeline-") and a["name"].endswith("-stage1")]
@@ -85,13 +86,13 @@ def test_stage_actor_crash_is_a_failed_trial_not_a_hang(ray_session):
                 # its training steps for minutes. Dying during its start or its training both must surface.
                 time.sleep(2.0)
                 ray.kill(actor, no_restart=True)
+                killed_at.append(time.monotonic())
                 killed.append(names[0])
                 return
             time.sleep(0.1)
 
     killer = threading.Thread(target=kill_stage_1, daemon=True)
     killer.start()
-    tick = time.monotonic()
     record = run_trial(parse_overrides(["rule=local_losses", *BASE, "train.batch_size=16", "train.epochs=200",
                                         "train.mode=pipeline", "train.stages=2"]))
     killer.join(timeout=60)
@@ -99,7 +100,8 @@ def test_stage_actor_crash_is_a_failed_trial_not_a_hang(ray_session):
     assert record["status"] == "failed"
     assert "pipeline stage 1" in record["error"] and "died" in record["error"], record["error"]
     assert record["epochs_run"] < 200
-    assert time.monotonic() - tick < 150  # surfaced, not hung on the dead actor
+    # surfaced, not hung on the dead actor: timed from the death, so a slow start-up does not count
+    assert time.monotonic() - killed_at[0] < 120
     # the surviving actor and the placement group were released: nothing named is left
     left = [a for a in ray.util.list_named_actors(all_namespaces=True) if a["name"] in killed]
     assert not left

@@ -212,17 +212,24 @@ def test_read_only_sweep_folder_is_one_line_exit_2_and_earlier_results_intact(tm
 
 
 # --- a trial hanging past its time limit ------------------------------------------------------------
+# The limit applies to every trial: it is set far above what the healthy trial needs on a loaded machine (it
+# takes seconds), so only the hung one can reach it.
+HUNG_TRIAL_LIMIT_S = 30
+
+
 def test_hung_trial_is_stopped_at_its_time_limit_recorded_and_the_sweep_finishes(ray_session, tmp_path):
-    tick = time.time()
-    s = sweep(tmp_path, "budget.trials=2", "trial.hp.hang_at_step=3", "budget.trial_timeout_s=6",
+    tick = time.monotonic()
+    s = sweep(tmp_path, "budget.trials=2", "trial.hp.hang_at_step=3", f"budget.trial_timeout_s={HUNG_TRIAL_LIMIT_S}",
               f"trial.hp.hang_once_marker={tmp_path / 'hung'}")
-    took = time.time() - tick
+    took = time.monotonic() - tick
     assert (tmp_path / "hung").exists()  # one trial really hung (at step 3, before its first report)
     trials, _ = assert_consistent(s.dir, trials=2, final_runs=1)
+    assert trials["status"].to_list().count("failed") == 1, trials.select("trial_number", "status", "error")
     hung = trials.filter(pl.col("status") == "failed").row(0, named=True)
-    assert hung["error"].startswith("timeout: stopped after") and "budget.trial_timeout_s=6" in hung["error"]
+    assert hung["error"].startswith("timeout: stopped after")
+    assert f"budget.trial_timeout_s={HUNG_TRIAL_LIMIT_S}" in hung["error"]
     assert trials.filter(pl.col("status") != "failed")["status"].to_list()[0] in ("ok", "pruned")
-    assert took < 120, f"the sweep took {took:.0f}s: the hung trial was not stopped"
+    assert took < HUNG_TRIAL_LIMIT_S + 300, f"the sweep took {took:.0f}s: the hung trial was not stopped"  # a guard
 
 
 # --- bad configuration: one line, exit code 2, before Ray starts --------------------------------------
@@ -332,15 +339,26 @@ CLI_CASES = [  # a few of the above through the real command line, in its own pr
 ]
 
 
+# The real CLI in its own process, with Ray's start replaced by an exit that says so (as ``no_ray`` does in
+# this process): a refusal must come before anything waits for Ray.
+REFUSE_RAY = r"""
+import os, sys
+from bioplaus.orchestrator import ray_local
+def refuse(*args, **kwargs):
+    print("Ray was started for a config that should have been refused", file=sys.stderr, flush=True)
+    os._exit(99)
+ray_local.start = refuse
+from bioplaus.orchestrator.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
 def test_bad_sweep_configs_through_the_real_command_line_start_nothing(tmp_path):
     for overrides, message in CLI_CASES:
-        tick = time.time()
-        out = subprocess.run([str(BIN), "sweep", "preset=smoke", f"root={tmp_path}", "name=bad", *overrides],
-                             capture_output=True, text=True, timeout=120)
-        took = time.time() - tick
-        assert out.returncode == 2 and message in one_line_error(out.stderr)
+        out = subprocess.run([sys.executable, "-c", REFUSE_RAY, "sweep", "preset=smoke", f"root={tmp_path}",
+                              "name=bad", *overrides], capture_output=True, text=True, timeout=300)
+        assert out.returncode == 2 and message in one_line_error(out.stderr), (overrides, out.stderr[-3000:])
         assert not (tmp_path / "bad").exists() and not ray_local.temp_dir_for(tmp_path / "bad").exists()
-        assert took < 60, f"{overrides}: {took:.0f}s; a refusal must not wait for Ray"
 
 
 MALFORMED_SEARCH_SPACES = [  # (search_spaces/bp.yaml text, what the error must say)
@@ -600,9 +618,9 @@ def test_wandb_online_with_unreachable_server_and_no_key_logs_offline_and_the_sw
     monkeypatch.setenv("WANDB_BASE_URL", "http://127.0.0.1:9")  # the discard port: nothing listens there
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     lines = []
-    tick = time.time()
+    tick = time.monotonic()
     s = sweep(tmp_path, "budget.trials=1", "wandb.mode=online", log=lines.append)
-    took = time.time() - tick
+    took = time.monotonic() - tick
     assert_consistent(s.dir, trials=1, final_runs=1)
     warnings = [ln for ln in lines if ln.startswith("warning:")]
     assert len(warnings) == 1 and "127.0.0.1:9 does not answer" in warnings[0]
@@ -610,7 +628,7 @@ def test_wandb_online_with_unreachable_server_and_no_key_logs_offline_and_the_sw
     assert guarded_wandb == []  # no online W&B call was ever made
     # one offline run per trial and final run, kept for `wandb sync`
     assert len(list((s.dir / "wandb").glob("offline-run-*"))) == 2
-    assert took < 120
+    assert took < 300  # a guard against waiting on the dead server's network timeouts, not a speed check
 
 
 def test_wandb_online_problem_names_a_missing_key_or_nothing(http_serve, tmp_path, monkeypatch):

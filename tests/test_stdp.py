@@ -17,6 +17,7 @@
 from __future__ import annotations
 
 import copy
+import time
 
 import pytest
 import torch
@@ -26,7 +27,7 @@ from bioplaus.algorithms.rule import Rule
 from bioplaus.algorithms.spiking import latency_encode, lif_run, poisson_encode, stdp_update, to_intensity
 from bioplaus.orchestrator.config import parse_overrides
 from bioplaus.orchestrator.trial import load_splits, resolve, run_trial
-from tests.conftest import batch, small_rule
+from conftest import batch, small_rule
 
 READOUTS = ["label", "delta"]
 
@@ -349,7 +350,9 @@ def test_beats_chance_on_digits(digits, one_thread, case, floor, overrides):
     """Chance is 0.10; the rule must reach ``floor`` on the test split within seconds of training."""
     readout = [] if case == "two-layer" else [f"hp.readout={case}"]
     cfg = parse_overrides(["rule=stdp", "arch=mlp", "dataset=digits", "out=null", one_thread, *readout, *overrides])
+    cpu = time.process_time()
     record = run_trial(resolve(cfg), splits=digits)
+    cpu = time.process_time() - cpu
     assert record["status"] == "ok", record.get("traceback")
     assert record["test_acc"] > floor and record["val_acc"] > floor, record["test_acc"]
-    assert record["train_seconds"] < 60
+    assert cpu < 60  # CPU seconds, not wall: processes beside this one stretch the wall time, not the work

@@ -7,6 +7,7 @@ the Ray workers through BIOPLAUS_RULE_MODULES.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import os
 import signal
@@ -88,19 +89,29 @@ def test_killed_worker_process_is_retried_and_nothing_is_lost(ray_session, tmp_p
 
 
 def test_killed_driver_resumes_without_repeats_or_duplicates(tmp_path):
+    # One trial at a time; the first goes on, the second hangs at its first step (it creates `hung`), so the
+    # driver is killed during a trial after exactly one committed trial, however fast or slow the machine.
+    # On the rerun the marker exists: no trial hangs.
+    hung = tmp_path / "hung"
     args = [str(BIN), "sweep", "preset=smoke", "rules=[faulty]", f"root={tmp_path}", "name=k", "budget.trials=4",
-            "trial.hp.sleep_per_step_s=0.2", "resources.max_concurrent=1", "ray.num_cpus=2"]
+            "trial.hp.hang_at_step=1", f"trial.hp.hang_once_marker={hung}", "trial.hp.hang_skip=1",
+            "resources.max_concurrent=1", "ray.num_cpus=2"]
     env = {**os.environ, **FAULTY}
     proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     trials_dir = tmp_path / "k" / "trials"
-    deadline = time.time() + 300
-    while time.time() < deadline and not (trials_dir.exists() and list(trials_dir.rglob("*.parquet"))):
-        time.sleep(0.5)
-    assert proc.poll() is None, "the sweep ended before it could be killed"
-    os.killpg(proc.pid, signal.SIGKILL)  # the driver and everything in its session, mid-sweep
-    proc.wait()
+    try:
+        deadline = time.monotonic() + 300  # a guard: the sweep cannot finish while the second trial hangs
+        while time.monotonic() < deadline and proc.poll() is None and not (
+                hung.exists() and trials_dir.exists() and list(trials_dir.rglob("*.parquet"))):
+            time.sleep(0.2)
+        assert proc.poll() is None, "the sweep ended before it could be killed"
+        assert hung.exists(), "the second trial never started"
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)  # the driver and everything in its session, mid-sweep
+        proc.wait()
     done_before = pl.scan_parquet(trials_dir).collect()
-    assert 1 <= done_before.height < 4
+    assert done_before.height == 1
     out = subprocess.run(args, env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-2000:]
     trials = pl.scan_parquet(trials_dir).collect()
