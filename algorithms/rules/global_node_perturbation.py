@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bioplaus.algorithms.arch import Network
+from bioplaus.algorithms.perturbation import weight_grad as _weight_grad
 from bioplaus.algorithms.registry import register
 from bioplaus.algorithms.rule import Claim, OptimHParams, Rule, RunInfo, make_optimizer
 
@@ -61,16 +62,6 @@ class GlobalNodePerturbationHParams(OptimHParams):
             raise ValueError(f"hp.baseline={self.baseline!r} is not one of {', '.join(BASELINES)}")
         if not 0 <= self.baseline_decay < 1:
             raise ValueError(f"hp.baseline_decay={self.baseline_decay} must be in [0, 1)")
-
-
-def _weight_grad(layer: nn.Module, x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-    """Batch-summed weight update of a Linear/Conv2d: postsynaptic factor ``g`` times presynaptic ``x``."""
-    if isinstance(layer, nn.Linear):
-        return g.t() @ x
-    if isinstance(layer, nn.Conv2d):
-        return torch.nn.grad.conv2d_weight(x, layer.weight.shape, g, layer.stride, layer.padding,
-                                           layer.dilation, layer.groups)
-    raise TypeError(f"global_node_perturbation supports Linear and Conv2d layers, not {type(layer).__name__}")
 
 
 @register
