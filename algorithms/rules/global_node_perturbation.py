@@ -71,7 +71,10 @@ class GlobalNodePerturbation(Rule):
                "example x each unit's noise x its input as the update (Werfel et al. 2005; Fiete & Seung 2006)")
     HParams = GlobalNodePerturbationHParams
     archs = {"mlp": None, "cnn": None,
-             "deep_cnn": "its batch norm would mix the examples' noise through the batch statistics"}
+             "deep_cnn": "its batch norm would mix the examples' noise through the batch statistics",
+             "resnet20": "not supported: the noise is injected into one weight layer's output per block, and a "
+                         "residual block has two or three weight layers and batch norms inside it",
+             "resnet18": "not supported: see resnet20"}
     criteria = {
         "C1": Claim(True, "the only signal a block receives is one scalar per example (the reward change); no "
                     "weight of any block is read to deliver it, later blocks only run forward",
