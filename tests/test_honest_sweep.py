@@ -126,9 +126,9 @@ def test_empty_search_space_says_so_not_that_trial_hp_pinned_it(tmp_path, monkey
 def test_unsupported_cell_named_on_the_command_line_is_refused_with_the_rules_reason(tmp_path, capsys):
     from bioplaus.orchestrator.cli import main
 
-    ok, why = load_rules()["ep"].supports("deep_cnn")
+    ok, why = load_rules()["ep"].supports("resnet20")
     assert not ok and why
-    code = main(["sweep", "preset=smoke", "rules=[ep]", "archs=[deep_cnn]", f"root={tmp_path}"])
+    code = main(["sweep", "preset=smoke", "rules=[ep]", "archs=[resnet20]", f"root={tmp_path}"])
     lines = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(lines) == 1 and "no runnable cell" in lines[0] and why in lines[0]
 

@@ -240,7 +240,7 @@ BAD_CONFIGS = [  # (overrides after preset=smoke, what the one-line error must s
     (["optional_datasets=[nope]"], "unknown dataset"),
     (["preset=huge"], "unknown preset"),
     (["rules=[bp]", "archs=[]"], "no runnable cell"),
-    (["rules=[ep]", "archs=[deep_cnn]"], "no runnable cell"),
+    (["rules=[ep]", "archs=[resnet20]"], "no runnable cell"),
     (["budget.trials=many"], "budget.trials"),
     (["budget.trials=1e3"], "budget.trials"),
     (["budget.epochs=0"], "budget.epochs=0 must be >= 1"),
