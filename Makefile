@@ -17,7 +17,7 @@ export BIOPLAUS_DATA := $(abspath ../shared/data)
 endif
 endif
 
-.PHONY: setup test train sweep report bench lint clean
+.PHONY: setup test test-load train sweep report bench lint clean
 
 setup: $(STAMP)
 
@@ -30,6 +30,11 @@ $(STAMP): pyproject.toml
 
 test: $(STAMP)
 	$(BIN)/pytest -q $(ARGS)
+
+# The same suite with two CPU-bound processes beside it (started and stopped by .ci/under-load): no verdict
+# may depend on how busy the machine is.
+test-load: $(STAMP)
+	PYTHON=$(BIN)/python .ci/under-load $(BIN)/pytest -q $(ARGS)
 
 train: $(STAMP)
 	$(BIN)/bioplaus train $(ARGS)
