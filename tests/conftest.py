@@ -132,3 +132,26 @@ def small_rule(name: str, arch: str = "mlp", input_shape=(1, 8, 8), num_classes:
 def batch(n: int = 32, input_shape=(1, 8, 8), num_classes: int = 10, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
     return torch.randn((n, *input_shape), generator=g), torch.randint(0, num_classes, (n,), generator=g)
+
+
+def reverse_mode_use(rule, x, y, monkeypatch) -> dict[str, int]:
+    """What one train step did with reverse-mode autograd: tensors saved for a backward pass, backward
+    calls, parameters left holding a ``.grad``."""
+    used = {"saved": 0, "backward": 0}
+
+    def pack(t):
+        used["saved"] += 1
+        return t
+
+    for fn in ("backward", "grad"):
+        original = getattr(torch.autograd, fn)
+
+        def counted(*args, _original=original, **kwargs):
+            used["backward"] += 1
+            return _original(*args, **kwargs)
+
+        monkeypatch.setattr(torch.autograd, fn, counted)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        rule.train_step(x, y)
+    used["grads_left"] = sum(p.grad is not None for p in rule.parameters())
+    return used

@@ -19,7 +19,7 @@ from bioplaus.algorithms import probes
 from bioplaus.orchestrator.config import parse_overrides
 from bioplaus.orchestrator.errors import UsageError
 from bioplaus.orchestrator.trial import resolve, run_trial
-from tests.conftest import batch, small_rule
+from tests.conftest import batch, reverse_mode_use, small_rule
 
 NAME = "global_node_perturbation"
 SGD = {"optimizer": "sgd", "momentum": 0.0, "lr": 1.0}
@@ -62,27 +62,6 @@ def test_update_is_scalar_reward_change_times_noise_times_input(arch):
         torch.testing.assert_close(old.layer.weight - new.layer.weight, reference, rtol=1e-4, atol=1e-6)
 
 
-def _reverse_mode(rule, x, y, monkeypatch) -> dict[str, int]:
-    used = {"saved": 0, "backward": 0}
-
-    def pack(t):
-        used["saved"] += 1
-        return t
-
-    for fn in ("backward", "grad"):
-        original = getattr(torch.autograd, fn)
-
-        def counted(*args, _original=original, **kwargs):
-            used["backward"] += 1
-            return _original(*args, **kwargs)
-
-        monkeypatch.setattr(torch.autograd, fn, counted)
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        rule.train_step(x, y)
-    used["grads_left"] = sum(p.grad is not None for p in rule.parameters())
-    return used
-
-
 @pytest.mark.parametrize("arch", ["mlp", "cnn"])
 def test_passes_per_step(arch, monkeypatch):
     """C3: the clean baseline runs the network twice per step (unperturbed, then perturbed: not single-phase),
@@ -91,8 +70,8 @@ def test_passes_per_step(arch, monkeypatch):
     stages = len(small_rule(NAME, arch).net.stages)
     assert probes.layer_calls(small_rule(NAME, arch), x, y) == [2] * stages
     assert probes.layer_calls(small_rule(NAME, arch, hp={"baseline": "running", "perturbations": 4}), x, y) == [1] * stages
-    assert _reverse_mode(small_rule(NAME, arch), x, y, monkeypatch) == {"saved": 0, "backward": 0, "grads_left": 0}
-    used = _reverse_mode(small_rule("bp", arch), x, y, monkeypatch)
+    assert reverse_mode_use(small_rule(NAME, arch), x, y, monkeypatch) == {"saved": 0, "backward": 0, "grads_left": 0}
+    used = reverse_mode_use(small_rule("bp", arch), x, y, monkeypatch)
     assert used["saved"] > 0 and used["backward"] > 0 and used["grads_left"] > 0
 
 

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from bioplaus.algorithms import probes
 from bioplaus.orchestrator.config import parse_overrides
 from bioplaus.orchestrator.trial import resolve, run_trial
-from conftest import batch, small_rule
+from conftest import batch, reverse_mode_use, small_rule
 
 RULES = ["node_perturbation", "weight_perturbation", "forward_gradient"]
 ARCHS = ["mlp", "cnn", "deep_cnn"]
@@ -63,29 +63,6 @@ def test_update_ignores_later_blocks(name, local, arch):
 
 
 # --- C3 -------------------------------------------------------------------------------------------
-def _reverse_mode_use(rule, x, y, monkeypatch) -> dict[str, int]:
-    """What one train step did with reverse-mode autograd: tensors saved for a backward pass, backward
-    calls, parameters left holding a ``.grad``."""
-    used = {"saved": 0, "backward": 0}
-
-    def pack(t):
-        used["saved"] += 1
-        return t
-
-    for fn in ("backward", "grad"):
-        original = getattr(torch.autograd, fn)
-
-        def counted(*args, _original=original, **kwargs):
-            used["backward"] += 1
-            return _original(*args, **kwargs)
-
-        monkeypatch.setattr(torch.autograd, fn, counted)
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        rule.train_step(x, y)
-    used["grads_left"] = sum(p.grad is not None for p in rule.parameters())
-    return used
-
-
 @pytest.mark.parametrize("name", [*RULES, "bp"])
 @pytest.mark.parametrize("arch", ARCHS)
 def test_single_forward_no_backward(name, arch, monkeypatch):
@@ -93,7 +70,7 @@ def test_single_forward_no_backward(name, arch, monkeypatch):
     backprop evaluates each layer once too but then sweeps backwards (negative control)."""
     x, y = batch(16)
     assert probes.layer_calls(small_rule(name, arch), x, y) == [1] * len(small_rule(name, arch).net.stages)
-    used = _reverse_mode_use(small_rule(name, arch), x, y, monkeypatch)
+    used = reverse_mode_use(small_rule(name, arch), x, y, monkeypatch)
     if name == "bp":
         assert used["saved"] > 0 and used["backward"] > 0 and used["grads_left"] > 0
     else:
