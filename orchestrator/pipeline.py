@@ -81,6 +81,7 @@ from omegaconf import OmegaConf
 from bioplaus.orchestrator import ray_local  # before any ray import: Ray's loopback environment
 from bioplaus.orchestrator.build import build_rule, seed_everything
 from bioplaus.orchestrator.config import Config
+from bioplaus.orchestrator.errors import one_line
 from bioplaus.orchestrator.pipeline_plan import (  # noqa: F401  (the planning names, importable from here too)
     check,
     count_stages,
@@ -271,9 +272,9 @@ class Pipeline(Trainer):
             except GetTimeoutError:
                 raise PipelineError(f"{self._describe(g)} did not finish its {what} within {timeout_s:.0f}s") from None
             except RayActorError as e:
-                raise PipelineError(f"{self._describe(g)} died during its {what}: {_first_line(e)}") from None
+                raise PipelineError(f"{self._describe(g)} died during its {what}: {one_line(e, 300)}") from None
             except RayError as e:
-                raise PipelineError(f"{self._describe(g)} failed during its {what}: {_first_line(e)}") from None
+                raise PipelineError(f"{self._describe(g)} failed during its {what}: {one_line(e, 300)}") from None
         return out
 
     def train_epoch(self, batch_indices: Iterable[torch.Tensor]) -> Iterator[dict[str, Any]]:
@@ -368,8 +369,3 @@ class Pipeline(Trainer):
         if self._tmp is not None:
             shutil.rmtree(self._tmp, ignore_errors=True)
             self._tmp = None
-
-
-def _first_line(e: BaseException) -> str:
-    lines = [ln for ln in str(e).strip().splitlines() if ln.strip()]
-    return f"{type(e).__name__}: {lines[-1] if lines else ''}"[:300]
