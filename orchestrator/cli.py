@@ -221,7 +221,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="bioplaus", description="Compare biologically plausible learning rules against backprop.")
     p.add_argument("--version", action="version", version=f"bioplaus {__version__}")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    _add_run_commands(sub)
+    _add_bench_command(sub)
+    _add_analysis_commands(sub)
+    return p
 
+
+def _add_run_commands(sub) -> None:
+    """train, the listings (rules, datasets, archs), sweep and what a sweep would run (cells, space)."""
     t = sub.add_parser("train", help="train and evaluate one configuration (key=value overrides)")
     t.add_argument("overrides", nargs="*", help="e.g. rule=bp arch=mlp dataset=fashion_mnist train.epochs=3 seed=1")
     t.add_argument("--json", action="store_true", help="print the final metrics as one JSON line on stdout")
@@ -249,6 +256,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--json", action="store_true", help="one JSON object: rule -> knob -> range and source")
     sp.set_defaults(func=cmd_space)
 
+
+def _add_bench_command(sub) -> None:
     b = sub.add_parser("bench", help="accuracy targets the rules declare (long; not part of make test)")
     b.add_argument("overrides", nargs="*", help="overrides applied to every bench run, e.g. data.root=DIR")
     b.add_argument("--rule", action="append", help="only this rule's cases (repeatable)")
@@ -267,6 +276,9 @@ def build_parser() -> argparse.ArgumentParser:
                                                         "of --pipeline (default 8)")
     b.set_defaults(func=cmd_bench)
 
+
+def _add_analysis_commands(sub) -> None:
+    """brain and report: they read a sweep folder."""
     br = sub.add_parser("brain", help="RSA of every saved network's layers with human and monkey IT (92 images)")
     br.add_argument("sweep_dir", help="folder with models/*.pt (a sweep folder); results go to its brain/ table")
     br.add_argument("overrides", nargs="*", help="BrainConfig keys (analysis/brain.py), e.g. n_boot=200 rdm=euclidean")
@@ -279,7 +291,6 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--out", help="where to write the report (default: SWEEP_DIR/report)")
     rp.add_argument("--quiet", action="store_true", help="do not print the summary tables")
     rp.set_defaults(func=cmd_report)
-    return p
 
 
 def main(argv: list[str] | None = None) -> int:
