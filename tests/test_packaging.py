@@ -22,12 +22,21 @@ REPO = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.slow
 
 
+BUILD_LEFTOVERS = ("build", "bioplaus.egg-info")
+
+
 @pytest.fixture(scope="module")
 def installed(tmp_path_factory):
-    """(bin folder of a fresh venv holding only the wheel, the wheel's path)."""
+    """(bin folder of a fresh venv holding only the wheel, the wheel's path, what the build left in the checkout)."""
     base = tmp_path_factory.mktemp("wheel")
+    before = {name for name in BUILD_LEFTOVERS if (REPO / name).exists()}
+    # pip builds in the source tree; an extra setuptools config moves its build/ and egg-info folders here
+    extra = base / "setup.cfg"
+    extra.write_text(f"[build]\nbuild_base = {base / 'build'}\n[egg_info]\negg_base = {base}\n")
     subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", str(REPO), "--no-deps", "--no-build-isolation",
-                    "-w", str(base / "dist")], check=True, capture_output=True, timeout=600)
+                    "-w", str(base / "dist")], check=True, capture_output=True, timeout=600,
+                   env={**os.environ, "DIST_EXTRA_CONFIG": str(extra)})
+    left = sorted(name for name in BUILD_LEFTOVERS if (REPO / name).exists() and name not in before)
     wheel = next((base / "dist").glob("bioplaus-*.whl"))
     venv = base / "venv"
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=300)
@@ -37,7 +46,7 @@ def installed(tmp_path_factory):
     Path(purelib, "borrowed_dependencies.pth").write_text("\n".join(sorted(deps)) + "\n")
     subprocess.run([sys.executable, "-m", "pip", "--python", str(venv / "bin" / "python"), "install", "-q",
                     "--no-deps", "--no-index", str(wheel)], check=True, capture_output=True, timeout=600)
-    return venv / "bin", wheel
+    return venv / "bin", wheel, left
 
 
 def run(cmd: list[str], cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:
@@ -46,8 +55,12 @@ def run(cmd: list[str], cwd: Path, timeout: float = 300) -> subprocess.Completed
                           timeout=timeout)
 
 
+def test_building_the_wheel_leaves_no_build_folders_in_the_checkout(installed):
+    assert installed[2] == []
+
+
 def test_the_wheel_installs_bioplaus_alone_with_its_search_spaces(installed):
-    _, wheel = installed
+    _, wheel, _ = installed
     names = zipfile.ZipFile(wheel).namelist()
     assert {n.split("/")[0] for n in names if ".dist-info/" not in n} == {"bioplaus"}
     assert {"bioplaus/search_spaces/bp.yaml", "bioplaus/search_spaces/_optimiser.yaml"} <= set(names)
@@ -55,7 +68,7 @@ def test_the_wheel_installs_bioplaus_alone_with_its_search_spaces(installed):
 
 
 def test_the_installed_cli_runs_from_an_empty_folder(installed, tmp_path):
-    bindir, wheel = installed
+    bindir, wheel, _ = installed
     version = wheel.name.split("-")[1]
     assert run([str(bindir / "bioplaus"), "--version"], tmp_path).stdout.strip() == f"bioplaus {version}"
     assert run([str(bindir / "python"), "-m", "bioplaus", "--version"], tmp_path).stdout.strip() == f"bioplaus {version}"
@@ -72,7 +85,7 @@ def test_the_installed_cli_runs_from_an_empty_folder(installed, tmp_path):
 
 
 def test_the_installed_cli_runs_a_smoke_sweep(installed, tmp_path):
-    bindir, _ = installed
+    bindir, _, _ = installed
     data = tmp_path / "data"  # the smoke preset's digits ship with scikit-learn
     sweep = run([str(bindir / "bioplaus"), "sweep", "preset=smoke", f"data.root={data}", f"root={tmp_path / 'sweeps'}"],
                 tmp_path, timeout=900)
