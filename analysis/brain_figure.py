@@ -16,7 +16,8 @@ def brain_summary(df, target: str = "human_it_mean", method: str = "spearman"):
     CI (mean over seeds of the per-seed bounds), the layer chosen most often and the noise ceiling.
 
     The best layer is picked on the same data it is scored on (max over layers), which favours
-    networks with more layers slightly; the untrained control gets the same advantage.
+    networks with more layers slightly; the untrained control gets the same advantage. Ties (two
+    layers chosen equally often, equal similarities) break by name, so the same table gives the same rows.
     """
     import polars as pl
 
@@ -25,9 +26,9 @@ def brain_summary(df, target: str = "human_it_mean", method: str = "spearman"):
     best = df.filter((pl.col("target") == target) & (pl.col("method") == method) & pl.col("best_layer"))
     return (best.group_by("rule", "arch", "dataset", "control")
             .agg(pl.len().alias("seeds"), pl.col("similarity").mean(), pl.col("similarity").std().alias("similarity_std"),
-                 pl.col("ci_low").mean(), pl.col("ci_high").mean(), pl.col("layer_name").mode().first().alias("best_layer"),
+                 pl.col("ci_low").mean(), pl.col("ci_high").mean(), pl.col("layer_name").mode().sort().first().alias("best_layer"),
                  pl.col("noise_ceiling_low").first(), pl.col("noise_ceiling_high").first())
-            .sort("arch", "dataset", "control", "similarity", descending=[False, False, False, True]))
+            .sort("arch", "dataset", "control", "similarity", "rule", descending=[False, False, False, True, False]))
 
 
 def plot_brain(df_or_dir, path: str | Path, target: str = "human_it_mean", method: str = "spearman") -> Path:

@@ -266,3 +266,19 @@ def test_cli_errors(tmp_path):
     assert main(["brain", str(tmp_path / "sweep"), "n_boot=abc"]) == 2
     (tmp_path / "sweep" / "models" / "x.pt").write_bytes(b"")
     assert main(["brain", str(tmp_path / "sweep"), "rdm=cosine"]) == 2
+
+
+def test_brain_summary_breaks_ties_by_name_so_the_same_table_gives_the_same_rows():
+    import polars as pl
+
+    from bioplaus.analysis.brain_figure import brain_summary
+
+    n = 4
+    df = pl.DataFrame({"rule": ["b", "b", "a", "a"], "arch": ["mlp"] * n, "dataset": ["digits"] * n,
+                       "control": ["none"] * n, "target": ["human_it_mean"] * n, "method": ["spearman"] * n,
+                       "best_layer": [True] * n, "similarity": [0.2] * n, "ci_low": [0.0] * n, "ci_high": [0.4] * n,
+                       "layer_name": ["l2", "l1", "l2", "l1"], "noise_ceiling_low": [0.3] * n,
+                       "noise_ceiling_high": [0.6] * n})
+    for shuffle in range(5):
+        rows = brain_summary(df.sample(fraction=1.0, shuffle=True, seed=shuffle)).select("rule", "best_layer").rows()
+        assert rows == [("a", "l1"), ("b", "l1")]
