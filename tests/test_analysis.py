@@ -4,7 +4,9 @@ One tiny sweep folder is built per module with the real pieces and no Ray: cells
 ``Sweep.write_manifest``, real ``run_trial`` smoke runs on digits written with ``write_run`` (tuning
 trials into ``trials``, final runs into ``final_runs``) and ``write_finals``. It holds two rules x
 (mlp, cnn): both mlp cells complete (ok, pruned and failed trials; 3 final seeds), bp/cnn tuned but
-without finals, fa/cnn not started, plus one unsupported cell - every state a real sweep can be in.
+without finals, fa/cnn not started, plus one unsupported cell - every state a real sweep can be in - and
+the Optuna journal the sweep keeps in step with those rows. The report of it is opened in headless
+Chromium (selenium) where chromium and chromedriver are installed.
 """
 
 from __future__ import annotations
@@ -439,6 +441,11 @@ def test_optuna_views_per_cell_and_skips_with_a_note(sweep, tmp_path):
                                "width": optuna.distributions.IntDistribution(8, 24)}))
     varies, again, flat = (optuna_figures.study_views(storage, n) for n in ("varies", "varies", "flat"))
     assert set(varies.importance_values) == {"lr", "width"} and varies.importance_values == again.importance_values
+    from optuna.importance import FanovaImportanceEvaluator, get_param_importances
+
+    direct = get_param_importances(optuna.load_study(study_name="varies", storage=storage),
+                                   evaluator=FanovaImportanceEvaluator(seed=optuna_figures.IMPORTANCE_SEED))
+    assert varies.importance_values == pytest.approx(dict(direct))  # the bars draw the same numbers
     assert flat.history is not None and flat.importances is None and "importances could not" in flat.notes[0]
     none, why = optuna_figures.all_study_views(tmp_path / "nowhere", None, ["a.b.c"])
     assert none == [] and "optuna.journal does not exist" in why[0]
