@@ -89,7 +89,7 @@ def accuracy_vs_cost(main: pl.DataFrame, cost: pl.DataFrame, cells: list[tuple[s
             _empty_note(fig, row, col, "no final results")
             continue
         lo, hi = plots.accuracy_range(points)
-        for p, label_y in zip(points, plots.spread([p["acc"] for p in points], LABEL_GAP * (hi - lo), lo, hi)):
+        for p, label_y in zip(points, plots.label_positions(points, lo, hi, LABEL_GAP)):
             c = _hex(colors, p["rule"])
             fig.add_trace(go.Scatter(
                 x=[p["speed"]], y=[p["acc"]], mode="markers", marker=dict(size=9, color=c), name=p["rule"],

@@ -72,6 +72,13 @@ def spread(values: list[float], gap: float, lo: float, hi: float) -> list[float]
     return out
 
 
+def label_positions(points: list[dict], lo: float, hi: float, gap: float = 0.09) -> list[float]:
+    """Heights of the points' labels in an accuracy panel spanning [lo, hi]: spread apart (``gap``: a
+    fraction of the panel), kept off its top and bottom edges."""
+    inset = 0.04 * (hi - lo)
+    return spread([p["acc"] for p in points], gap * (hi - lo), lo + inset, hi - inset)
+
+
 def colour_range(values: list[float]) -> tuple[float, float]:
     finite = [v for v in values if v is not None and math.isfinite(v)]
     lo, hi = (min(finite), max(finite)) if finite else (0.0, 1.0)
@@ -194,7 +201,7 @@ def _log_speed_axis(ax, speeds: list[float]) -> None:
 
 def _cost_panel(ax, points: list[dict], colors: dict) -> None:
     lo, hi = accuracy_range(points)
-    for p, label_y in zip(points, spread([p["acc"] for p in points], 0.09 * (hi - lo), lo, hi)):
+    for p, label_y in zip(points, label_positions(points, lo, hi)):
         c = colors.get(p["rule"])
         ax.errorbar(p["speed"], p["acc"], yerr=[[p["acc"] - p["ci_low"]], [p["ci_high"] - p["acc"]]], fmt="o",
                     ms=6, color=c, capsize=3, zorder=3)
@@ -212,7 +219,8 @@ def _cost_panel(ax, points: list[dict], colors: dict) -> None:
 def accuracy_vs_cost(main: pl.DataFrame, cost: pl.DataFrame, cells: list[tuple[str, str]], colors: dict,
                      path: Path) -> Path:
     """Per cell: test accuracy (95 % CI, clipped to [0, 1]) against training throughput; the Pareto front."""
-    fig, axes = _grid(len(cells))
+    most = max((main.filter((pl.col("arch") == a) & (pl.col("dataset") == x)).height for a, x in cells), default=0)
+    fig, axes = _grid(len(cells), height=max(3.4, 0.3 * most))  # taller panels where many labels must fit
     for ax, (arch, dataset) in zip(axes, cells):
         points = cost_points(main, cost, arch, dataset)
         if points:

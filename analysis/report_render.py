@@ -137,8 +137,9 @@ def render_markdown(title: str, meta: list[tuple[str, str]], notes: list[str], s
         for summary, header, rows in s.details:
             if rows:
                 parts += [f"<details><summary>{summary}</summary>", "", md_table(header, rows), "", "</details>", ""]
-        for f in s.plots:
-            parts.append(f"![{f.title}]({f.png.relative_to(out).as_posix()})\n" if f.png is not None
-                         else f"({f.title}: interactive figure in index.html)\n")
+        parts += [f"![{f.title}]({f.png.relative_to(out).as_posix()})\n" for f in s.plots if f.png is not None]
+        html_only = [f.title for f in s.plots if f.png is None]
+        if html_only:
+            parts.append(f"({len(html_only)} interactive figure(s) in index.html: {'; '.join(html_only)})\n")
         parts += [f"![{alt}]({png.relative_to(out).as_posix()})\n" for alt, png in s.figures]
     return "\n".join(parts)
