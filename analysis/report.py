@@ -146,7 +146,7 @@ def build_sections(d: SweepData, t: SweepTables, figs: dict[str, Figure], brain_
     main_sec.plots = [figs["heatmap"]]
     cost_sec = cost_section(t.cost, t.rules, t.cells)
     cost_sec.plots = [figs["cost"]]
-    cell_keys = [f"{r['rule']}.{r['arch']}.{r['dataset']}" for r in t.tuning.iter_rows(named=True)]
+    cell_keys = [f"{r['rule']}.{r['arch']}.{r['dataset']}" for r in t.tuning.iter_rows(named=True) if r["trials"]]
     views, optuna_notes = optuna_figures.all_study_views(d.dir, _config_json(d), cell_keys)
     sections = [main_sec, data_section(t.data), rank_section(t.ranks), cost_sec,
                 criteria_section(t.criteria, t.rules, t.criteria_error), tuning_section(t.tuning, t.rules, t.cells),
