@@ -29,17 +29,24 @@ def _empty_note(fig, row: int, col: int, text: str) -> None:
                        y=sum(sub.yaxis.domain) / 2, font=dict(color="#888"))
 
 
+def _panel_height_px(fig, row: int, col: int) -> float:
+    """Height of a panel's plotting area in pixels: label offsets are given in pixels."""
+    domain = fig.get_subplot(row, col).yaxis.domain
+    return (fig.layout.height - fig.layout.margin.t - fig.layout.margin.b) * (domain[1] - domain[0])
+
+
 def _hex(colors: dict, rule: str) -> str:
     return to_hex(colors.get(rule, (0.5, 0.5, 0.5)))
 
 
-def _grid(cells: list[tuple[str, str]], ncols: int = 3):
+def _grid(cells: list[tuple[str, str]], n_rules: int, ncols: int = 3):
     ncols = max(1, min(ncols, len(cells)))
     nrows = max(1, math.ceil(len(cells) / ncols))
     fig = make_subplots(rows=nrows, cols=ncols, subplot_titles=[cell_label(a, d) for a, d in cells],
                         vertical_spacing=min(0.3 / nrows, 0.12), horizontal_spacing=0.07)
     # The legend beside the panels, not above them: a row of many rules would run over the titles.
-    fig.update_layout(height=110 + PANEL_PX * nrows, margin=dict(l=50, r=20, t=80, b=40),
+    panel = max(PANEL_PX, 26 * n_rules // nrows)  # room for one legend line per rule
+    fig.update_layout(height=110 + panel * nrows, margin=dict(l=50, r=20, t=80, b=40),
                       legend=dict(font=dict(size=11), tracegroupgap=0))
     return fig, [(i // ncols + 1, i % ncols + 1) for i in range(len(cells))]
 
@@ -81,7 +88,7 @@ def accuracy_heatmap(main: pl.DataFrame, rules: list[str], cells: list[tuple[str
 def accuracy_vs_cost(main: pl.DataFrame, cost: pl.DataFrame, cells: list[tuple[str, str]],
                      colors: dict) -> go.Figure:
     """Per cell: test accuracy with its 95 % CI (clipped to [0, 1]) against throughput; the Pareto front."""
-    fig, where = _grid(cells)
+    fig, where = _grid(cells, main["rule"].n_unique() + 1)
     shown: set[str] = set()
     for (arch, dataset), (row, col) in zip(cells, where):
         points = plots.cost_points(main, cost, arch, dataset)
@@ -89,6 +96,7 @@ def accuracy_vs_cost(main: pl.DataFrame, cost: pl.DataFrame, cells: list[tuple[s
             _empty_note(fig, row, col, "no final results")
             continue
         lo, hi = plots.accuracy_range(points)
+        panel_px = _panel_height_px(fig, row, col)
         for p, label_y in zip(points, plots.label_positions(points, lo, hi, LABEL_GAP)):
             c = _hex(colors, p["rule"])
             fig.add_trace(go.Scatter(
@@ -100,7 +108,7 @@ def accuracy_vs_cost(main: pl.DataFrame, cost: pl.DataFrame, cells: list[tuple[s
                                "%{x:,.0f} samples/s<extra></extra>")), row=row, col=col)
             shown.add(p["rule"])
             fig.add_annotation(x=math.log10(p["speed"]), y=p["acc"], text=p["rule"], font=dict(size=10, color=c),
-                               ax=24, ay=-(label_y - p["acc"]) / (hi - lo) * PANEL_PX * 0.75,
+                               ax=24, ay=-(label_y - p["acc"]) / (hi - lo) * panel_px,
                                xanchor="left", arrowwidth=0.7, arrowcolor=c, row=row, col=col)
         front = plots.pareto_front([(p["speed"], p["acc"], p["rule"]) for p in points])
         fig.add_trace(go.Scatter(x=[f[0] for f in front], y=[f[1] for f in front], mode="lines+markers",
@@ -123,7 +131,7 @@ def learning_curves(curves: pl.DataFrame, cells: list[tuple[str, str]], rules: l
                     colors: dict) -> go.Figure:
     """Per cell: validation accuracy per epoch, the final runs' mean (band: min–max over seeds) and the
     selected tuning trial (dashed). ``curves`` is :func:`bioplaus.analysis.plots.curve_table`'s."""
-    fig, where = _grid(cells)
+    fig, where = _grid(cells, len(rules))
     shown: set[str] = set()
     for (arch, dataset), (row, col) in zip(cells, where):
         mine = curves.filter((pl.col("arch") == arch) & (pl.col("dataset") == dataset))
