@@ -1,4 +1,5 @@
-"""The report's figures (matplotlib, Agg backend, PNG): one function per figure, each returning the path.
+"""The report's static figures (matplotlib, Agg backend, PNG) for the Markdown report, one function per figure
+each returning the path, and the helpers the interactive figures (:mod:`bioplaus.analysis.figures`) share.
 
 Every rule keeps one colour across all figures (``bp`` is black: the reference), and cells are laid
 out in the sweep's (dataset, arch) order, so figures can be read side by side.
@@ -51,47 +52,129 @@ def cell_label(arch: str, dataset: str) -> str:
     return f"{dataset} / {arch}"
 
 
+# --- shared by these figures and the interactive ones (bioplaus.analysis.figures) ----------------------------
+def spread(values: list[float], gap: float, lo: float, hi: float) -> list[float]:
+    """Label positions for points at ``values``: each as near its point as possible, any two at least
+    ``gap`` apart (less only where ``hi - lo`` cannot hold them all), all within [lo, hi]; input order."""
+    if not values:
+        return []
+    order = sorted(range(len(values)), key=lambda i: values[i])
+    gap = min(gap, (hi - lo) / max(1, len(values) - 1))
+    pos = [min(max(values[i], lo), hi) for i in order]
+    for k in range(1, len(pos)):  # push up past the label below
+        pos[k] = max(pos[k], pos[k - 1] + gap)
+    pos[-1] = min(pos[-1], hi)
+    for k in range(len(pos) - 2, -1, -1):  # then back down under the ceiling
+        pos[k] = min(pos[k], pos[k + 1] - gap)
+    out = [0.0] * len(values)
+    for k, i in enumerate(order):
+        out[i] = pos[k]
+    return out
+
+
+def label_positions(points: list[dict], lo: float, hi: float, gap: float = 0.09) -> list[float]:
+    """Heights of the points' labels in an accuracy panel spanning [lo, hi]: spread apart (``gap``: a
+    fraction of the panel), kept off its top and bottom edges."""
+    inset = 0.04 * (hi - lo)
+    return spread([p["acc"] for p in points], gap * (hi - lo), lo + inset, hi - inset)
+
+
+def colour_range(values: list[float]) -> tuple[float, float]:
+    finite = [v for v in values if v is not None and math.isfinite(v)]
+    lo, hi = (min(finite), max(finite)) if finite else (0.0, 1.0)
+    return (lo - 0.05, hi + 0.05) if hi - lo < 1e-6 else (lo, hi)
+
+
+def heatmap_cell(row: dict | None) -> tuple[float | None, str, str]:
+    """(value for the colour, label, tooltip) of one rule x cell of the heatmap."""
+    status = row["status"] if row else "not in sweep"
+    if status != "ok":
+        label = {"unsupported": "n/a", "no finals": "no result"}.get(status, "")
+        return None, label, (row or {}).get("reason") or status
+    half = row["test_acc_ci95_half"]
+    has_half = half is not None and math.isfinite(half)
+    label = f"{row['test_acc_mean']:.3f}" + (f" ±{half:.3f}" if has_half else "")
+    return row["test_acc_mean"], label, f"{label} over {row['n_seeds']} seed(s); rank {row['rank']:.1f}"
+
+
+def cost_points(main: pl.DataFrame, cost: pl.DataFrame, arch: str, dataset: str) -> list[dict]:
+    """The cell's rules with results: speed, accuracy and its 95 % CI clipped to [0, 1] (accuracy's range)."""
+    both = main.join(cost.select("rule", "arch", "dataset", "samples_per_second_mean"),
+                     on=["rule", "arch", "dataset"], how="left")
+    rows = both.filter((pl.col("arch") == arch) & (pl.col("dataset") == dataset) & (pl.col("status") == "ok")
+                       & pl.col("samples_per_second_mean").is_not_null() & (pl.col("samples_per_second_mean") > 0))
+    points = []
+    for r in rows.iter_rows(named=True):
+        acc, half = r["test_acc_mean"], r["test_acc_ci95_half"]
+        half = half if half is not None and math.isfinite(half) else 0.0
+        points.append({"rule": r["rule"], "speed": r["samples_per_second_mean"], "acc": acc,
+                       "ci_low": max(0.0, acc - half), "ci_high": min(1.0, acc + half)})
+    return points
+
+
+def accuracy_range(points: list[dict]) -> tuple[float, float]:
+    """The y range of an accuracy panel: the CIs with a margin, never beyond [0, 1]."""
+    lo, hi = min(p["ci_low"] for p in points), max(p["ci_high"] for p in points)
+    pad = max(0.05, 0.12 * (hi - lo))
+    return max(0.0, lo - pad), min(1.0, hi + pad)
+
+
+def curve_table(epochs: pl.DataFrame | None, trials: pl.DataFrame | None, tuning: pl.DataFrame) -> pl.DataFrame:
+    """Validation accuracy per epoch, per rule x cell: ``kind`` "final" (mean, min, max over the final
+    runs' seeds) and "best trial" (the tuning trial the finals re-ran: the tuning table's selection)."""
+    schema = {"rule": pl.String, "arch": pl.String, "dataset": pl.String, "kind": pl.String, "epoch": pl.Int64,
+              "mean": pl.Float64, "lo": pl.Float64, "hi": pl.Float64, "n": pl.UInt32}
+    if epochs is None or not epochs.height:
+        return pl.DataFrame(schema=schema)
+    keys = ["rule", "arch", "dataset"]
+    ep = epochs.filter(pl.col("val_acc").is_not_null() & pl.col("val_acc").is_finite())
+    parts = [ep.filter(pl.col("phase") == "final").with_columns(kind=pl.lit("final"))]
+    if trials is not None and trials.height and "best_trial_number" in tuning.columns:
+        chosen = (tuning.select(*keys, trial_number=pl.col("best_trial_number")).drop_nulls()
+                  .join(trials.select(*keys, "trial_number", "run_id"), on=[*keys, "trial_number"]))
+        parts.append(ep.filter(pl.col("phase") == "tune").join(chosen.select(*keys, "run_id"), on=[*keys, "run_id"])
+                     .with_columns(kind=pl.lit("best trial")))
+    rows = pl.concat([p.select(*keys, "kind", "epoch", "val_acc") for p in parts], how="vertical_relaxed")
+    out = rows.group_by(*keys, "kind", "epoch").agg(mean=pl.col("val_acc").mean(), lo=pl.col("val_acc").min(),
+                                                    hi=pl.col("val_acc").max(), n=pl.len())
+    return out.select(list(schema)).cast(schema).sort(*keys, "kind", "epoch")
+
+
 # --- accuracy heatmap -------------------------------------------------------------------------------
 def accuracy_heatmap(main: pl.DataFrame, rules: list[str], cells: list[tuple[str, str]], path: Path) -> Path:
-    """Rules x cells, coloured by final test accuracy (mean over seeds), annotated mean +- CI half-width."""
+    """Rules x cells, coloured by final test accuracy within each dataset (its own min-max), annotated."""
     lookup = {(r["rule"], r["arch"], r["dataset"]): r for r in main.iter_rows(named=True)}
-    values = np.full((len(rules), len(cells)), np.nan)
-    for i, rule in enumerate(rules):
-        for j, (arch, dataset) in enumerate(cells):
-            row = lookup.get((rule, arch, dataset))
-            if row and row["test_acc_mean"] is not None:
-                values[i, j] = row["test_acc_mean"]
+    info = [[heatmap_cell(lookup.get((rule, a, d))) for a, d in cells] for rule in rules]
+    shade = np.full((len(rules), len(cells)), np.nan)
+    for dataset in dict.fromkeys(d for _, d in cells):
+        cols = [j for j, (_, d) in enumerate(cells) if d == dataset]
+        lo, hi = colour_range([info[i][j][0] for i in range(len(rules)) for j in cols])
+        for i in range(len(rules)):
+            for j in cols:
+                if info[i][j][0] is not None:
+                    shade[i, j] = (info[i][j][0] - lo) / (hi - lo)
     fig, ax = plt.subplots(figsize=(1.6 + 1.55 * len(cells), 0.9 + 0.48 * len(rules)))
-    finite = values[np.isfinite(values)]
-    vmin, vmax = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
-    if vmax - vmin < 1e-6:
-        vmin, vmax = vmin - 0.05, vmax + 0.05
     cmap = plt.get_cmap("viridis").with_extremes(bad=(0.93, 0.93, 0.93))
-    im = ax.imshow(np.ma.masked_invalid(values), cmap=cmap, vmin=vmin, vmax=vmax, aspect="auto")
+    ax.imshow(np.ma.masked_invalid(shade), cmap=cmap, vmin=0, vmax=1, aspect="auto")
     for i, rule in enumerate(rules):
         for j, (arch, dataset) in enumerate(cells):
+            value, label, _ = info[i][j]
             row = lookup.get((rule, arch, dataset))
-            status = row["status"] if row else "not in sweep"
-            if status == "ok":
-                shade = (values[i, j] - vmin) / (vmax - vmin)
-                half = row["test_acc_ci95_half"]
-                text = f"{values[i, j]:.3f}" + (f"\n±{half:.3f}" if half is not None and math.isfinite(half) else "")
-                ax.text(j, i, text, ha="center", va="center", fontsize=7.5, linespacing=0.95,
-                        color="black" if shade > 0.55 else "white",
-                        fontweight="bold" if row["best"] else "normal")
-                if row["best"]:
-                    ax.add_patch(plt.Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, lw=2, ec="crimson"))
-            else:
-                label = {"unsupported": "n/a", "no finals": "no result"}.get(status, "")
+            if value is None:
                 ax.text(j, i, label, ha="center", va="center", fontsize=7.5, color="0.45", style="italic")
+                continue
+            ax.text(j, i, label.replace(" ±", "\n±"), ha="center", va="center", fontsize=7.5, linespacing=0.95,
+                    color="black" if shade[i, j] > 0.55 else "white", fontweight="bold" if row["best"] else "normal")
+            if row["best"]:
+                ax.add_patch(plt.Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, lw=2, ec="crimson"))
     ax.set_xticks(range(len(cells)), [cell_label(a, d) for a, d in cells], rotation=25, ha="right", fontsize=8.5)
     ax.set_yticks(range(len(rules)), rules, fontsize=9)
     ax.set_xticks(np.arange(-0.5, len(cells)), minor=True)
     ax.set_yticks(np.arange(-0.5, len(rules)), minor=True)
     ax.grid(which="minor", color="white", lw=1.5)
     ax.tick_params(which="minor", length=0)
-    fig.colorbar(im, ax=ax, fraction=0.04, pad=0.02).set_label("test accuracy", fontsize=8)
-    ax.set_title("Final test accuracy (mean ± 95 % CI half-width over seeds; red box = best of cell)", fontsize=9)
+    ax.set_title("Final test accuracy (mean ± 95 % CI half-width; red box = best of cell;\n"
+                 "colour scaled within each dataset, from its lowest to its highest value)", fontsize=9)
     return _save(fig, path)
 
 
@@ -106,41 +189,44 @@ def pareto_front(points: list[tuple[float, float, str]]) -> list[tuple[float, fl
     return front
 
 
+def _log_speed_axis(ax, speeds: list[float]) -> None:
+    ax.set_xscale("log")
+    # Plain numbers at 1-2-5 steps: throughputs often span less than a decade, where the default
+    # log axis labels every minor tick in scientific notation on top of each other.
+    ax.xaxis.set_major_locator(ticker.LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    ax.xaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:,.0f}"))
+    ax.xaxis.set_minor_formatter(ticker.NullFormatter())
+    ax.set_xlim(min(speeds) / 1.25, max(speeds) * 2.2)  # room on the right for the labels
+
+
+def _cost_panel(ax, points: list[dict], colors: dict) -> None:
+    lo, hi = accuracy_range(points)
+    for p, label_y in zip(points, label_positions(points, lo, hi)):
+        c = colors.get(p["rule"])
+        ax.errorbar(p["speed"], p["acc"], yerr=[[p["acc"] - p["ci_low"]], [p["ci_high"] - p["acc"]]], fmt="o",
+                    ms=6, color=c, capsize=3, zorder=3)
+        ax.annotate(p["rule"], (p["speed"], p["acc"]), xytext=(12, label_y), textcoords=("offset points", "data"),
+                    fontsize=7.5, color=c, va="center", arrowprops=dict(arrowstyle="-", color=c, lw=0.6))
+    front = pareto_front([(p["speed"], p["acc"], p["rule"]) for p in points])
+    xs, ys = [f[0] for f in front], [f[1] for f in front]
+    ax.step(xs, ys, where="post", color="crimson", lw=1.2, ls="--", zorder=2, label="Pareto front")
+    ax.scatter(xs, ys, s=110, facecolors="none", edgecolors="crimson", lw=1.3, zorder=4)
+    ax.legend(fontsize=7, loc="lower left")
+    _log_speed_axis(ax, [p["speed"] for p in points])
+    ax.set_ylim(lo, hi)
+
+
 def accuracy_vs_cost(main: pl.DataFrame, cost: pl.DataFrame, cells: list[tuple[str, str]], colors: dict,
                      path: Path) -> Path:
-    """Per cell: test accuracy (95 % CI) against training throughput; the Pareto front is drawn."""
-    both = main.join(cost.select("rule", "arch", "dataset", "samples_per_second_mean"),
-                     on=["rule", "arch", "dataset"], how="left")
-    fig, axes = _grid(len(cells))
+    """Per cell: test accuracy (95 % CI, clipped to [0, 1]) against training throughput; the Pareto front."""
+    most = max((main.filter((pl.col("arch") == a) & (pl.col("dataset") == x)).height for a, x in cells), default=0)
+    fig, axes = _grid(len(cells), height=max(3.4, 0.3 * most))  # taller panels where many labels must fit
     for ax, (arch, dataset) in zip(axes, cells):
-        rows = both.filter((pl.col("arch") == arch) & (pl.col("dataset") == dataset) & (pl.col("status") == "ok")
-                           & pl.col("samples_per_second_mean").is_not_null())
-        points = []
-        for r in rows.iter_rows(named=True):
-            half = r["test_acc_ci95_half"]
-            ax.errorbar(r["samples_per_second_mean"], r["test_acc_mean"],
-                        yerr=half if half is not None and math.isfinite(half) else None, fmt="o", ms=6,
-                        color=colors.get(r["rule"]), capsize=3, zorder=3)
-            ax.annotate(r["rule"], (r["samples_per_second_mean"], r["test_acc_mean"]), xytext=(5, 4),
-                        textcoords="offset points", fontsize=7.5, color=colors.get(r["rule"]))
-            points.append((r["samples_per_second_mean"], r["test_acc_mean"], r["rule"]))
-        front = pareto_front(points)
-        if front:
-            xs, ys = [p[0] for p in front], [p[1] for p in front]
-            ax.step(xs, ys, where="post", color="crimson", lw=1.2, ls="--", zorder=2, label="Pareto front")
-            ax.scatter(xs, ys, s=110, facecolors="none", edgecolors="crimson", lw=1.3, zorder=4)
-            ax.legend(fontsize=7, loc="lower left")
+        points = cost_points(main, cost, arch, dataset)
+        if points:
+            _cost_panel(ax, points, colors)
         else:
             ax.text(0.5, 0.5, "no final results", transform=ax.transAxes, ha="center", color="0.5")
-        if points:
-            ax.set_xscale("log")
-            # Plain numbers at 1-2-5 steps: throughputs often span less than a decade, where the default
-            # log axis labels every minor tick in scientific notation on top of each other.
-            ax.xaxis.set_major_locator(ticker.LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
-            ax.xaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:,.0f}"))
-            ax.xaxis.set_minor_formatter(ticker.NullFormatter())
-            lo, hi = min(p[0] for p in points), max(p[0] for p in points)
-            ax.set_xlim(lo / 1.25, hi * 1.25)
         ax.set_title(cell_label(arch, dataset), fontsize=9)
         ax.set_xlabel("training samples / second (log)", fontsize=8)
         ax.set_ylabel("test accuracy", fontsize=8)
@@ -152,39 +238,36 @@ def accuracy_vs_cost(main: pl.DataFrame, cost: pl.DataFrame, cells: list[tuple[s
 
 
 # --- learning curves --------------------------------------------------------------------------------------
-def learning_curves(epochs: pl.DataFrame | None, cells: list[tuple[str, str]], rules: list[str], colors: dict,
+def learning_curves(curves: pl.DataFrame, cells: list[tuple[str, str]], rules: list[str], colors: dict,
                     path: Path) -> Path:
-    """Per cell: validation accuracy per epoch of the final runs, mean over seeds with the min-max band."""
+    """Per cell: validation accuracy per epoch, final runs (mean, min-max band) and the selected trial (dashed)."""
     fig, axes = _grid(len(cells))
-    curves = None
-    if epochs is not None and epochs.height:
-        curves = (epochs.filter((pl.col("phase") == "final") & pl.col("val_acc").is_not_null())
-                  .group_by("rule", "arch", "dataset", "epoch")
-                  .agg(mean=pl.col("val_acc").mean(), lo=pl.col("val_acc").min(), hi=pl.col("val_acc").max(),
-                       n=pl.len()).sort("epoch"))
     for ax, (arch, dataset) in zip(axes, cells):
-        drawn = False
+        mine = curves.filter((pl.col("arch") == arch) & (pl.col("dataset") == dataset))
         for rule in rules:
-            if curves is None:
-                break
-            c = curves.filter((pl.col("rule") == rule) & (pl.col("arch") == arch) & (pl.col("dataset") == dataset))
-            if not c.height:
-                continue
-            x = c["epoch"].to_numpy()
-            ax.plot(x, c["mean"].to_numpy(), marker="o", ms=3, lw=1.5, color=colors.get(rule), label=rule)
-            ax.fill_between(x, c["lo"].to_numpy(), c["hi"].to_numpy(), color=colors.get(rule), alpha=0.15, lw=0)
-            drawn = True
-        if drawn:
+            for kind, ls in (("final", "-"), ("best trial", "--")):
+                c = mine.filter((pl.col("rule") == rule) & (pl.col("kind") == kind)).sort("epoch")
+                if not c.height:
+                    continue
+                x = c["epoch"].to_numpy()
+                ax.plot(x, c["mean"].to_numpy(), marker="o", ms=3, lw=1.3, ls=ls, color=colors.get(rule),
+                        label=rule if kind == "final" or not mine.filter(pl.col("rule") == rule).filter(
+                            pl.col("kind") == "final").height else None)
+                if kind == "final":
+                    ax.fill_between(x, c["lo"].to_numpy(), c["hi"].to_numpy(), color=colors.get(rule), alpha=0.15,
+                                    lw=0)
+        if mine.height:
             ax.legend(fontsize=7, ncol=2)
         else:
-            ax.text(0.5, 0.5, "no final runs", transform=ax.transAxes, ha="center", color="0.5")
+            ax.text(0.5, 0.5, "no epochs recorded", transform=ax.transAxes, ha="center", color="0.5")
         ax.set_title(cell_label(arch, dataset), fontsize=9)
         ax.set_xlabel("epoch", fontsize=8)
         ax.set_ylabel("validation accuracy", fontsize=8)
         ax.xaxis.get_major_locator().set_params(integer=True)
         ax.tick_params(labelsize=7.5)
         ax.grid(alpha=0.3)
-    fig.suptitle("Learning curves of the final runs (mean over seeds; band = min–max)", fontsize=10)
+    fig.suptitle("Learning curves: final runs (solid; band = min–max over seeds) and the selected tuning trial "
+                 "(dashed)", fontsize=10)
     fig.tight_layout()
     return _save(fig, path)
 

@@ -18,6 +18,9 @@ report so it can be queried further; the report formats them for reading. Defini
 * **tuning**: per cell: tuning trials run, ok, pruned, failed, diverged, and the selected trial (the
   orchestrator's rule: fully trained trials first, then best validation accuracy, then lowest number)
   with its hyperparameters.
+* **data**: per dataset and phase (tune, final): the train/validation/test image counts the runs used, the
+  limits that set them (``train_limit``, ``test_limit``, ``val_fraction``), and the dataset's published
+  split sizes, so subsampling (a limit, or data files holding fewer images than the published set) shows.
 * **brain** (when the sweep folder has a ``brain/`` table): per model and target, the layer with the
   highest similarity, with its CI and the noise ceiling.
 """
@@ -250,6 +253,67 @@ def tuning_table(d: SweepData, cells: pl.DataFrame) -> pl.DataFrame:
                  best_status=pl.col("status").first(), best_hp_json=pl.col("hp_json").first()))
     t = supported.join(counts, on=KEYS, how="left").join(best, on=KEYS, how="left")
     return t.with_columns(pl.col(zero).fill_null(0)).sort(KEYS).collect()
+
+
+# --- data used ----------------------------------------------------------------------------------------
+# Published (train, test) split sizes: a run using fewer training images than these (train + validation)
+# was subsampled, by a limit or by data files holding fewer images (e.g. a 10,000-image MNIST mirror).
+PUBLISHED_SIZES = {"digits": (1437, 360), "mnist": (60000, 10000), "fashion_mnist": (60000, 10000),
+                   "kmnist": (60000, 10000), "cifar10": (50000, 10000), "cifar100": (50000, 10000),
+                   "svhn": (73257, 26032)}
+
+
+def _data_setting(key: str) -> pl.Expr:
+    return pl.col("config_json").str.json_path_match(f"$.data.{key}")
+
+
+def data_table(d: SweepData) -> pl.DataFrame:
+    """Per dataset and phase: image counts used, the limits that set them, and the published sizes."""
+    runs = [lf.select("dataset", "phase", "n_train", "n_val", "n_test", "config_json")
+            for lf in (d.trials, d.final_runs) if lf is not None]
+    schema = {"dataset": pl.String, "phase": pl.String, "runs": pl.UInt32, "n_train": pl.Int64, "n_val": pl.Int64,
+              "n_test": pl.Int64, "counts_vary": pl.Boolean, "train_limit": pl.String, "test_limit": pl.String,
+              "val_fraction": pl.String, "published_train": pl.Int64, "published_test": pl.Int64,
+              "subsampled": pl.String}
+    if not runs:
+        return pl.DataFrame(schema=schema)
+    rows = (pl.concat(runs, how="vertical_relaxed").filter(pl.col("config_json").is_not_null())
+            .with_columns(train_limit=_data_setting("train_limit"), test_limit=_data_setting("test_limit"),
+                          val_fraction=_data_setting("val_fraction"))
+            .group_by("dataset", "phase")
+            .agg(runs=pl.len(), n_train=pl.col("n_train").max(), n_val=pl.col("n_val").max(),
+                 n_test=pl.col("n_test").max(),
+                 counts_vary=(pl.col("n_train").drop_nulls().n_unique() > 1)
+                 | (pl.col("n_test").drop_nulls().n_unique() > 1),
+                 train_limit=pl.col("train_limit").drop_nulls().unique().sort().str.join(", "),
+                 test_limit=pl.col("test_limit").drop_nulls().unique().sort().str.join(", "),
+                 val_fraction=pl.col("val_fraction").drop_nulls().unique().sort().str.join(", "))
+            .collect())
+    published = pl.DataFrame([(k, *v) for k, v in PUBLISHED_SIZES.items()], orient="row",
+                             schema={"dataset": pl.String, "published_train": pl.Int64, "published_test": pl.Int64})
+    out = rows.join(published, on="dataset", how="left").with_columns(
+        pl.col(c).replace("", None) for c in ("train_limit", "test_limit", "val_fraction"))
+    out = out.with_columns(subsampled=pl.Series([_subsampling(r) for r in out.iter_rows(named=True)],
+                                                dtype=pl.String))
+    phase_order = pl.col("phase").replace_strict({"tune": 0, "final": 1}, default=2, return_dtype=pl.Int8)
+    return out.sort("dataset", phase_order).select(list(schema))
+
+
+def _subsampling(r: dict) -> str | None:
+    """Why a dataset's runs saw fewer images than the published splits, in words (None: they did not)."""
+    why = []
+    counted = r["n_train"] is not None and r["n_test"] is not None
+    used_train = (r["n_train"] or 0) + (r["n_val"] or 0)
+    if r["train_limit"]:
+        why.append(f"train_limit={r['train_limit']}")
+    elif counted and r["published_train"] and used_train < r["published_train"]:
+        why.append(f"the data files hold {used_train:,} of the {r['published_train']:,} published training "
+                   f"images (a subset mirror)")
+    if r["test_limit"] and r["published_test"] and (r["n_test"] or 0) < r["published_test"]:
+        why.append(f"test_limit={r['test_limit']}")
+    elif counted and r["published_test"] and r["n_test"] < r["published_test"]:
+        why.append(f"the data files hold {r['n_test']:,} of the {r['published_test']:,} published test images")
+    return "; ".join(why) or None
 
 
 # --- brain similarity (written by the brain step, analysis/brain.py) ---------------------------------------
