@@ -114,14 +114,14 @@ def _train(spec: TrialSpec, rule: Rule, splits: DataSplits, plan: FitPlan, feed:
     """Fit the rule, recording a crash as the run's result (status failed, error, traceback) rather than
     losing the run; the epochs finished before it stay in the history."""
     history = History()
-    n_params = record["n_params"]
+    sizes = {k: record[k] for k in ("n_params", "n_rule_params", "n_train", "n_val", "n_test")}
 
     def on_epoch(row: dict[str, Any], h: History) -> None:
         record["status"] = h.status
         if report:
             report({**row, "status": record["status"], "best_epoch": h.best_epoch,
                     "best_val_acc": max(h.best_acc, 0.0), "train_seconds": h.train_seconds,
-                    "n_params": n_params, "peak_mem_mb": _peak_memory_mb(plan.device)[0]})
+                    **sizes, "peak_mem_mb": _peak_memory_mb(plan.device)[0]})
 
     bar = EpochBar(plan.epochs, plan.steps) if progress else NoProgress()
     trainer = None

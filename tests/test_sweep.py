@@ -44,6 +44,10 @@ def test_sweep_end_to_end_resume_and_extend(ray_session, tmp_path):
     assert sorted(trials["trial_number"].to_list()) == [0, 1, 2]
     assert set(trials["status"]) <= {"ok", "pruned"} and trials["node_id"].null_count() == 0
     assert trials["test_acc"].is_nan().all()  # tuning never evaluates the test set
+    for size in ("n_params", "n_train", "n_val", "n_test"):  # the report's "data used" reads these per phase
+        assert trials[size].null_count() == 0 and (trials[size] > 0).all(), size
+    assert trials.select("n_train", "n_val", "n_test").unique().rows() == final_runs.select(
+        "n_train", "n_val", "n_test").unique().rows()
     assert sorted(final_runs["seed"].to_list()) == [1000, 1001] and final_runs["test_acc"].is_finite().all()
     f = finals.row(0, named=True)
     assert f["n_seeds"] == 2 and f["test_acc_ci95_low"] <= f["test_acc_mean"] <= f["test_acc_ci95_high"]

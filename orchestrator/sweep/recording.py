@@ -236,7 +236,8 @@ class TrialRecorder(Callback):
             error=error, trial_number=trial.config["trial_number"], node_id=last.get("node_id"),
             attempts=max(1, trial.num_failures) if errored else trial.num_failures + 1, epochs_planned=plain["train"]["epochs"], epochs_run=len(epochs),
             best_epoch=last.get("best_epoch"), val_acc=last.get(METRIC) if epochs else None,
-            train_seconds=last.get("train_seconds"), n_params=last.get("n_params"),
+            train_seconds=last.get("train_seconds"),
+            **{k: last.get(k) for k in ("n_params", "n_rule_params", "n_train", "n_val", "n_test")},
             peak_mem_mb=last.get("peak_mem_mb"), hp=plain["hp"], config=plain, epochs=epochs,
             samples_per_second=(sum(e["samples_per_second"] * e["epoch_seconds"] for e in epochs)
                                 / sum(e["epoch_seconds"] for e in epochs)) if epochs else None)
