@@ -27,8 +27,7 @@ from ray import tune
 from bioplaus.algorithms.registry import load_rules
 from bioplaus.orchestrator.checkpoint import write_network_file
 from bioplaus.orchestrator.config import to_plain
-from bioplaus.orchestrator.data import DATASETS
-from bioplaus.orchestrator.data.datasets import ensure_files
+from bioplaus.orchestrator.data.datasets import check_dataset
 from bioplaus.orchestrator.errors import UsageError, one_line
 from bioplaus.orchestrator.pipeline import final_options, trial_resources
 from bioplaus.orchestrator.progress import runs_bar
@@ -84,10 +83,12 @@ class Sweep:
         for cell in self.cells:
             point = defaults_in_space(self.rules[cell.rule], self.spaces[cell.rule])
             trial_spec(trial_config(cfg, cell, point, cfg.seed, cfg.budget.epochs))
-        # Data too: missing files are downloaded (or refused, naming the fix) here, not in every worker.
+        # Data too, once, here and not in every worker: missing files are downloaded, every file is hashed
+        # where its digest is known and parsed whole, so a corrupt or hostile file is refused before Ray starts.
         for name in sorted({c.dataset for c in self.cells}):
-            ensure_files(DATASETS[name], cfg.trial.data)
+            check_dataset(name, cfg.trial.data)
         check_journal(journal_path(cfg, self.dir))  # a corrupt study file is refused before anything is written
+        ray_local.check_address(cfg.ray.address)  # a cluster that cannot be joined is refused in seconds
 
     def _check_spaces_not_empty(self) -> None:
         empty = sorted({c.rule for c in self.cells if not self.spaces[c.rule]})
