@@ -191,6 +191,14 @@ def tar_members(archive: Path) -> dict[str, bytes]:
                     raise DataError(f"{archive}: members hold more than the cap ({MAX_MEMBER_BYTES} bytes each, "
                                     f"{MAX_ARCHIVE_BYTES} in all); refusing the archive (delete it to download it again)")
                 out[m.name] = data
+            # Read to the end of the compressed stream: only there does gzip check its CRC, so a flipped
+            # byte that still decompresses is caught even where no digest is known.
+            tail = 0
+            while chunk := tar.fileobj.read(_CHUNK):
+                tail += len(chunk)
+                if tail > MAX_MEMBER_BYTES:
+                    raise DataError(f"{archive} holds more than {MAX_MEMBER_BYTES} bytes after its last member; "
+                                    "refusing the archive (delete it to download it again)")
     except (tarfile.TarError, EOFError, OSError, zlib.error, lzma.LZMAError, ValueError) as e:
         raise DataError(f"{archive} is corrupt or truncated ({type(e).__name__}: {e}); "
                         "delete it to download it again") from None
