@@ -106,10 +106,11 @@ def run_case(case: FaultCase, work: Path, log: Callable[[str], None]) -> Row:
         out = case.run(Bench(folder, log))
     except Exception as e:  # the case itself broke: a FAIL row, the other cases still run
         out = Outcome(observed=f"the check itself failed: {one_line(e)}", ok=False)
-    row = Row(case.name, case.expected, out.observed, out.lost, out.duplicated, out.rerun, out.status,
+    observed = out.observed.replace(str(folder), "<tmp>")  # the temporary folder says nothing
+    row = Row(case.name, case.expected, observed, out.lost, out.duplicated, out.rerun, out.status,
               out.exit_code, bool(out.ok and out.lost == 0 and out.duplicated == 0 and out.rerun == 0),
               time.monotonic() - tick)
-    log(f"{'OK  ' if row.ok else 'FAIL'} {case.name} ({row.seconds:.0f}s): {row.observed}")
+    log(f"{'OK  ' if row.ok else 'FAIL'} {case.name} ({row.seconds:.0f}s): {observed}")
     return row
 
 

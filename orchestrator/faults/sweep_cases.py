@@ -4,6 +4,7 @@ faulty rule (algorithms/faulty.py) on digits with the smoke preset, in its own f
 
 from __future__ import annotations
 
+import json
 import signal
 
 from bioplaus.orchestrator.faults import Outcome, fault
@@ -177,3 +178,65 @@ def corrupt_journal(bench: Bench) -> Outcome:
                         "nothing written": bench.files() == files})
     return Outcome(f"exit {again.code}: {' '.join(again.lines)[:140]}{why}", ok, bench.manifest().get("status"),
                    again.code, c.lost, c.duplicated, c.rerun)
+
+
+@fault("stale finals: rerun with more trials finds a better configuration",
+       "the new best's finals run; the old ones are kept under superseded/, never in finals; finals hp and "
+       "accuracy come from the same runs")
+def stale_finals(bench: Bench) -> Outcome:
+    # While the marker exists every run learns nothing (zero weights: class-0 share); removing it before the
+    # rerun makes its new trial the best one, deterministically.
+    marker = bench.folder / "frozen"
+    marker.write_text("")
+    args = lambda n: bench.args(f"budget.trials={n}", "budget.grace_epochs=2",  # noqa: E731
+                                f"trial.hp.frozen_while={marker}")
+    first = bench.sweep(args(2))
+    old = bench.table("finals").row(0, named=True) if bench.table("finals").height else {}
+    marker.unlink()
+    before = bench.snapshot()
+    again = bench.sweep(args(3))
+    c = bench.counts(before)
+    new = bench.table("finals").row(0, named=True) if bench.table("finals").height else {}
+    runs, trials = bench.table("final_runs"), bench.table("trials")
+    best = trials.sort("val_acc", descending=True).row(0, named=True) if trials.height else {}
+    superseded = bench.table("superseded/final_runs")
+    acc = runs["test_acc"].to_list() if runs.height else []
+    ok, why = _verdict({
+        "both exit 0": first.code == 0 and again.code == 0, "the new trial is best": best.get("trial_number") == 2,
+        "finals name the new best": new.get("best_trial_number") == 2 and new.get("hp_json") == best.get("hp_json"),
+        "new configuration": bool(old) and new.get("config_hash") != old.get("config_hash"),
+        "finals runs are the new best's": runs.height == 1 and _hp_of(runs) == [_json(best.get("hp_json"))],
+        "finals accuracy from those runs": bool(acc) and abs(new.get("test_acc_mean", -1) - sum(acc) / len(acc)) < 1e-12,
+        "old final kept as superseded": superseded.height == 1 and _hp_of(superseded) == [_json(old.get("hp_json"))]})
+    return Outcome(f"best trial {old.get('best_trial_number')} -> {new.get('best_trial_number')}, finals config "
+                   f"{old.get('config_hash')} -> {new.get('config_hash')}, {superseded.height} final superseded, "
+                   f"{runs.height} new; test {old.get('test_acc_mean', float('nan')):.3f} -> "
+                   f"{new.get('test_acc_mean', float('nan')):.3f}{why}", ok, bench.manifest().get("status"),
+                   again.code, c.lost, c.duplicated, c.rerun)
+
+
+def _json(text: str | None):
+    return json.loads(text) if text else None
+
+
+def _hp_of(runs) -> list:
+    """The hyperparameters each final run was given (its trial config's), as the best trial recorded them."""
+    return [json.loads(c)["hp"] for c in runs["config_json"]] if runs.height else []
+
+
+@fault("resume with another configuration (budget.epochs 2 -> 5, trial.model.widths [32] -> [64])",
+       "refused in one line naming both keys and the fix (exit 2), nothing written; more trials only is allowed")
+def changed_config(bench: Bench) -> Outcome:
+    first = bench.sweep(bench.args("budget.trials=1"))
+    files, before = bench.files(), bench.snapshot()
+    changed = bench.sweep(bench.args("budget.trials=1", "budget.epochs=5", "trial.model.widths=[64]"))
+    line = " ".join(changed.lines)
+    unchanged = bench.files() == files
+    extended = bench.sweep(bench.args("budget.trials=2"))
+    c = bench.counts(before)
+    ok, why = _verdict({"first exit 0": first.code == 0, "exit 2": changed.code == 2, "one line": len(changed.lines) == 1,
+                        "names both keys": "budget.epochs" in line and "trial.model.widths" in line,
+                        "names the fix": "name=" in line, "nothing written": unchanged,
+                        "more trials allowed": extended.code == 0 and bench.table("trials").height == 2})
+    return Outcome(f"exit {changed.code}: {line[:160]}; then budget.trials=2: exit {extended.code}{why}", ok,
+                   bench.manifest().get("status"), changed.code, c.lost, c.duplicated, c.rerun)
