@@ -92,7 +92,8 @@ def driver_killed(bench: Bench) -> Outcome:
 @fault("two drivers on one sweep folder",
        "the second is refused in one line naming the first's pid and host (exit 2); the first completes")
 def two_drivers(bench: Bench) -> Outcome:
-    args = bench.args(*_slow(trials=3))
+    # Slow enough that the first driver is still running when the second one (a new process) reaches the lock.
+    args = bench.args(*_slow(trials=6, sleep_s=0.5))
     second: list[tuple[Finished, int]] = []
     first = bench.interrupt(args, bench.has_rows("trials"), sig=0, meanwhile=lambda proc: second.append(
         (bench.sweep(args), proc.pid)))  # signal 0: none sent, the first driver runs on to its end
@@ -102,7 +103,7 @@ def two_drivers(bench: Bench) -> Outcome:
     ok, why = _verdict({"second exit 2": refused.code == 2, "one line": len(refused.lines) == 1,
                         "names the first's pid": f"pid {pid} " in " ".join(refused.lines),
                         "first exit 0": first.code == 0, "first complete": m.get("status") == "complete",
-                        "every trial once": trials.height == 3 and trials["trial_number"].n_unique() == 3})
+                        "every trial once": trials.height == 6 and trials["trial_number"].n_unique() == 6})
     line = refused.lines[0] if refused.lines else ""
     return Outcome(f"second: exit {refused.code}, {line[:120]}; first: exit {first.code}, {m.get('status')}{why}",
                    ok, m.get("status"), refused.code, 0, bench.duplicates(), 0)

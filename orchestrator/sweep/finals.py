@@ -5,7 +5,7 @@ t-interval of the final runs of that configuration).
 A final run's id is ``<cell>.final<seed>.<config hash>`` (:func:`final_run_id`): the hash of the trial
 config it ran (hp, model, data, epochs; results.config_hash). When a cell's best configuration changes
 (a rerun with more trials found a better one), its earlier final runs no longer belong to it: they are
-moved, with their epoch rows, network files and the cell's finals row, under ``superseded/`` (same layout),
+moved, with their epoch rows, network files, brain rows and the cell's finals row, under ``superseded/`` (same layout),
 kept on disk and never mixed into ``finals``; the new configuration's finals run.
 """
 
@@ -76,6 +76,7 @@ def supersede_finals(sweep_dir: Path, current: dict[str, str]) -> dict[str, int]
             name = f"{r['run_id']}.parquet"
             _move(partition_dir(d, "epochs", cell) / name, partition_dir(old, "epochs", cell) / name)
             _move(d / "models" / f"{r['run_id']}.pt", old / "models" / f"{r['run_id']}.pt")
+            _move(partition_dir(d, "brain", cell) / name, partition_dir(old, "brain", cell) / name)  # brain=true's rows
             _move(partition_dir(d, "final_runs", cell) / name, partition_dir(old, "final_runs", cell) / name)
         _move(partition_dir(d, "finals", cell) / "finals.parquet",
               partition_dir(old, "finals", cell) / f"finals.{row_hash(stale[0])}.parquet")
@@ -83,14 +84,17 @@ def supersede_finals(sweep_dir: Path, current: dict[str, str]) -> dict[str, int]
     return moved
 
 
-def write_finals(sweep_dir: Path, final_epochs: int, current: dict[str, str]) -> None:
+def write_finals(sweep_dir: Path, final_epochs: int, current: dict[str, str] | None = None) -> None:
     """The finals table: per cell, mean/std/95 % t-interval of the test accuracy of the final runs of its
-    best configuration (``current``: cell key -> that configuration's hash); other runs are left out."""
+    best configuration (``current``: cell key -> that configuration's hash); other runs are left out.
+    ``current=None``: every final run of a cell counts (tables written by hand, one configuration per cell)."""
     best = best_configs(sweep_dir)
     for key, every in rows_by_cell(sweep_dir, "final_runs").items():
-        if key not in current:
+        hashes = [row_hash(r) for r in every.iter_rows(named=True)]
+        digest = current.get(key) if current is not None else (hashes[0] if len(set(hashes)) == 1 else None)
+        if current is not None and digest is None:
             continue
-        rows = every.filter(pl.Series([row_hash(r) == current[key] for r in every.iter_rows(named=True)]))
+        rows = every if current is None else every.filter(pl.Series([h == digest for h in hashes]))
         if rows.is_empty():
             continue
         acc = [a for a in rows.filter(pl.col("status") != "failed")["test_acc"].to_list()
@@ -107,6 +111,6 @@ def write_finals(sweep_dir: Path, final_epochs: int, current: dict[str, str]) ->
                "samples_per_second_mean": rows["samples_per_second"].mean(),
                "peak_mem_mb_max": rows["peak_mem_mb"].max(), "n_params": first["n_params"],
                "best_trial_number": b.get("trial_number"), "best_trial_val_acc": b.get("val_acc"),
-               "hp_json": b.get("hp_json"), "epochs": final_epochs, "config_hash": current[key],
+               "hp_json": b.get("hp_json"), "epochs": final_epochs, "config_hash": digest,
                "final_run_ids_json": json.dumps(sorted(rows["run_id"].to_list()))}
         write_table(pa.Table.from_pylist([row]), partition_dir(Path(sweep_dir), "finals", _cell(key)) / "finals.parquet")
