@@ -320,3 +320,24 @@ def test_auto_with_several_clusters_or_none_is_refused_naming_them(monkeypatch):
         ray_local.check_address("auto")
     with pytest.raises(UsageError, match="is not HOST:PORT"):
         ray_local.check_address("head-without-port")
+
+
+# --- the same faults as rows of `bioplaus bench --faults` ----------------------------------------------
+DATA_FAULTS = ("MNIST training images cut to half", "flipped byte in the CIFAR-10 archive", "tar member ../../x",
+               "symlink member", "mirror's SHA256SUMS vouching", "ray.address that cannot be joined")
+
+
+def test_the_data_and_address_faults_are_registered_bench_cases():
+    from bioplaus.orchestrator.faults import load_cases
+
+    names = list(load_cases())
+    for needed in DATA_FAULTS:
+        assert sum(needed in name for name in names) == 1, needed
+
+
+def test_the_tar_traversal_bench_case_runs_a_real_sweep_and_is_ok(tmp_path):
+    from bioplaus.orchestrator.faults import load_cases, run_case
+
+    name = next(n for n in load_cases() if "tar member ../../x" in n)
+    row = run_case(load_cases()[name], tmp_path, log=lambda m: None)
+    assert row.ok and row.exit_code == 2 and "escapes the archive folder" in row.observed, row.observed
