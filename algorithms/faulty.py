@@ -48,6 +48,9 @@ class FaultyHParams(BPHParams):
     """With started_dir: at its first step a run waits until this many runs have written their file there
     (raising after ``WAIT_LIMIT_S``), so that many are under way at once: on nodes that each fit one run,
     on that many nodes, whatever order the scheduler starts them in."""
+    frozen_while: str = ""
+    """If set and this file exists: the weights are set to zero and never updated (every input gets class 0, so
+    accuracy is that class's share); removing the file between two runs of a sweep makes a later trial the best."""
 
 
 @register
@@ -79,6 +82,12 @@ class Faulty(Backprop):
         if hp.die_once_marker and self.steps == 2 and not Path(hp.die_once_marker).exists():
             Path(hp.die_once_marker).write_text(str(os.getpid()))
             os._exit(17)
+        if hp.frozen_while and Path(hp.frozen_while).exists():
+            with torch.no_grad():
+                for p in self.net.parameters():
+                    p.zero_()
+                logits = self.net(x)
+            return {"loss": torch.nn.functional.cross_entropy(logits, y), "correct": (logits.argmax(1) == y).sum()}
         metrics = super().train_step(x, y)
         if 0 <= hp.nan_at_step <= self.steps:
             metrics["loss"] = torch.tensor(float("nan"))

@@ -12,6 +12,7 @@ import json
 import math
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 from bioplaus.orchestrator.errors import UsageError
@@ -175,7 +176,30 @@ def cmd_space(args) -> int:
     return 0
 
 
+def cmd_faults(args) -> int:
+    """``bioplaus bench --faults``: every fault case on a small sweep; exit 1 if any row is not OK."""
+    from bioplaus.orchestrator.faults import json_rows, markdown_table, run_faults, select, write_docs
+
+    if args.overrides:
+        raise UsageError(f"bench --faults takes no overrides (got {' '.join(args.overrides)}); pick cases with "
+                         "--fault WORD")
+    docs = Path(args.write_docs) if args.write_docs else None
+    if docs is not None and not docs.is_file():
+        raise UsageError(f"--write-docs {docs}: no such file; pass docs/reliability.md")
+    select(args.fault)  # an unknown case name is refused before the first sweep starts
+    tick = time.monotonic()
+    rows = run_faults(args.fault, log=lambda m: print(m, file=sys.stderr, flush=True))
+    wall = time.monotonic() - tick
+    print(json_rows(rows) if args.json else markdown_table(rows))
+    print(f"{sum(r.ok for r in rows)} of {len(rows)} fault cases OK in {wall:.0f} s", file=sys.stderr)
+    if docs is not None:
+        write_docs(rows, docs, "bioplaus bench --faults" + "".join(f" --fault '{w}'" for w in args.fault or []), wall)
+    return 0 if all(r.ok for r in rows) else 1
+
+
 def cmd_bench(args) -> int:
+    if args.faults:
+        return cmd_faults(args)
     if args.orchestrator:
         from bioplaus.orchestrator.efficiency import measure
 
@@ -268,6 +292,15 @@ def _add_bench_command(sub) -> None:
     b.add_argument("--pipeline", action="store_true",
                    help="measure layer-parallel speed-up instead: local_losses on fashion_mnist, sequential vs "
                         "pipelined on --stages one-thread stages vs sequential on --stages threads")
+    b.add_argument("--faults", action="store_true",
+                   help="fault injection instead: each fault (signals, kills, a second driver, failing trials, the "
+                        "Optuna journal, stale finals, a changed config) on a small sweep in a temporary folder; "
+                        "prints the table (exit 1 if a row is not OK)")
+    b.add_argument("--fault", action="append", help="with --faults: only the cases whose name contains this "
+                                                    "(case-insensitive, repeatable)")
+    b.add_argument("--json", action="store_true", help="with --faults: the table as JSON rows")
+    b.add_argument("--write-docs", metavar="FILE", help="with --faults: rewrite the table section of FILE "
+                                                        "(docs/reliability.md) from this run")
     b.add_argument("--stages", type=int, default=2, help="pipeline stages for --pipeline (default 2)")
     b.add_argument("--rounds", type=int, default=3, help="interleaved rounds for --pipeline (default 3)")
     b.add_argument("--staleness", type=int, default=1,

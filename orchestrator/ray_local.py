@@ -15,6 +15,7 @@ import hashlib
 import os
 import shutil
 import signal
+import socket
 import tempfile
 import threading
 from pathlib import Path
@@ -45,6 +46,55 @@ def is_loopback(address: str | None) -> bool:
         return True
     host = address.split("://", 1)[-1].rsplit(":", 1)[0].strip("[]")
     return host == "localhost" or host == "::1" or host.startswith("127.")
+
+
+CONNECT_TIMEOUT_S = 5.0
+"""How long the driver waits for a TCP connection to a cluster's head before refusing the address."""
+_JOIN_FIX = ("start the cluster first (`ray start --head`, or `python -m bioplaus.cluster.local`) and pass its "
+             "address as ray.address=HOST:PORT, or drop ray.address to run on a local Ray")
+
+
+def _host_port(address: str) -> tuple[str, int]:
+    rest = address.split("://", 1)[-1].rstrip("/")
+    host, _, port = rest.rpartition(":")
+    if not host or not port.isdigit():
+        raise UsageError(f"ray.address={address!r} is not HOST:PORT (or ray://HOST:PORT, or auto); {_JOIN_FIX}")
+    return host.strip("[]"), int(port)
+
+
+def _auto_address() -> str:
+    """The running cluster ``auto`` means: $RAY_ADDRESS, else the last ``ray start`` on this box, else the one
+    Ray process group running here. Several and none named: refused (Ray would pick one at random)."""
+    from ray._private import services
+
+    if os.environ.get("RAY_ADDRESS", "") not in ("", "auto"):
+        return os.environ["RAY_ADDRESS"]
+    found = services.find_bootstrap_address(None)
+    if found:
+        return found
+    running = sorted(set(services.find_gcs_addresses()))
+    if len(running) == 1:
+        return running[0]
+    if running:
+        raise UsageError(f"ray.address=auto: {len(running)} Ray clusters run on this machine ({', '.join(running)}); "
+                         "name the one to join as ray.address=HOST:PORT, or drop ray.address to run on a local Ray")
+    raise UsageError(f"ray.address=auto: no running Ray cluster was found on this machine; {_JOIN_FIX}")
+
+
+def check_address(address: str | None, timeout_s: float = CONNECT_TIMEOUT_S) -> str | None:
+    """The cluster address a sweep will join (None: embedded local Ray), checked to accept a connection
+    within ``timeout_s``: an address nobody listens on is refused in seconds, not after Ray's retries."""
+    if address in (None, "", "local"):
+        return None
+    resolved = _auto_address() if address == "auto" else address
+    host, port = _host_port(resolved)
+    try:
+        socket.create_connection((host, port), timeout=timeout_s).close()
+    except OSError as e:
+        shown = f"ray.address={address} (found {resolved})" if address != resolved else f"ray.address={address}"
+        raise UsageError(f"{shown}: cannot connect to a Ray head at {host}:{port} within {timeout_s:g}s "
+                         f"({e.strerror or e}); {_JOIN_FIX}") from None
+    return resolved
 
 
 def set_cluster_mode(address: str | None) -> None:
@@ -103,6 +153,8 @@ def start(run_dir: Path, address: str | None = None, num_cpus: int | None = None
     if ray.is_initialized():  # someone else (a test fixture, a notebook) owns this Ray session
         return {"address": None, "temp_dir": None, "local": False, "owned": False}
     local = address in (None, "", "local")
+    # "auto" is resolved here (and checked to connect), so a loopback cluster found by it stays on loopback.
+    address = check_address(address)
     set_cluster_mode(address)
     kwargs: dict = {"include_dashboard": False, "log_to_driver": True, "configure_logging": False}
     temp_dir = None
@@ -116,7 +168,9 @@ def start(run_dir: Path, address: str | None = None, num_cpus: int | None = None
     home = os.environ.get("HOME")
     os.environ["HOME"] = str(ray_home(run_dir))
     try:
-        info = bounded(lambda: ray.init(**kwargs), timeout_s, f"ray.init(address={address or 'local'})")
+        info = bounded(lambda: ray.init(**kwargs), timeout_s, f"ray.init(address={address or 'local'})",
+                       None if local else f"check that {address} is a Ray head's address (its GCS port), or raise "
+                       "ray.timeout_s")
     finally:
         if home is None:
             os.environ.pop("HOME", None)
@@ -139,7 +193,7 @@ def stop(started: dict | None = None, timeout_s: float = 60.0) -> None:
         shutil.rmtree(started["temp_dir"], ignore_errors=True)
 
 
-def bounded(fn, timeout_s: float, what: str):
+def bounded(fn, timeout_s: float, what: str, fix: str | None = None):
     """Run ``fn`` with a wall-clock bound (SIGALRM in the main thread; Ray wants its main thread)."""
     if threading.current_thread() is not threading.main_thread():
         return fn()
@@ -152,8 +206,8 @@ def bounded(fn, timeout_s: float, what: str):
     try:
         return fn()
     except TimeoutError:
-        raise UsageError(f"{what} did not finish within {timeout_s:.0f}s; look for stale Ray processes "
-                         "(`ray stop`) or raise ray.timeout_s") from None
+        raise UsageError(f"{what} did not finish within {timeout_s:.0f}s; " + (fix or "look for stale Ray processes "
+                         "(`ray stop`) or raise ray.timeout_s")) from None
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, previous)

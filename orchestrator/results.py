@@ -28,6 +28,7 @@ import contextlib
 import dataclasses
 import datetime as dt
 import errno
+import hashlib
 import json
 import os
 import re
@@ -311,18 +312,54 @@ def write_run(root: str | Path, record: RunRecord | Mapping[str, Any], run_id: s
     return run_id
 
 
+# Trial-config keys that say where files are or how many threads compute, never what is computed.
+PLACE_KEYS = ("out", "data.root", "data.mirror", "data.download", "train.threads")
+
+
+def flat(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """A nested config as ``{"train.epochs": 3, ...}`` (lists stay values)."""
+    out = {}
+    for k, v in config.items():
+        out.update(flat(v, f"{prefix}{k}.") if isinstance(v, Mapping) else {f"{prefix}{k}": v})
+    return out
+
+
+def result_config(config: Mapping[str, Any]) -> dict[str, Any]:
+    """What of a run's trial config decides its numbers: all of it but the seed and :data:`PLACE_KEYS`, flat."""
+    return {k: v for k, v in flat(config).items() if k != "seed" and k not in PLACE_KEYS}
+
+
+def config_hash(config: Mapping[str, Any]) -> str:
+    """A short stable hash of :func:`result_config` (hp, model, data, training budget): the configuration a run ran."""
+    text = json.dumps(result_config(config), sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:10]
+
+
+def config_differences(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
+    """``key old -> new`` for every key of :func:`result_config` that differs (absent on one side: None)."""
+    a, b = result_config(old), result_config(new)
+    return [f"{k} {json.dumps(a.get(k), default=str)} -> {json.dumps(b.get(k), default=str)}"
+            for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+
+
 def refuse_other_config(root: str | Path, record: RunRecord, run_id: str, runs_table: str = "runs") -> None:
-    """UsageError when ``run_id`` already has a row in ``runs_table`` with other hyperparameters than ``record``:
-    a row is never overwritten by a different run (the same run written again is allowed)."""
+    """UsageError when ``run_id`` already has a row in ``runs_table`` with other hyperparameters or another
+    configuration than ``record``: a row is never overwritten by a different run (the same run again is allowed)."""
     path = partition_dir(Path(root), runs_table, record.cell) / f"{run_id}.parquet"
     if not path.is_file():
         return
-    old = pq.read_table(path, columns=["hp_json"]).column("hp_json").to_pylist()[0]
+    old = pq.read_table(path, columns=["hp_json", "config_json"]).to_pylist()[0]
     new = json.dumps(record.hp, sort_keys=True, default=str)
-    if old != new:
-        raise UsageError(f"refusing to overwrite {path}: row {run_id} holds hp {old}, the new run has hp {new}; "
-                         "the Optuna study and the tables disagree: move the study away (the sweep's "
+    if old["hp_json"] != new:
+        raise UsageError(f"refusing to overwrite {path}: row {run_id} holds hp {old['hp_json']}, the new run has hp "
+                         f"{new}; the Optuna study and the tables disagree: move the study away (the sweep's "
                          "optuna.journal, or storage=) and run again, the study is rebuilt from the tables")
+    differ = config_differences(json.loads(old["config_json"] or "{}"), record.config)
+    if differ:
+        raise UsageError(f"refusing to overwrite {path}: row {run_id} ran configuration "
+                         f"{config_hash(json.loads(old['config_json'] or '{}'))}, the new run "
+                         f"{config_hash(record.config)} ({'; '.join(differ[:6])}); a sweep folder holds one "
+                         "configuration: use a new name= for the new one")
 
 
 def new_run_id() -> str:

@@ -4,6 +4,7 @@ themselves."""
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import hashlib
 import io
@@ -17,14 +18,21 @@ import torch
 
 from bioplaus.orchestrator.config import parse_overrides
 from bioplaus.orchestrator.data import DATASETS, load_raw, make_splits
-from bioplaus.orchestrator.data.datasets import data_root
+from bioplaus.orchestrator.data.datasets import data_root, ensure_files
 from bioplaus.orchestrator.data.formats import read_idx
 from bioplaus.orchestrator.errors import DataError, UsageError
-from conftest import find_real_data
+from conftest import find_real_data, list_digests
 
 
 def data_cfg(*overrides: str):
     return parse_overrides(list(overrides)).data
+
+
+def load_own(name: str, root: Path):
+    """load_raw from a data root that vouches (SHA256SUMS) for the small files a test wrote there, so that
+    what is tested is their parsing, not their digest."""
+    list_digests(root)
+    return load_raw(name, data_cfg(f"data.root={root}"))
 
 
 def write_idx(path: Path, array: np.ndarray, gz: bool = True) -> Path:
@@ -72,13 +80,29 @@ def test_fashion_mnist_and_cifar10_load_whole():
 
 
 # --- downloads over loopback ----------------------------------------------------------------------
-def test_download_from_loopback_mirror_is_verified_against_its_sha256sums(real_data, http_serve, tmp_path):
+def test_rebuilt_file_from_a_mirror_is_refused_whatever_its_sha256sums_says(real_data, http_serve, tmp_path):
+    # The shared mirror's MNIST is a 10,000-image rebuild, listed in its SHA256SUMS: not the official file.
     root = tmp_path / "dl"
-    raw = load_raw("mnist", data_cfg(f"data.root={root}", f"data.mirror={http_serve(real_data)}"))
-    assert raw.train_x.shape[0] == 10000
+    with pytest.raises(DataError, match="expected 440fcabf.* cannot replace an official digest"):
+        load_raw("mnist", data_cfg(f"data.root={root}", f"data.mirror={http_serve(real_data)}"))
+    assert not list((root / "mnist").glob("*"))  # neither the file nor a temp file is kept
+
+
+def test_mirror_digests_count_for_files_without_an_official_one(real_data, http_serve, tmp_path):
+    spec = dataclasses.replace(DATASETS["mnist"], files=tuple(dataclasses.replace(f, sha256=None)
+                                                             for f in DATASETS["mnist"].files))
+    root = tmp_path / "dl"
+    ensure_files(spec, data_cfg(f"data.root={root}", f"data.mirror={http_serve(real_data)}"))
     for name in ("train-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"):
         assert (root / "mnist" / name).read_bytes() == (real_data / "mnist" / name).read_bytes()
     assert not list((root / "mnist").glob(".*part"))  # no temp files left behind
+    bad = tmp_path / "bad-mirror"
+    (bad / "mnist").mkdir(parents=True)
+    for f in spec.files:
+        (bad / "mnist" / f.name).symlink_to(real_data / "mnist" / f.name)
+    (bad / "SHA256SUMS").write_text("0" * 64 + "  mnist/train-images-idx3-ubyte.gz\n")
+    with pytest.raises(DataError, match="checksum mismatch for train-images-idx3-ubyte.gz"):
+        ensure_files(spec, data_cfg(f"data.root={tmp_path / 'dl2'}", f"data.mirror={http_serve(bad)}"))
 
 
 def test_download_with_wrong_checksum_is_refused_and_not_kept(http_serve, tmp_path):
@@ -99,13 +123,18 @@ def test_file_not_listed_by_the_mirror_is_checked_against_the_official_sha256(ht
         load_raw("kmnist", data_cfg(f"data.root={tmp_path / 'dl'}", f"data.mirror={http_serve(mirror)}"))
 
 
-def test_small_kmnist_downloads_and_parses_when_the_mirror_vouches_for_it(http_serve, tmp_path):
+def test_mirror_vouching_for_its_own_build_cannot_override_the_official_digest(http_serve, tmp_path):
     mirror = tmp_path / "mirror"
     write_idx_dataset(mirror / "kmnist", n_train=30, n_test=12)
-    sums = "".join(f"{hashlib.sha256(p.read_bytes()).hexdigest()}  kmnist/{p.name}\n"
-                   for p in sorted((mirror / "kmnist").iterdir()))
-    (mirror / "SHA256SUMS").write_text(sums)
-    raw = load_raw("kmnist", data_cfg(f"data.root={tmp_path / 'dl'}", f"data.mirror={http_serve(mirror)}"))
+    list_digests(mirror)  # a malicious mirror can list anything
+    with pytest.raises(DataError, match=r"train-images-idx3-ubyte.gz .*expected 51467d22.* cannot replace an official"):
+        load_raw("kmnist", data_cfg(f"data.root={tmp_path / 'dl'}", f"data.mirror={http_serve(mirror)}"))
+    assert not (tmp_path / "dl" / "kmnist" / "train-images-idx3-ubyte.gz").exists()
+
+
+def test_small_kmnist_in_a_root_that_lists_its_digests_parses(tmp_path):
+    write_idx_dataset(tmp_path / "kmnist", n_train=30, n_test=12)
+    raw = load_own("kmnist", tmp_path)
     assert raw.train_x.shape == (30, 1, 28, 28) and raw.test_x.shape == (12, 1, 28, 28) and raw.classes[0] == "o"
 
 
@@ -135,7 +164,7 @@ def test_truncated_idx_is_refused_naming_the_file(tmp_path):
     path = folder / "train-images-idx3-ubyte.gz"
     path.write_bytes(gzip.compress(gzip.decompress(path.read_bytes())[:-100]))
     with pytest.raises(DataError, match=r"train-images-idx3-ubyte.gz: IDX header says \(20, 28, 28\)"):
-        load_raw("mnist", data_cfg(f"data.root={tmp_path}"))
+        load_own("mnist", tmp_path)
 
 
 def test_corrupt_gzip_and_bad_magic_are_refused(tmp_path):
@@ -153,7 +182,7 @@ def test_mismatched_image_and_label_counts(tmp_path):
     write_idx_dataset(folder)
     write_idx(folder / "train-labels-idx1-ubyte.gz", np.zeros(7))
     with pytest.raises(DataError, match="holds 20 images but .* holds 7 labels"):
-        load_raw("mnist", data_cfg(f"data.root={tmp_path}"))
+        load_own("mnist", tmp_path)
 
 
 # --- CIFAR-100 and SVHN in their official formats, written by the test ------------------------------
@@ -179,7 +208,7 @@ def write_cifar100(folder: Path, n_train=50, n_test=20, extra_members=()):
 
 def test_cifar100_binary_records_are_parsed_exactly(tmp_path):
     train, test = write_cifar100(tmp_path / "cifar-100")
-    raw = load_raw("cifar100", data_cfg(f"data.root={tmp_path}"))
+    raw = load_own("cifar100", tmp_path)
     assert raw.train_x.shape == (50, 3, 32, 32) and len(raw.classes) == 100
     np.testing.assert_array_equal(raw.train_y, train[:, 1])  # fine labels
     np.testing.assert_array_equal(raw.test_x[3].reshape(-1), test[3, 2:])  # R, G, B planes in order
@@ -194,7 +223,7 @@ def test_archive_with_escaping_member_or_link_is_refused(tmp_path, member):
         info.size = 1
     write_cifar100(tmp_path / "cifar-100", extra_members=[info])
     with pytest.raises(DataError, match="cifar-100-binary.tar.gz: member .* refusing the archive"):
-        load_raw("cifar100", data_cfg(f"data.root={tmp_path}"))
+        load_own("cifar100", tmp_path)
 
 
 def test_truncated_cifar_archive_is_refused(tmp_path):
@@ -202,7 +231,7 @@ def test_truncated_cifar_archive_is_refused(tmp_path):
     path = tmp_path / "cifar-100" / "cifar-100-binary.tar.gz"
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
     with pytest.raises(DataError, match="cifar-100-binary.tar.gz is corrupt or truncated"):
-        load_raw("cifar100", data_cfg(f"data.root={tmp_path}"))
+        load_own("cifar100", tmp_path)
 
 
 def test_svhn_mat_files_map_label_10_to_digit_0(tmp_path):
@@ -217,12 +246,12 @@ def test_svhn_mat_files_map_label_10_to_digit_0(tmp_path):
         scipy.io.savemat(folder / f"{name}_32x32.mat", {"X": x, "y": y})
         if name == "train":
             first = x[:, :, :, 9]
-    raw = load_raw("svhn", data_cfg(f"data.root={tmp_path}"))
+    raw = load_own("svhn", tmp_path)
     assert raw.train_x.shape == (30, 3, 32, 32) and raw.train_y[9] == 0 and raw.train_y[0] == 1
     np.testing.assert_array_equal(raw.train_x[9], first.transpose(2, 0, 1))
     (folder / "test_32x32.mat").write_bytes(b"not a mat file")
     with pytest.raises(DataError, match="test_32x32.mat is not a readable SVHN"):
-        load_raw("svhn", data_cfg(f"data.root={tmp_path}"))
+        load_own("svhn", tmp_path)
 
 
 def test_imagefolder_reads_class_subfolders_with_train_and_test(tmp_path):

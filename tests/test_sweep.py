@@ -38,9 +38,10 @@ def rows(s: Sweep, table: str) -> pl.DataFrame:
 
 def test_sweep_end_to_end_resume_and_extend(ray_session, tmp_path):
     s = sweep(tmp_path, "rules=[bp]", "budget.trials=3", "wandb.mode=offline")
-    assert sorted(p.name for p in (s.dir / "models").glob("*.pt")) == ["bp.mlp.digits.final1000.pt",
-                                                                       "bp.mlp.digits.final1001.pt"]
     trials, finals, final_runs = rows(s, "trials"), rows(s, "finals"), rows(s, "final_runs")
+    digest = finals["config_hash"][0]  # a final run's id and network file name its configuration
+    assert sorted(p.name for p in (s.dir / "models").glob("*.pt")) == [f"bp.mlp.digits.final1000.{digest}.pt",
+                                                                       f"bp.mlp.digits.final1001.{digest}.pt"]
     assert sorted(trials["trial_number"].to_list()) == [0, 1, 2]
     assert set(trials["status"]) <= {"ok", "pruned"} and trials["node_id"].null_count() == 0
     assert trials["test_acc"].is_nan().all()  # tuning never evaluates the test set

@@ -15,7 +15,8 @@ from typing import Callable
 import numpy as np
 import torch
 
-from bioplaus.orchestrator.data.download import RemoteFile, fetch, mirror_checksums, tar_members
+from bioplaus.orchestrator.data.download import (RemoteFile, fetch, mirror_checksums, root_checksums, tar_members,
+                                                 verify_file)
 from bioplaus.orchestrator.data.formats import parse_cifar_records, read_idx_pair, read_image_folder, read_svhn_mat
 from bioplaus.orchestrator.errors import DataError, UsageError
 
@@ -170,8 +171,11 @@ def data_root(cfg) -> Path:
 
 
 def ensure_files(spec: DatasetSpec, cfg) -> Path:
-    """Make sure every file of ``spec`` is under the data root, downloading what is missing."""
-    folder = data_root(cfg) / spec.dirname
+    """Make sure every file of ``spec`` is under the data root and is what it claims to be: missing files
+    are downloaded (checked against their official digest), files already there are hashed against their
+    official digest or the one the root's SHA256SUMS lists (see download.py for who is trusted)."""
+    root = data_root(cfg)
+    folder = root / spec.dirname
     missing = [f for f in spec.files if not (folder / f.name).is_file()]
     if missing and not cfg.download:
         raise DataError(f"{folder / missing[0].name} is missing and data.download=false; put the file there, "
@@ -180,7 +184,11 @@ def ensure_files(spec: DatasetSpec, cfg) -> Path:
     for f in missing:
         rel = f"{spec.dirname}/{f.name}"
         url = f"{cfg.mirror.rstrip('/')}/{rel}" if cfg.mirror else f.url
-        fetch(f, folder / f.name, url=url, sha256=sums.get(rel))
+        fetch(f, folder / f.name, url=url, mirror_sha256=sums.get(rel))
+    listed = root_checksums(root) if spec.files else {}
+    for f in spec.files:
+        if f not in missing:
+            verify_file(folder / f.name, f.sha256, listed.get(f"{spec.dirname}/{f.name}"), root)
     return folder
 
 
@@ -202,6 +210,29 @@ def load_raw(name: str, cfg) -> RawDataset:
     folder = ensure_files(spec, cfg)
     tx, ty, ex, ey, classes = spec.read(folder, cfg)
     return RawDataset(name, tx, ty, ex, ey, list(classes))
+
+
+# Datasets this process has opened and parsed whole, by their files' (path, size, mtime): checked once.
+_CHECKED: set[tuple] = set()
+
+
+def check_dataset(name: str, cfg) -> None:
+    """Open and validate a dataset once, as a sweep does before Ray starts: its files are downloaded if
+    missing, hashed where a digest is known, and parsed whole; DataError names a bad file and the fix."""
+    if name not in DATASETS:
+        raise UsageError(f"unknown dataset {name!r}; known datasets: {', '.join(DATASETS)}")
+    spec = DATASETS[name]
+    folder = ensure_files(spec, cfg)
+    stats = tuple((str(folder / f.name), (folder / f.name).stat().st_size, (folder / f.name).stat().st_mtime_ns)
+                  for f in spec.files)
+    key = (name, stats)
+    if spec.files and key in _CHECKED:
+        return
+    raw = load_raw(name, cfg)
+    if len(raw.train_y) == 0 or len(raw.test_y) == 0:
+        raise DataError(f"{name} in {folder} has {len(raw.train_y)} training and {len(raw.test_y)} test images; "
+                        "both must be non-empty: replace its files")
+    _CHECKED.add(key)
 
 
 @dataclass

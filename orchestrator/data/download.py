@@ -1,20 +1,26 @@
-"""Fetching dataset files: official URLs or a mirror, SHA-256 checked, written atomically.
+"""Fetching and trusting dataset files: official URLs or a mirror, SHA-256 checked, written atomically.
 
 A mirror (``data.mirror``) is a base URL laid out like the data root (``<mirror>/<dataset dir>/<file>``).
-It may publish a ``SHA256SUMS`` file at its base (``<hash>  <dataset dir>/<file>`` per line): a
-mirror carrying its own builds of a file (a subset, a recompression) vouches for them there;
-files it does not list are checked against the official SHA-256.
+It may publish a ``SHA256SUMS`` file at its base (``<hash>  <dataset dir>/<file>`` per line). The mirror
+is not trusted beyond the official list: its digests count only for files that have no official
+SHA-256; a file that has one is checked against it, whatever the mirror says.
+
+The data root is the user's own: its ``SHA256SUMS`` (same format) says what its files are, so a root
+holding its own builds of a file (a subset, a recompression) lists them there. A file already in the
+root is accepted when it matches its official digest or the digest its root lists.
 """
 
 from __future__ import annotations
 
 import hashlib
+import lzma
 import os
 import tarfile
 import tempfile
 import urllib.error
 import urllib.parse
 import urllib.request
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +28,13 @@ from bioplaus.orchestrator.errors import DataError
 
 TIMEOUT_S = 60
 _CHUNK = 1 << 20
+SUMS_FILE = "SHA256SUMS"
+MAX_MEMBER_BYTES = 512 << 20
+"""The largest archive member (or decompressed file) read into memory; the official ones are below 160 MB."""
+MAX_ARCHIVE_BYTES = 1 << 30
+"""The most bytes read out of one archive, all members together."""
+# (path, size, mtime_ns, inode) -> sha256: hashing a large archive once per process, not once per read.
+_DIGESTS: dict[tuple, str] = {}
 _ALLOWED_SCHEMES = ("http", "https", "file")
 
 
@@ -37,12 +50,60 @@ class RemoteFile:
     """Official SHA-256 of the file (None where no official digest is known)."""
 
 
+def _stat_key(path: Path) -> tuple:
+    st = os.stat(path)
+    return (str(Path(path).resolve()), st.st_size, st.st_mtime_ns, st.st_ino)
+
+
 def sha256_of(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(_CHUNK), b""):
-            h.update(chunk)
-    return h.hexdigest()
+    """The file's SHA-256, remembered for the process while its size, mtime and inode stay the same."""
+    key = _stat_key(path)
+    if key not in _DIGESTS:
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(_CHUNK), b""):
+                h.update(chunk)
+        _DIGESTS[key] = h.hexdigest()
+    return _DIGESTS[key]
+
+
+def parse_sums(text: str) -> dict[str, str]:
+    """``sha256sum`` output (``<hash>  <relative path>`` per line) as {relative path: sha256}."""
+    sums = {}
+    for line in text.splitlines():
+        parts = line.strip().split()
+        if len(parts) == 2 and len(parts[0]) == 64:
+            sums[parts[1].lstrip("*").removeprefix("./")] = parts[0].lower()
+    return sums
+
+
+def root_checksums(root: Path) -> dict[str, str]:
+    """The data root's own ``SHA256SUMS`` as {relative path: sha256}; empty if it has none."""
+    try:
+        with open(Path(root) / SUMS_FILE, "rb") as f:
+            return parse_sums(f.read(1 << 20).decode("utf-8", "replace"))
+    except FileNotFoundError:
+        return {}
+    except OSError as e:
+        raise DataError(f"cannot read {Path(root) / SUMS_FILE} ({e}); fix its permissions or remove it") from None
+
+
+def verify_file(path: Path, official: str | None, listed: str | None, root: Path) -> None:
+    """Refuse ``path`` unless it matches its ``official`` digest or the one its root ``listed`` (none known: accepted)."""
+    trusted = {d.lower() for d in (official, listed) if d}
+    if not trusted:
+        return
+    try:
+        got = sha256_of(path)
+    except OSError as e:
+        raise DataError(f"cannot read {path} ({e}); fix its permissions or delete it to download it again") from None
+    if got in trusted:
+        return
+    said = " or ".join(filter(None, (official and f"{official} (official)",
+                                     listed and f"{listed} (listed in {Path(root) / SUMS_FILE})")))
+    raise DataError(f"{path} has sha256 {got}, expected {said}; the file is corrupt, truncated or not the one "
+                    f"named: delete it to download it again (or, if you built it yourself, list its digest in "
+                    f"{Path(root) / SUMS_FILE})")
 
 
 def _open(url: str):
@@ -59,18 +120,14 @@ def mirror_checksums(mirror: str) -> dict[str, str]:
             text = resp.read(1 << 20).decode("utf-8", "replace")
     except (urllib.error.URLError, OSError, ValueError):
         return {}
-    sums = {}
-    for line in text.splitlines():
-        parts = line.strip().split()
-        if len(parts) == 2 and len(parts[0]) == 64:
-            sums[parts[1].lstrip("*").removeprefix("./")] = parts[0].lower()
-    return sums
+    return parse_sums(text)
 
 
-def fetch(remote: RemoteFile, dest: Path, *, url: str | None = None, sha256: str | None = None) -> Path:
-    """Download ``remote`` (or ``url``) to ``dest`` atomically, verifying ``sha256`` (default: official)."""
+def fetch(remote: RemoteFile, dest: Path, *, url: str | None = None, mirror_sha256: str | None = None) -> Path:
+    """Download ``remote`` (or ``url``) to ``dest`` atomically, verifying its official SHA-256; the mirror's
+    ``mirror_sha256`` is used only for a file without an official digest, never instead of one."""
     url = url or remote.url
-    expected = (sha256 or remote.sha256 or "").lower() or None
+    expected = (remote.sha256 or mirror_sha256 or "").lower() or None
     dest.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
     try:
@@ -81,9 +138,14 @@ def fetch(remote: RemoteFile, dest: Path, *, url: str | None = None, sha256: str
                 out.write(chunk)
         got = h.hexdigest()
         if expected and got != expected:
-            raise DataError(f"checksum mismatch for {dest.name} from {url}: sha256 {got}, expected {expected}; "
-                            "the download is corrupt or the mirror serves a different file")
+            overruled = (remote.sha256 and mirror_sha256 and mirror_sha256.lower() != remote.sha256.lower())
+            raise DataError(f"checksum mismatch for {dest.name} from {url}: sha256 {got}, expected {expected}"
+                            + (" (official; the mirror's SHA256SUMS cannot replace an official digest)" if overruled
+                               else "") + "; the download is corrupt or the mirror serves a different file: "
+                            "use a mirror that serves the official file, or put your own build in the data root "
+                            f"and list its digest in the root's {SUMS_FILE}")
         os.replace(tmp, dest)
+        _DIGESTS[_stat_key(dest)] = got
     except (urllib.error.URLError, OSError) as e:
         reason = getattr(e, "reason", e)
         raise DataError(f"cannot download {dest.name} from {url} ({reason}); put the file at {dest}, "
@@ -94,26 +156,50 @@ def fetch(remote: RemoteFile, dest: Path, *, url: str | None = None, sha256: str
     return dest
 
 
+def _check_member(archive: Path, m: tarfile.TarInfo) -> None:
+    name = m.name
+    if name.startswith(("/", "\\")) or ".." in Path(name).parts or Path(name).is_absolute():
+        raise DataError(f"{archive}: member {name!r} escapes the archive folder; refusing the archive "
+                        "(it is not an official artifact: delete it to download it again)")
+    if m.issym() or m.islnk() or m.isdev() or m.isfifo():
+        raise DataError(f"{archive}: member {name!r} is a link or special file; refusing the archive "
+                        "(it is not an official artifact: delete it to download it again)")
+    if m.size > MAX_MEMBER_BYTES:
+        raise DataError(f"{archive}: member {name!r} says it holds {m.size} bytes, over the {MAX_MEMBER_BYTES}-byte "
+                        "cap for one member; refusing the archive (delete it to download it again)")
+
+
 def tar_members(archive: Path) -> dict[str, bytes]:
     """Regular files of a tar archive as {member name: bytes}, read in place (nothing is extracted).
 
     Reading in place works on read-only data roots and leaves no extracted copy to go stale. An
     archive holding a member that would escape its folder if extracted (absolute path, ``..``) or a
-    link is refused as a whole: such an archive is not an official artifact.
+    link is refused as a whole: such an archive is not an official artifact. Members are read with a
+    cap (``MAX_MEMBER_BYTES`` each, ``MAX_ARCHIVE_BYTES`` together), so a hostile archive cannot fill memory.
     """
-    out = {}
+    out, total = {}, 0
     try:
         with tarfile.open(archive, "r:*") as tar:
             for m in tar:
-                name = m.name
-                parts = Path(name).parts
-                if name.startswith(("/", "\\")) or ".." in parts or Path(name).is_absolute():
-                    raise DataError(f"{archive}: member {name!r} escapes the archive folder; refusing the archive")
-                if m.issym() or m.islnk() or m.isdev() or m.isfifo():
-                    raise DataError(f"{archive}: member {name!r} is a link or special file; refusing the archive")
-                if m.isfile():
-                    f = tar.extractfile(m)
-                    out[name] = f.read() if f else b""
-    except (tarfile.TarError, EOFError, OSError) as e:
-        raise DataError(f"{archive} is corrupt or truncated ({e}); delete it to download it again") from None
+                _check_member(archive, m)
+                if not m.isfile():
+                    continue
+                f = tar.extractfile(m)
+                data = f.read(MAX_MEMBER_BYTES + 1) if f else b""
+                total += len(data)
+                if len(data) > MAX_MEMBER_BYTES or total > MAX_ARCHIVE_BYTES:
+                    raise DataError(f"{archive}: members hold more than the cap ({MAX_MEMBER_BYTES} bytes each, "
+                                    f"{MAX_ARCHIVE_BYTES} in all); refusing the archive (delete it to download it again)")
+                out[m.name] = data
+            # Read to the end of the compressed stream: only there does gzip check its CRC, so a flipped
+            # byte that still decompresses is caught even where no digest is known.
+            tail = 0
+            while chunk := tar.fileobj.read(_CHUNK):
+                tail += len(chunk)
+                if tail > MAX_MEMBER_BYTES:
+                    raise DataError(f"{archive} holds more than {MAX_MEMBER_BYTES} bytes after its last member; "
+                                    "refusing the archive (delete it to download it again)")
+    except (tarfile.TarError, EOFError, OSError, zlib.error, lzma.LZMAError, ValueError) as e:
+        raise DataError(f"{archive} is corrupt or truncated ({type(e).__name__}: {e}); "
+                        "delete it to download it again") from None
     return out

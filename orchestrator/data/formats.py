@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
+from bioplaus.orchestrator.data.download import MAX_MEMBER_BYTES
 from bioplaus.orchestrator.errors import DataError
 
 _IDX_TYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: np.dtype(">i2"), 0x0C: np.dtype(">i4"),
@@ -17,14 +18,25 @@ _IDX_TYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: np.dtype(">i2"), 0x0C: np.dty
 _IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
 
 
+def _gunzip_capped(path: Path) -> bytes:
+    """A gzip file's content, refused once it exceeds MAX_MEMBER_BYTES (a hostile file cannot fill memory)."""
+    with gzip.open(path, "rb") as f:
+        raw = f.read(MAX_MEMBER_BYTES + 1)
+    if len(raw) > MAX_MEMBER_BYTES:
+        raise DataError(f"{path} decompresses to more than {MAX_MEMBER_BYTES} bytes, more than any official IDX "
+                        "file; delete it to download it again")
+    return raw
+
+
 def read_idx(path: Path) -> np.ndarray:
     """An IDX file (optionally gzipped): magic 0x0000TTDD, DD big-endian dimension sizes, then data."""
     try:
-        raw = path.read_bytes()
-        if raw[:2] == b"\x1f\x8b":
-            raw = gzip.decompress(raw)
+        with open(path, "rb") as f:
+            gzipped = f.read(2) == b"\x1f\x8b"
+        raw = _gunzip_capped(path) if gzipped else path.read_bytes()
     except (OSError, EOFError, zlib.error, gzip.BadGzipFile) as e:
-        raise DataError(f"{path} is corrupt or truncated ({e}); delete it to download it again") from None
+        raise DataError(f"{path} is corrupt or truncated ({type(e).__name__}: {e}); "
+                        "delete it to download it again") from None
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_TYPES:
         raise DataError(f"{path} is not an IDX file (bad magic {raw[:4].hex()}); delete it to download it again")
     dtype, ndim = np.dtype(_IDX_TYPES[raw[2]]), raw[3]
@@ -100,7 +112,7 @@ def read_image_folder(root: Path, size: int, classes: list[str] | None = None):
                 im.load()
                 images.append(im.convert("L" if im.mode in ("1", "L", "I;16", "I") else "RGB")
                               .resize((size, size), Image.BILINEAR))
-        except (UnidentifiedImageError, OSError) as e:
+        except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as e:
             raise DataError(f"{p} is not a readable image ({e})") from None
     mode = "L" if all(im.mode == "L" for im in images) else "RGB"
     arr = np.stack([np.asarray(im.convert(mode)) for im in images])

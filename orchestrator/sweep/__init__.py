@@ -11,13 +11,16 @@ Data flows one way: sweep config -> cells -> tuning trials (Ray Tune) -> finals 
   only compared with trials of their own cell. Every cell gets the same trial and epoch budget.
   Objective: the best validation accuracy so far (``best_val_acc``); the test set is not touched.
 * **Finals**: each cell's best configuration is re-run with ``budget.final_seeds`` seeds and evaluated
-  on the test set; ``finals`` holds mean, std and a 95 % t-interval per cell. With ``brain=true``,
+  on the test set; ``finals`` holds mean, std and a 95 % t-interval per cell, from the final runs of that
+  configuration only (their ids hold its hash; runs of an earlier best are moved under ``superseded/``). With ``brain=true``,
   ``bioplaus sweep`` then runs the brain-similarity step (analysis/brain.py) on the final networks.
 * **Results** are written by the driver only, atomically, keyed by deterministic ids (cell + Optuna
-  trial number, cell + final seed), so a rerun after a crash neither repeats nor duplicates anything:
+  trial number, cell + final seed + configuration hash), so a rerun after a crash neither repeats nor duplicates anything:
   completed work is read back from the Parquet tables, Optuna trials left RUNNING by a dead driver
   are closed, and only the missing trials and finals run. The tables are the record: a lost or torn
-  study is rebuilt from them (``journal``), and a tuning row is never overwritten by another configuration.
+  study is rebuilt from them (``journal``), and a row is never overwritten by another configuration. A
+  rerun into a folder made with other settings is refused (``lifecycle.check_resume``); raising
+  ``budget.trials`` or ``budget.final_seeds`` extends the sweep.
 
 Modules: ``config`` (SweepConfig, presets, ``parse_sweep`` and its checks), ``cells`` (Cell, ``plan_cells``,
 ``trial_config``), ``search`` (the Optuna/ASHA adapters), ``workers`` (what runs on Ray workers),
@@ -34,8 +37,9 @@ from bioplaus.orchestrator.sweep.cells import Cell, plan_cells, trial_config, tr
 from bioplaus.orchestrator.sweep.config import (PRESETS, BudgetConfig, RayConfig, ResourcesConfig, SweepConfig,
                                                 WandbConfig, check_local_resources, parse_sweep)
 from bioplaus.orchestrator.sweep.driver import Sweep
-from bioplaus.orchestrator.sweep.finals import best_configs, write_finals
-from bioplaus.orchestrator.sweep.lifecycle import EXIT_CODES, STATUSES, StopSignals, SweepInterrupted, SweepLock
+from bioplaus.orchestrator.sweep.finals import best_configs, final_run_id, supersede_finals, write_finals
+from bioplaus.orchestrator.sweep.lifecycle import (EXIT_CODES, STATUSES, StopSignals, SweepInterrupted, SweepLock,
+                                                   check_resume)
 from bioplaus.orchestrator.sweep.recording import TrialRecorder, WandbLogger, WriteFailureStopper, wandb_online_problem
 from bioplaus.orchestrator.sweep.search import (METRIC, CellASHA, CellSearcher, cell_search, close_stale_trials,
                                                 optuna_space, optuna_storage)
@@ -44,7 +48,7 @@ from bioplaus.orchestrator.sweep.workers import final_task, tune_trainable
 __all__ = [
     "EXIT_CODES", "METRIC", "PRESETS", "STATUSES", "StopSignals", "SweepInterrupted", "SweepLock", "BudgetConfig", "Cell", "CellASHA", "CellSearcher", "RayConfig", "ResourcesConfig", "Sweep",
     "SweepConfig", "TrialRecorder", "WandbConfig", "WandbLogger", "WriteFailureStopper", "best_configs",
-    "cell_search", "check_local_resources", "close_stale_trials", "final_task", "optuna_space", "optuna_storage",
+    "cell_search", "check_local_resources", "check_resume", "final_run_id", "supersede_finals", "close_stale_trials", "final_task", "optuna_space", "optuna_storage",
     "parse_sweep", "plan_cells", "read_table", "rows_by_cell", "trial_config", "trial_spec", "tune_trainable",
     "wandb_online_problem", "write_finals",
 ]

@@ -27,20 +27,21 @@ from ray import tune
 from bioplaus.algorithms.registry import load_rules
 from bioplaus.orchestrator.checkpoint import write_network_file
 from bioplaus.orchestrator.config import to_plain
-from bioplaus.orchestrator.data import DATASETS
-from bioplaus.orchestrator.data.datasets import ensure_files
+from bioplaus.orchestrator.data.datasets import check_dataset
 from bioplaus.orchestrator.errors import UsageError, one_line
 from bioplaus.orchestrator.pipeline import final_options, trial_resources
 from bioplaus.orchestrator.progress import runs_bar
-from bioplaus.orchestrator.results import (RunRecord, git_commit, read_table, remove_interrupted_writes, rows_by_cell,
-                                           unwritable, version, write_run, write_table)
+from bioplaus.orchestrator.results import (RunRecord, config_hash, git_commit, read_table, refuse_other_config,
+                                           remove_interrupted_writes, rows_by_cell, unwritable, version, write_run,
+                                           write_table)
 from bioplaus.orchestrator.search_space import defaults_in_space, load_search_space
 from bioplaus.orchestrator.sweep.cells import Cell, plan_cells, sampler_seed, trial_config, trial_spec
 from bioplaus.orchestrator.sweep.config import check_local_resources
-from bioplaus.orchestrator.sweep.finals import best_configs, write_finals
+from bioplaus.orchestrator.sweep.finals import (SUPERSEDED, best_configs, final_run_id, row_hash, supersede_finals,
+                                                write_finals)
 from bioplaus.orchestrator.sweep.journal import check_journal, journal_path, reconciled_storage
 from bioplaus.orchestrator.sweep.lifecycle import (StopSignals, SweepInterrupted, SweepLock, cell_outcomes,
-                                                   sweep_status)
+                                                   check_resume, sweep_status)
 from bioplaus.orchestrator.sweep.recording import TrialRecorder, WandbLogger, WriteFailureStopper
 from bioplaus.orchestrator.sweep.search import CellASHA, CellSearcher, cell_search
 from bioplaus.orchestrator.sweep.workers import final_task, tune_trainable
@@ -64,6 +65,7 @@ class Sweep:
     def __init__(self, cfg: DictConfig, after_finals: AfterFinals | None = None):
         self.cfg = cfg
         self.dir = Path(cfg.root).expanduser() / cfg.name
+        check_resume(self.dir, to_plain(cfg))  # a folder made with other settings is refused before anything else
         self.cells, self.skipped = plan_cells(cfg)
         check_local_resources(cfg)
         if cfg.brain and after_finals is None:
@@ -84,10 +86,12 @@ class Sweep:
         for cell in self.cells:
             point = defaults_in_space(self.rules[cell.rule], self.spaces[cell.rule])
             trial_spec(trial_config(cfg, cell, point, cfg.seed, cfg.budget.epochs))
-        # Data too: missing files are downloaded (or refused, naming the fix) here, not in every worker.
+        # Data too, once, here and not in every worker: missing files are downloaded, every file is hashed
+        # where its digest is known and parsed whole, so a corrupt or hostile file is refused before Ray starts.
         for name in sorted({c.dataset for c in self.cells}):
-            ensure_files(DATASETS[name], cfg.trial.data)
+            check_dataset(name, cfg.trial.data)
         check_journal(journal_path(cfg, self.dir))  # a corrupt study file is refused before anything is written
+        ray_local.check_address(cfg.ray.address)  # a cluster that cannot be joined is refused in seconds
 
     def _check_spaces_not_empty(self) -> None:
         empty = sorted({c.rule for c in self.cells if not self.spaces[c.rule]})
@@ -197,22 +201,29 @@ class Sweep:
         self.signals.check()
 
     # finals ----------------------------------------------------------------------------------------
-    def _final_todo(self) -> list[tuple[Cell, int, dict]]:
-        """(cell, seed, plain trial config) of every final run not yet in the tables."""
+    def _final_configs(self) -> dict[str, tuple[Cell, str, dict[int, dict]]]:
+        """Per cell with a best trial: (cell, its configuration hash, seed -> the final run's trial config)."""
         best = best_configs(self.dir)
-        done = self._done("final_runs")
         seeds = [1000 + k for k in range(self.cfg.budget.final_seeds)]
-        todo = []
+        out = {}
         for cell in self.cells:
-            if cell.key not in best:
-                continue
-            have = set() if cell.key not in done else set(done[cell.key]["seed"].to_list())
-            hp = json.loads(best[cell.key]["hp_json"])
-            todo += [(cell, seed, trial_config(self.cfg, cell, hp, seed, self.final_epochs)) for seed in seeds
-                     if seed not in have]
+            if cell.key in best:
+                hp = json.loads(best[cell.key]["hp_json"])
+                plain = {seed: trial_config(self.cfg, cell, hp, seed, self.final_epochs) for seed in seeds}
+                out[cell.key] = (cell, config_hash(plain[seeds[0]]), plain)
+        return out
+
+    def _final_todo(self, configs: dict[str, tuple[Cell, str, dict[int, dict]]]) -> list[tuple[Cell, int, dict]]:
+        """(cell, seed, plain trial config) of every final run of each cell's best configuration not yet done."""
+        done = self._done("final_runs")
+        todo = []
+        for key, (cell, digest, plain) in configs.items():
+            rows = done.get(key, pl.DataFrame())
+            have = {r["seed"] for r in rows.iter_rows(named=True) if row_hash(r) == digest}
+            todo += [(cell, seed, p) for seed, p in plain.items() if seed not in have]
         return todo
 
-    def _record_final(self, ref, cell: Cell, seed: int, models: Path) -> RunRecord:
+    def _record_final(self, ref, cell: Cell, seed: int, plain: dict, models: Path) -> RunRecord:
         """Write one finished final run: its network file first (a final_runs row always has it), then its rows."""
         try:
             record, model = ray.get(ref)
@@ -220,19 +231,28 @@ class Sweep:
             record, model = RunRecord(**cell.record(), seed=seed, status="failed", error=one_line(e)), None
         record.phase, record.epochs_planned = "final", self.final_epochs
         record.rule, record.arch, record.dataset = cell.rule, cell.arch, cell.dataset
+        record.config = plain  # the configuration the run id's hash names
+        run_id = final_run_id(cell.key, seed, plain)
+        refuse_other_config(self.dir, record, run_id, runs_table="final_runs")
         if model:
-            write_network_file(models / f"{cell.key}.final{seed}.pt", model)
-        write_run(self.dir, record, run_id=f"{cell.key}.final{seed}", runs_table="final_runs")
+            write_network_file(models / f"{run_id}.pt", model)
+        write_run(self.dir, record, run_id=run_id, runs_table="final_runs")
         return record
 
     def finals(self, log: Log) -> None:
         cfg = self.cfg
-        todo = self._final_todo()
+        configs = self._final_configs()
+        current = {key: digest for key, (_, digest, _) in configs.items()}
+        for key, n in supersede_finals(self.dir, current).items():
+            log(f"finals: {key}'s best configuration changed (now {current[key]}); its {n} earlier final run(s) "
+                f"moved to {self.dir / SUPERSEDED}, kept but not in the finals table")
+        todo = self._final_todo(configs)
         log(f"finals: {len(todo)} runs to do ({cfg.budget.final_seeds} seeds per cell)")
         remote = ray.remote(final_task).options(**final_options(cfg.trial.train, cfg.resources.cpus_per_trial,
                                                               cfg.resources.gpus_per_trial), max_retries=cfg.retries)
         models = (self.dir / "models").resolve()
-        pending = {remote.remote(plain, f"{cell.key}.final{seed}.pt"): (cell, seed) for cell, seed, plain in todo}
+        pending = {remote.remote(plain, f"{final_run_id(cell.key, seed, plain)}.pt"): (cell, seed, plain)
+                   for cell, seed, plain in todo}
         bar = runs_bar(cfg.progress, "finals", len(pending))
         wandb = self.wandb_logger(log)
         try:
@@ -241,9 +261,9 @@ class Sweep:
                 ready, _ = ray.wait(list(pending), num_returns=1, timeout=0.5)
                 if not ready:
                     continue
-                cell, seed = pending.pop(ready[0])
-                record = self._record_final(ready[0], cell, seed, models)
-                wandb.log_run(f"{cell.key}.final{seed}", cell, "final", record)
+                cell, seed, plain = pending.pop(ready[0])
+                record = self._record_final(ready[0], cell, seed, plain, models)
+                wandb.log_run(final_run_id(cell.key, seed, plain), cell, "final", record)
                 test = record.test_acc if record.test_acc is not None else float("nan")
                 bar.update(advance=1, info=f"{cell.key} seed {seed}: test {test:.4f}"[-90:])
         finally:
@@ -251,7 +271,7 @@ class Sweep:
                 ray.cancel(ref, force=True)
             bar.close()
             wandb.close()
-        write_finals(self.dir, self.final_epochs)
+        write_finals(self.dir, self.final_epochs, current)
 
     # whole sweep -------------------------------------------------------------------------------------
     def run(self, log: Log = _stderr) -> Path:

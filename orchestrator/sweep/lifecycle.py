@@ -6,6 +6,9 @@
 * :class:`StopSignals`: SIGINT and SIGTERM handlers that only record the signal; the driver polls it,
   lets Tune stop its trials, never starts finals, and ends with :class:`SweepInterrupted`.
 * :func:`sweep_status`: the manifest status and, per cell without finals, the reason.
+* :func:`check_resume`: a rerun into a folder is refused when its configuration differs from the one the
+  folder's manifest recorded in anything that changes results (raising the trial or final-seed budget
+  extends the sweep and is allowed).
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from pathlib import Path
 import polars as pl
 
 from bioplaus.orchestrator.errors import UsageError
+from bioplaus.orchestrator.results import PLACE_KEYS, flat
 
 STATUSES = ("running", "interrupted", "failed", "partial", "complete")
 """Every manifest status: the sweep is running (or its driver died), was stopped by a signal, ended with no
@@ -136,3 +140,53 @@ def sweep_status(n_cells: int, missing: dict[str, str]) -> tuple[str, dict]:
     """(status, manifest extras) of a sweep that ran to its end; ``missing`` is :func:`cell_outcomes`'s."""
     status = "complete" if not missing else "failed" if len(missing) == n_cells else "partial"
     return status, {"cells_without_finals": len(missing), "cells_without_finals_json": json.dumps(missing)}
+
+
+# Sweep keys that say where a sweep runs, how it logs or what it does after the finals: never what it computes.
+NOT_RESULT_KEYS = ("name", "root", "preset", "storage", "retries", "progress", "brain", "rsa92", "optional_datasets")
+NOT_RESULT_PREFIXES = ("ray.", "resources.", "wandb.")
+# Budgets a rerun may raise: the sweep is extended (more trials, more final seeds), nothing done is invalid.
+EXTENDABLE = ("budget.trials", "budget.final_seeds")
+# Open mappings: a key given on one side only is a difference (elsewhere it is a setting a new version added).
+OPEN = ("trial.hp.", "trial.model.")
+# Lists whose order does not matter (a cell's tuning does not depend on the other cells).
+SETS = ("rules", "archs", "datasets")
+
+
+def _result_keys(config: dict) -> dict:
+    out = {}
+    for k, v in flat(config).items():
+        if k in NOT_RESULT_KEYS or k.startswith(NOT_RESULT_PREFIXES):
+            continue
+        if k.startswith("trial.") and k[len("trial."):] in PLACE_KEYS:
+            continue
+        out[k] = sorted(map(str, v)) if k in SETS and isinstance(v, list) else v
+    return out
+
+
+def resume_differences(old: dict, new: dict) -> list[str]:
+    """``key old -> new`` for each setting of the sweep config ``new`` that changes results relative to the
+    folder's ``old`` one (raising an :data:`EXTENDABLE` budget is not a change)."""
+    a, b = _result_keys(old), _result_keys(new)
+    differ = []
+    for k in sorted({*(set(a) & set(b)), *(k for k in set(a) ^ set(b) if k.startswith(OPEN))}):
+        if a.get(k) == b.get(k) or (k in EXTENDABLE and isinstance(a.get(k), int) and isinstance(b.get(k), int)
+                                    and b[k] > a[k]):
+            continue
+        differ.append(f"{k} {json.dumps(a.get(k), default=str)} -> {json.dumps(b.get(k), default=str)}")
+    return differ
+
+
+def check_resume(sweep_dir: Path, config: dict) -> None:
+    """UsageError (one line, naming the keys and the fix) when ``sweep_dir`` holds a sweep whose recorded
+    configuration (its manifest's) differs from ``config`` in anything that changes results."""
+    path = Path(sweep_dir) / "manifest.json"
+    try:
+        old = json.loads(json.loads(path.read_text())["config_json"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return  # a new folder, or one without a readable manifest: nothing recorded to compare with
+    differ = resume_differences(old, config)
+    if differ:
+        raise UsageError(f"{sweep_dir} holds a sweep made with other settings ({'; '.join(differ)}): its results "
+                         "were computed with those; use a new name= for the new settings, or rerun with the folder's "
+                         "values (only budget.trials and budget.final_seeds may grow, to extend it)")
