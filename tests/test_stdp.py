@@ -5,7 +5,8 @@
   winner-take-all, Poisson and latency coding;
 * the rule: block steps == train step, homeostasis and weight normalisation do what they say;
 * the criteria, proved here because the rule computes its updates by hand (the autograd probes cannot
-  see them), each with bp as the negative control on which the same instrument detects the violation:
+  see them), each with bp (on the same architecture) as the negative control on which the same instrument detects
+  the violation:
   - C1/C2: no hidden update changes when every later stage's weights are re-drawn;
   - C3: every weight layer evaluated exactly once per step and nothing from later stages;
   - C4: hidden updates identical under other labels, need no label at all, and no autograd graph is built
@@ -336,7 +337,7 @@ def test_updates_depend_on_nothing_later(arch, readout):
     """C1 and C2: no hidden update uses any later stage's weights (no transport of them, no error chained
     through them). Negative control: the same instrument sees bp's hidden updates depend on later weights."""
     x, y = batch()
-    assert _later_dependent_blocks(small_rule("bp"), x, y) == {0, 1}
+    assert _later_dependent_blocks(small_rule("bp", arch), x, y) == {0, 1}
     assert _later_dependent_blocks(small_rule("stdp", arch, hp={"readout": readout}), x, y) == set()
 
 
@@ -351,8 +352,8 @@ def test_single_phase(arch):
     assert [len(i) for i in inputs] == [1, 1, 1]
     assert [i[0].shape[0] for i in inputs] == [rule.hp.steps * len(y)] * 2 + [len(y)]
     assert _later_dependent_blocks(rule, x, y) == set()
-    assert [len(i) for i in _layer_inputs(small_rule("bp"), x, y)] == [1, 1, 1]
-    assert _later_dependent_blocks(small_rule("bp"), x, y) == {0, 1}
+    assert [len(i) for i in _layer_inputs(small_rule("bp", arch), x, y)] == [1, 1, 1]
+    assert _later_dependent_blocks(small_rule("bp", arch), x, y) == {0, 1}
 
 
 @pytest.mark.parametrize("arch,readout", ARCH_READOUTS)
@@ -362,7 +363,7 @@ def test_hidden_updates_use_no_label_and_no_error(arch, readout):
     backward pass, so none can run). Negative control: bp's hidden updates change with the labels and its
     step saves tensors for backward."""
     x, y = batch()
-    assert probes.label_dependent_blocks(small_rule("bp"), x, y) == {0, 1}
+    assert probes.label_dependent_blocks(small_rule("bp", arch), x, y) == {0, 1}
     rule = small_rule("stdp", arch, hp={"readout": readout})
     assert probes.label_dependent_blocks(rule, x, y) == set()
     random_labels = torch.randint(0, 10, y.shape, generator=torch.Generator().manual_seed(7))
@@ -385,7 +386,7 @@ def test_hidden_updates_use_no_label_and_no_error(arch, readout):
             r.train_step(x, y)
         return count[0]
 
-    assert saved(small_rule("bp")) > 0
+    assert saved(small_rule("bp", arch)) > 0
     assert saved(small_rule("stdp", arch, hp={"readout": readout})) == 0
 
 
@@ -395,7 +396,7 @@ def test_blocks_exchange_binary_spike_trains(arch, readout):
     spikes), and what each block hands the next stage is a binary spike train; the readout integrates spike
     counts. Negative control: the same instrument sees real-valued activations entering bp's blocks."""
     x, y = batch()
-    bp_inputs = _layer_inputs(small_rule("bp"), x, y)
+    bp_inputs = _layer_inputs(small_rule("bp", arch), x, y)
     assert not all(_binary(t) for stage in bp_inputs[1:] for t in stage)
     rule = small_rule("stdp", arch, hp={"readout": readout})
     inputs = _layer_inputs(copy.deepcopy(rule), x, y)
