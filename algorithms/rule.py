@@ -116,6 +116,8 @@ class Rule(nn.Module):
     norm on deep_cnn, whose own default is batch norm, for a rule whose math forbids batch statistics)."""
     forbidden_norms: ClassVar[dict[str, str]] = {}
     """``model.norm`` value -> why the rule's math cannot use it (refused before training, on any architecture)."""
+    forbidden_pools: ClassVar[dict[str, str]] = {}
+    """``model.pool`` value -> why the rule's math cannot use it (refused before training, on any architecture)."""
     criteria: ClassVar[dict[str, Claim]] = {}
     """Criterion code (see CRITERIA) -> the rule's claim about it."""
     block_local: ClassVar[bool] = False

@@ -10,7 +10,10 @@ seed gives the same spikes.
 * :func:`lif_run`: leaky integrate-and-fire neurons with a refractory period, reset to zero, optional
   winner-take-all and lateral inhibition inside the layer;
 * :func:`spike_trace` and :func:`stdp_update`: trace-based pair STDP (pre-before-post potentiates,
-  post-before-pre depresses).
+  post-before-pre depresses); :func:`conv_stdp_update` the same rule for a convolution's shared kernel
+  (every position's pre/post pairs added into the one kernel they share);
+* :func:`per_position`: conv feature maps ``(T, B, F, H, W)`` as ``(T, B*H*W, F)`` rows, so that
+  :func:`lif_run`'s winner-take-all and lateral inhibition act across the maps at each position.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from __future__ import annotations
 import math
 
 import torch
+from torch.nn.grad import conv2d_weight
 
 
 # --- encoders ---------------------------------------------------------------------------------------
@@ -125,5 +129,37 @@ def stdp_update(pre: torch.Tensor, post: torch.Tensor, *, tau_pre: float, tau_po
     return eta_post * ltp - eta_pre * ltd
 
 
-__all__ = ["decay_factor", "latency_encode", "lif_run", "poisson_encode", "spike_trace", "stdp_update",
-           "to_intensity"]
+def conv_stdp_update(pre: torch.Tensor, post: torch.Tensor, weight_shape: tuple[int, ...], *, padding: int,
+                     tau_pre: float, tau_post: float, eta_post: float, eta_pre: float,
+                     x_tar: float = 0.0) -> torch.Tensor:
+    """Pair STDP for a stride-1 convolution: ``pre`` ``(T, B, C, H, W)`` and ``post`` ``(T, B, F, H', W')``
+    spike trains -> the change of the shared kernel ``weight_shape`` ``(F, C, k, k)``.
+
+    Exactly :func:`stdp_update` applied to every (sample, position) as its own pair of layers, pre = the
+    k x k input patch, post = the F maps there, summed over positions (the kernel is shared): each kernel
+    entry sums post spike x pre trace over the positions it connects. Computed as the correlation of the
+    two trains (``conv2d_weight``: a convolution of the traces, no autograd graph), not by unfolding patches.
+    Zero padding is no input: it neither potentiates (no ``x_tar`` offset there) nor depresses.
+    """
+    x_pre = spike_trace(pre, tau_pre)
+    x_post = spike_trace(post, tau_post)
+    x_post_before = torch.cat([torch.zeros_like(x_post[:1]), x_post[:-1]])
+    ltp = conv2d_weight((x_pre - x_tar).flatten(0, 1), weight_shape, post.flatten(0, 1), padding=padding)
+    ltd = conv2d_weight(pre.flatten(0, 1), weight_shape, x_post_before.flatten(0, 1), padding=padding)
+    return eta_post * ltp - eta_pre * ltd
+
+
+def per_position(maps: torch.Tensor) -> torch.Tensor:
+    """``(T, B, F, H, W)`` -> ``(T, B*H*W, F)``: one row per (sample, position), the F maps as its neurons."""
+    steps, n_batch, n_maps, h, w = maps.shape
+    return maps.permute(0, 1, 3, 4, 2).reshape(steps, n_batch * h * w, n_maps)
+
+
+def from_per_position(rows: torch.Tensor, n_batch: int, h: int, w: int) -> torch.Tensor:
+    """Inverse of :func:`per_position`: ``(T, B*H*W, F)`` -> ``(T, B, F, H, W)``."""
+    steps, _, n_maps = rows.shape
+    return rows.view(steps, n_batch, h, w, n_maps).permute(0, 1, 4, 2, 3)
+
+
+__all__ = ["conv_stdp_update", "decay_factor", "from_per_position", "latency_encode", "lif_run", "per_position",
+           "poisson_encode", "spike_trace", "stdp_update", "to_intensity"]

@@ -59,11 +59,11 @@ def resolve(cfg: DictConfig) -> TrialSpec:
     arch = ARCHS[cfg.arch]
     apply_arch_defaults(cfg, rule_cls)
     model_cfg = typed(arch.config, cfg.model, "model")
-    norm = getattr(model_cfg, "norm", None)
-    if norm in rule_cls.forbidden_norms:
-        allowed = " or ".join(f"model.norm={n}" for n in NORMS if n not in rule_cls.forbidden_norms)
-        raise UsageError(f"rule {cfg.rule!r} cannot use model.norm={norm} ({rule_cls.forbidden_norms[norm]}); "
-                         f"use {allowed}")
+    for key, known, forbidden in (("norm", NORMS, rule_cls.forbidden_norms), ("pool", POOLS, rule_cls.forbidden_pools)):
+        value = getattr(model_cfg, key, None)
+        if value in forbidden:
+            allowed = " or ".join(f"model.{key}={n}" for n in known if n not in forbidden)
+            raise UsageError(f"rule {cfg.rule!r} cannot use model.{key}={value} ({forbidden[value]}); use {allowed}")
     t, d = cfg.train, cfg.data
     checks = [
         (0 <= cfg.seed < 2**32, f"seed={cfg.seed} must be in 0..{2**32 - 1}"),

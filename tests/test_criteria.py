@@ -19,17 +19,18 @@ RULES = list(load_rules())
 GENERIC = "tests/test_criteria.py::test_claims_match_probes"
 
 
-def measured(code: str, name: str) -> bool:
-    """Whether criterion ``code`` holds for rule ``name``, as the probes measure it on an MLP step."""
-    x, y = batch()
-    rule = small_rule(name)
+def measured(code: str, name: str, arch: str = "mlp", input_shape=(1, 8, 8)) -> bool:
+    """Whether criterion ``code`` holds for rule ``name``, as the probes measure it on one step (an MLP unless
+    ``arch`` says otherwise)."""
+    x, y = batch(input_shape=input_shape)
+    rule = small_rule(name, arch, input_shape=input_shape)
     n_stages = len(rule.net.stages)
     if code == "C1":
         return not probes.weight_reads(rule, x, y)
     if code == "C2":
         return not probes.gradient_crossings(rule, x, y)
     if code == "C3":
-        single = all(c == 1 for c in probes.layer_calls(small_rule(name), x, y))
+        single = all(c == 1 for c in probes.layer_calls(small_rule(name, arch, input_shape=input_shape), x, y))
         return single and not probes.gradient_crossings(rule, x, y)
     if code == "C4":
         return not probes.label_dependent_blocks(rule, x, y)

@@ -5,13 +5,17 @@
   winner-take-all, Poisson and latency coding;
 * the rule: block steps == train step, homeostasis and weight normalisation do what they say;
 * the criteria, proved here because the rule computes its updates by hand (the autograd probes cannot
-  see them), each with bp as the negative control on which the same instrument detects the violation:
+  see them), each with bp (on the same architecture) as the negative control on which the same instrument detects
+  the violation:
   - C1/C2: no hidden update changes when every later stage's weights are re-drawn;
   - C3: every weight layer evaluated exactly once per step and nothing from later stages;
   - C4: hidden updates identical under other labels, need no label at all, and no autograd graph is built
     (no backward pass is possible);
   - C5: every block receives and emits binary spike trains;
-* beats chance by a wide margin on ``digits`` within seconds, with either readout.
+* convolutional STDP (``cnn``): the kernel STDP is the fully connected rule on every patch, competition acts
+  across the maps at each position, pooled spike trains stay binary, kernels keep their normalised sum, and
+  the criteria tests above run on the cnn as well;
+* beats chance by a wide margin on ``digits`` within seconds, with either readout, fully connected or conv.
 """
 
 from __future__ import annotations
@@ -24,12 +28,15 @@ import torch
 
 from bioplaus.algorithms import probes
 from bioplaus.algorithms.rule import Rule
-from bioplaus.algorithms.spiking import latency_encode, lif_run, poisson_encode, stdp_update, to_intensity
+from bioplaus.algorithms.spiking import (conv_stdp_update, from_per_position, latency_encode, lif_run, per_position,
+                                         poisson_encode, stdp_update, to_intensity)
 from bioplaus.orchestrator.config import parse_overrides
+from bioplaus.orchestrator.errors import UsageError
 from bioplaus.orchestrator.trial import load_splits, resolve, run_trial
 from conftest import batch, small_rule
 
 READOUTS = ["label", "delta"]
+ARCH_READOUTS = [("mlp", "label"), ("mlp", "delta"), ("cnn", "label"), ("cnn", "delta")]
 
 
 @pytest.fixture(autouse=True)
@@ -142,11 +149,11 @@ def _step(rule: Rule, x, y, seed: int = 0) -> Rule:
     return clone
 
 
-@pytest.mark.parametrize("readout", READOUTS)
-def test_block_steps_equal_train_step(readout):
+@pytest.mark.parametrize("arch,readout", ARCH_READOUTS)
+def test_block_steps_equal_train_step(arch, readout):
     """Driving block_step over net.stages (as the layer-parallel pipeline will) == train_step, for two steps;
     block steps pass binary spike trains batch-first and change only their own stage."""
-    rule = small_rule("stdp", hp={"readout": readout})
+    rule = small_rule("stdp", arch, hp={"readout": readout})
     whole, staged = copy.deepcopy(rule), copy.deepcopy(rule)
     for step in range(2):
         x, y = batch(seed=step)
@@ -206,6 +213,79 @@ def test_plastic_epochs_freeze_the_hidden_layers_not_the_readout():
     assert rule.plastic.counts == [2, 2]
 
 
+# --- convolutional STDP -------------------------------------------------------------------------------
+def _patches(pre: torch.Tensor, k: int, padding: int) -> torch.Tensor:
+    """(T, B, C, H, W) -> (T, B*L, C*k*k): every position's k x k input patch as one presynaptic layer."""
+    steps, n_batch = pre.shape[:2]
+    cols = torch.nn.functional.unfold(pre.flatten(0, 1), k, padding=padding)  # (T*B, C*k*k, L)
+    return cols.view(steps, n_batch, cols.shape[1], -1).permute(0, 1, 3, 2).reshape(steps, -1, cols.shape[1])
+
+
+@pytest.mark.parametrize("padding,x_tar", [(1, 0.0), (0, 0.0), (0, 0.2)])
+def test_conv_stdp_is_the_fully_connected_rule_on_every_patch(padding, x_tar):
+    """The shared kernel's change is the sum over positions of pair STDP between each k x k input patch and the
+    maps at that position (the FC kernel applied per patch), with depression and potentiation both present."""
+    g = torch.Generator().manual_seed(0)
+    pre = (torch.rand(8, 2, 3, 6, 6, generator=g) < 0.3).float()
+    side = 6 + 2 * padding - 2
+    post = (torch.rand(8, 2, 4, side, side, generator=g) < 0.2).float()
+    rates = {"tau_pre": 3.0, "tau_post": 2.0, "eta_post": 0.1, "eta_pre": 0.05, "x_tar": x_tar}
+    conv = conv_stdp_update(pre, post, (4, 3, 3, 3), padding=padding, **rates)
+    dense = stdp_update(_patches(pre, 3, padding), per_position(post), **rates).view(4, 3, 3, 3)
+    assert torch.allclose(conv, dense, atol=1e-5)
+    ltp_only = conv_stdp_update(pre, post, (4, 3, 3, 3), padding=padding, **(rates | {"eta_pre": 0.0}))
+    assert (ltp_only > conv).any() and not torch.equal(conv, torch.zeros_like(conv))
+
+
+def test_competition_is_across_maps_at_each_position():
+    """per_position rows: lif_run's winner-take-all lets at most one map spike per (sample, position, step), while
+    different positions spike in the same step; the reshaping is exactly invertible."""
+    maps = torch.rand(20, 3, 5, 4, 4, generator=torch.Generator().manual_seed(1)) * 2
+    assert torch.equal(from_per_position(per_position(maps), 3, 4, 4), maps)
+    spikes = from_per_position(lif_run(per_position(maps), torch.ones(5), tau_mem=5.0, refractory=0, wta=True), 3, 4, 4)
+    assert spikes.sum(2).max() == 1  # one winner among the maps at a position
+    assert spikes.sum((2, 3, 4)).max() > 1  # but many positions fire at once
+    free = from_per_position(lif_run(per_position(maps), torch.ones(5), tau_mem=5.0, refractory=0, wta=False), 3, 4, 4)
+    assert free.sum(2).max() > 1  # the control: without competition several maps fire together
+
+
+def test_conv_layer_pools_spike_trains_and_keeps_its_kernels_normalised():
+    """A conv block hands on its max-pooled spike trains (binary, half the side, the OR of each 2x2 window);
+    thresholds are per map; every kernel is excitatory and sums to w_mean * fan_in after each update."""
+    rule = small_rule("stdp", "cnn", hp={"readout": "delta"})
+    x, y = batch()
+    rule.train_step(x, y)
+    layer = rule.net.blocks[0].layer
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(3)
+        trains = rule.spike_trains(x)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(3)
+        spikes_in = rule.encode(x)
+        current = layer(spikes_in.flatten(0, 1)).view(rule.hp.steps, len(y), 4, 8, 8)
+        raw = from_per_position(lif_run(per_position(current), rule.threshold0, tau_mem=rule.hp.tau_mem,
+                                        refractory=rule.hp.refractory, inhibition=rule.hp.inhibition), len(y), 8, 8)
+    assert trains[1].shape == (rule.hp.steps, len(y), 4, 4, 4) and _binary(trains[1]) and trains[1].sum() > 0
+    window_or = raw.unflatten(3, (4, 2)).unflatten(5, (4, 2)).amax((4, 6))
+    assert torch.equal(trains[1], window_or)
+    assert rule.threshold0.shape == (4,) and (rule.threshold0 > 0).all()
+    for block in rule.net.blocks:
+        w = block.layer.weight
+        assert w.min() >= 0 and w.max() <= rule.hp.w_max and not w.requires_grad
+        assert torch.allclose(w.flatten(1).sum(1), torch.full((w.shape[0],), rule.hp.w_mean * w[0].numel()),
+                              rtol=1e-4)
+
+
+def test_cnn_refuses_what_has_no_spiking_meaning():
+    """Normalisation layers and average pooling would make the trains between blocks real-valued: refused
+    before training, naming what to use instead."""
+    with pytest.raises(UsageError, match="cannot use model.norm=batch.*model.norm=none"):
+        resolve(parse_overrides(["rule=stdp", "arch=cnn", "model.norm=batch"]))
+    with pytest.raises(UsageError, match="cannot use model.pool=avg.*model.pool=max"):
+        resolve(parse_overrides(["rule=stdp", "arch=cnn", "model.pool=avg"]))
+    assert resolve(parse_overrides(["rule=stdp", "arch=cnn"])).model_cfg.norm == "none"
+
+
 # --- criteria: instruments --------------------------------------------------------------------------
 def _hidden(rule: Rule) -> list[torch.Tensor]:
     """Everything a hidden block learns: its parameters and, for stdp, its thresholds."""
@@ -252,38 +332,39 @@ def _binary(t: torch.Tensor) -> bool:
 
 
 # --- criteria: proofs -------------------------------------------------------------------------------
-@pytest.mark.parametrize("readout", READOUTS)
-def test_updates_depend_on_nothing_later(readout):
+@pytest.mark.parametrize("arch,readout", ARCH_READOUTS)
+def test_updates_depend_on_nothing_later(arch, readout):
     """C1 and C2: no hidden update uses any later stage's weights (no transport of them, no error chained
     through them). Negative control: the same instrument sees bp's hidden updates depend on later weights."""
     x, y = batch()
-    assert _later_dependent_blocks(small_rule("bp"), x, y) == {0, 1}
-    assert _later_dependent_blocks(small_rule("stdp", hp={"readout": readout}), x, y) == set()
+    assert _later_dependent_blocks(small_rule("bp", arch), x, y) == {0, 1}
+    assert _later_dependent_blocks(small_rule("stdp", arch, hp={"readout": readout}), x, y) == set()
 
 
-def test_single_phase():
+@pytest.mark.parametrize("arch", ["mlp", "cnn"])
+def test_single_phase(arch):
     """C3: each weight layer is evaluated exactly once per step (hidden layers once on all T steps of the batch's
     spike trains: T*B rows), and no block's update depends on later blocks (no backward sweep). Negative
     control: bp evaluates each layer once too, but its hidden updates need the later blocks (backward sweep)."""
     x, y = batch()
-    rule = small_rule("stdp")
+    rule = small_rule("stdp", arch)
     inputs = _layer_inputs(copy.deepcopy(rule), x, y)
     assert [len(i) for i in inputs] == [1, 1, 1]
     assert [i[0].shape[0] for i in inputs] == [rule.hp.steps * len(y)] * 2 + [len(y)]
     assert _later_dependent_blocks(rule, x, y) == set()
-    assert [len(i) for i in _layer_inputs(small_rule("bp"), x, y)] == [1, 1, 1]
-    assert _later_dependent_blocks(small_rule("bp"), x, y) == {0, 1}
+    assert [len(i) for i in _layer_inputs(small_rule("bp", arch), x, y)] == [1, 1, 1]
+    assert _later_dependent_blocks(small_rule("bp", arch), x, y) == {0, 1}
 
 
-@pytest.mark.parametrize("readout", READOUTS)
-def test_hidden_updates_use_no_label_and_no_error(readout):
+@pytest.mark.parametrize("arch,readout", ARCH_READOUTS)
+def test_hidden_updates_use_no_label_and_no_error(arch, readout):
     """C4: hidden updates (weights and thresholds) are identical with shifted or random labels, a hidden block
     step runs with no label at all, and a training step builds no autograd graph (nothing is saved for a
     backward pass, so none can run). Negative control: bp's hidden updates change with the labels and its
     step saves tensors for backward."""
     x, y = batch()
-    assert probes.label_dependent_blocks(small_rule("bp"), x, y) == {0, 1}
-    rule = small_rule("stdp", hp={"readout": readout})
+    assert probes.label_dependent_blocks(small_rule("bp", arch), x, y) == {0, 1}
+    rule = small_rule("stdp", arch, hp={"readout": readout})
     assert probes.label_dependent_blocks(rule, x, y) == set()
     random_labels = torch.randint(0, 10, y.shape, generator=torch.Generator().manual_seed(7))
     a, b = _step(rule, x, y), _step(rule, x, random_labels)
@@ -305,19 +386,19 @@ def test_hidden_updates_use_no_label_and_no_error(readout):
             r.train_step(x, y)
         return count[0]
 
-    assert saved(small_rule("bp")) > 0
-    assert saved(small_rule("stdp", hp={"readout": readout})) == 0
+    assert saved(small_rule("bp", arch)) > 0
+    assert saved(small_rule("stdp", arch, hp={"readout": readout})) == 0
 
 
-@pytest.mark.parametrize("readout", READOUTS)
-def test_blocks_exchange_binary_spike_trains(readout):
+@pytest.mark.parametrize("arch,readout", ARCH_READOUTS)
+def test_blocks_exchange_binary_spike_trains(arch, readout):
     """C5: every hidden weight layer receives binary spike trains (the encoded image, then the layer below's
     spikes), and what each block hands the next stage is a binary spike train; the readout integrates spike
     counts. Negative control: the same instrument sees real-valued activations entering bp's blocks."""
     x, y = batch()
-    bp_inputs = _layer_inputs(small_rule("bp"), x, y)
+    bp_inputs = _layer_inputs(small_rule("bp", arch), x, y)
     assert not all(_binary(t) for stage in bp_inputs[1:] for t in stage)
-    rule = small_rule("stdp", hp={"readout": readout})
+    rule = small_rule("stdp", arch, hp={"readout": readout})
     inputs = _layer_inputs(copy.deepcopy(rule), x, y)
     assert all(_binary(t) for stage in inputs[:-1] for t in stage)
     assert all(t.sum() > 0 for stage in inputs[:-1] for t in stage)  # not vacuous: spikes do flow
@@ -337,19 +418,21 @@ def digits():
     return load_splits(parse_overrides(["dataset=digits"]))
 
 
-LEARN = [  # (readout, floor, overrides): small nets, a few seconds
-    ("label", 0.60, ["model.widths=[100]", "train.epochs=3", "train.batch_size=32"]),
-    ("delta", 0.70, ["model.widths=[100]", "train.epochs=3", "train.batch_size=32", "hp.lr=3e-3"]),
-    ("two-layer", 0.55, ["model.widths=[100,50]", "train.epochs=3", "train.batch_size=32", "hp.readout=delta",
-                         "hp.lr=3e-3"]),
+LEARN = [  # (case, floor, overrides): small nets, a few seconds
+    ("label", 0.60, ["arch=mlp", "model.widths=[100]", "train.epochs=3", "train.batch_size=32", "hp.readout=label"]),
+    ("delta", 0.70, ["arch=mlp", "model.widths=[100]", "train.epochs=3", "train.batch_size=32", "hp.readout=delta",
+                     "hp.lr=3e-3"]),
+    ("two-layer", 0.55, ["arch=mlp", "model.widths=[100,50]", "train.epochs=3", "train.batch_size=32",
+                         "hp.readout=delta", "hp.lr=3e-3"]),
+    ("cnn-delta", 0.70, ["arch=cnn", "model.channels=[16]", "train.epochs=3", "train.batch_size=32",
+                         "hp.readout=delta", "hp.lr=3e-3"]),
 ]
 
 
 @pytest.mark.parametrize("case,floor,overrides", LEARN, ids=[c[0] for c in LEARN])
 def test_beats_chance_on_digits(digits, one_thread, case, floor, overrides):
     """Chance is 0.10; the rule must reach ``floor`` on the test split within seconds of training."""
-    readout = [] if case == "two-layer" else [f"hp.readout={case}"]
-    cfg = parse_overrides(["rule=stdp", "arch=mlp", "dataset=digits", "out=null", one_thread, *readout, *overrides])
+    cfg = parse_overrides(["rule=stdp", "dataset=digits", "out=null", one_thread, *overrides])
     cpu = time.process_time()
     record = run_trial(resolve(cfg), splits=digits)
     cpu = time.process_time() - cpu

@@ -154,7 +154,10 @@ class LocalLosses(BlockLocalRule):
     criteria = {
         "C1": Claim(True, "a block's error comes from its own auxiliary head; no later block's forward weights "
                     "(transposed or copied) enter its update. Within the block the aux head's error does pass "
-                    "back through that head's own transposed weights (a local, one-layer transport)", _PROBE),
+                    "back through that head's own transposed weights (a local, one-layer transport), and in a residual "
+                    "block through the block's own second conv to its first (transport inside the block; "
+                    "tests/test_arch_grid.py::test_local_losses_transports_weights_only_inside_a_residual_block)",
+                    _PROBE),
         "C2": Claim(True, "every block's input is detached, so its error is computed from its own output and the "
                     "label; nothing is chained through later blocks", _PROBE),
         "C3": Claim(True, "each block is evaluated once on the batch and updated from that single pass; no sweep "

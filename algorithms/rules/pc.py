@@ -84,11 +84,10 @@ class PredictiveCoding(Rule):
     summary = "predictive coding by inference learning: settle value nodes, then local error x input updates"
     HParams = PCHParams
     archs = {"mlp": None, "cnn": None, "deep_cnn": None,
-             "resnet20": "not declared: the energy of a residual block is defined (prediction errors per block), but "
-                         "PC on a 10-block residual net with a per-sample norm is untested here",
-             "resnet18": "not declared: see resnet20"}
-    # The deep PC nets of PCX (Pinchetti et al. 2024, VGG-5/7) use no batch norm.
-    arch_defaults = {"deep_cnn": {"norm": "none"}}
+             "resnet20": None, "resnet18": None}
+    # The deep PC nets of PCX (Pinchetti et al. 2024, VGG-5/7) use no batch norm. A residual block is one value
+    # node's prediction like any block (the energy needs only block(v_{l-1})), so the ResNets run norm-free too.
+    arch_defaults = {a: {"norm": "none"} for a in ("deep_cnn", "resnet20", "resnet18")}
     forbidden_norms = {"batch": "batch norm couples the samples of a batch inside the energy"}
     criteria = {
         "C1": Claim(False, "while settling, a value node receives the error of the block above through that "
@@ -113,6 +112,10 @@ class PredictiveCoding(Rule):
         Benchmark("deep_cnn", "cifar10", 0.70, ("train.epochs=30", "data.augment=crop_flip", "model.channels=[64,64,128,128,256,256]",
                                            "hp.schedule=cosine"),
                   "GPU case; PCX (Pinchetti et al. 2024) VGG-5 CIFAR-10 in the high 80s; target provisional until measured"),
+        Benchmark("resnet20", "fashion_mnist", 0.5, ("train.epochs=2", "data.train_limit=6000", "data.test_limit=2000",
+                                                 "model.channels=[8,16,32]", "model.blocks_per_stage=1", "hp.lr=3e-3"),
+                  "CPU learning check of the norm-free ResNet (the rule's default there): well above chance; lr 3e-3 "
+                  "since 1e-2 diverges on the digits check (docs/benchmarks.md)"),
     )
 
     def __init__(self, net: Network, hp: PCHParams, info: RunInfo):
