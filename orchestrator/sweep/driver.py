@@ -172,7 +172,8 @@ class Sweep:
         tuner = tune.Tuner(
             trainable,
             tune_config=tune.TuneConfig(
-                search_alg=CellSearcher(searchers, remaining, configs, scheduler.timed_out, recorder.retried),
+                search_alg=CellSearcher(searchers, remaining, configs, scheduler.timed_out, recorder.retried,
+                                        stopping=WriteFailureStopper(recorder).stop_all),
                 scheduler=scheduler,
                 num_samples=total, max_concurrent_trials=cfg.resources.max_concurrent, reuse_actors=True,
                 trial_dirname_creator=lambda t: f"{t.config['cell']}.t{t.config['trial_number']}-{t.trial_id}"),

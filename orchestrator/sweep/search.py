@@ -134,16 +134,19 @@ class CellSearcher(Searcher):
     ``searchers``: cell key -> OptunaSearch; ``remaining``: cell key -> trials still to run;
     ``configs``: cell key -> function from a hyperparameter point to the plain trial config;
     ``timed_out``: the scheduler's record of trials it stopped for running too long (shared, filled later);
-    ``retried``: Tune trial id -> times it was retried (the recorder's, shared): the study trial's ``attempts``.
+    ``retried``: Tune trial id -> times it was retried (the recorder's, shared): the study trial's ``attempts``;
+    ``stopping()``: whether the sweep is being stopped (a stop signal, a failed write): trials ending then
+    are not recorded (a resume runs them again), so the study marks them FAIL rather than learn from them.
     """
 
     def __init__(self, searchers: dict[str, Any], remaining: dict[str, int],
                  configs: dict[str, Callable[[dict], dict]], timed_out: dict[str, float],
-                 retried: dict[str, int] | None = None):
+                 retried: dict[str, int] | None = None, stopping: Callable[[], bool] = lambda: False):
         super().__init__(metric=METRIC, mode="max")
         self.searchers, self.remaining, self.configs = searchers, dict(remaining), configs
         self.timed_out = timed_out
         self.retried = {} if retried is None else retried
+        self.stopping = stopping
         self.order = list(searchers)
         self.owner: dict[str, str] = {}  # Tune trial id -> cell key
         self.planned: dict[str, int] = {}  # Tune trial id -> epochs it was planned to run
@@ -197,7 +200,7 @@ class CellSearcher(Searcher):
         searcher = self.searchers[key]
         if trial_id in searcher._completed_trials:
             return
-        if trial_id in self.timed_out:
+        if trial_id in self.timed_out or self.stopping():
             result, error = None, True
         # Tune hands the searcher no on_trial_result for the report that ends a trial (ASHA's stop, the last
         # epoch): that epoch's value arrives here.
