@@ -154,11 +154,12 @@ def cmd_sweep(args) -> int:
     if args.json:
         print(json.dumps({"sweep": sweep.cfg.name, "status": sweep.status, "folder": str(folder),
                           "cells": [{k: _clean(v) for k, v in row.items()} for row in table.to_dicts()]}))
-        return EXIT_CODES[sweep.status]
-    with pl.Config(tbl_rows=200, tbl_cols=20, tbl_width_chars=160, float_precision=4):
-        print(table)
-    print(f"sweep {sweep.cfg.name}: {len(sweep.cells)} cells in {(time.time() - tick) / 60:.1f} min; results in "
-          f"{folder} (pl.scan_parquet('{folder}/finals'), '{folder}/trials', '{folder}/final_runs', '{folder}/epochs')")
+    else:
+        with pl.Config(tbl_rows=200, tbl_cols=20, tbl_width_chars=160, float_precision=4):
+            print(table)
+        print(f"sweep {sweep.cfg.name}: {len(sweep.cells)} cells in {(time.time() - tick) / 60:.1f} min; results in "
+              f"{folder} (pl.scan_parquet('{folder}/finals'), '{folder}/trials', '{folder}/final_runs', "
+              f"'{folder}/epochs')")
     if sweep.status != "complete":
         print(f"bioplaus: sweep {sweep.cfg.name} is {sweep.status}: some cells have no finals (reasons above and "
               f"in {folder}/manifest.json)", file=sys.stderr)
