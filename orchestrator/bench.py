@@ -8,6 +8,8 @@ as train seconds per sample, rule / bp. Exit code 1 if any case misses its targe
 
 from __future__ import annotations
 
+import json
+import math
 import statistics
 import sys
 import time
@@ -35,7 +37,9 @@ def cases(rules: list[str] | None, only: list[str] | None):
     return [c for c in out if not only or c[0] in only]
 
 
-def run_bench(rules: list[str] | None, only: list[str] | None, overrides: list[str], markdown: str | None) -> int:
+def run_bench(rules: list[str] | None, only: list[str] | None, overrides: list[str], markdown: str | None,
+              as_json: bool = False) -> int:
+    """Run the selected cases; the result table on stdout (a JSON list with ``as_json``); 1 if any missed."""
     selected = cases(rules, only)
     specs = {}
     for name, rule, b in selected:  # every config is checked before the first long run starts
@@ -67,7 +71,12 @@ def run_bench(rules: list[str] | None, only: list[str] | None, overrides: list[s
               f"cost x{ratio:.2f} of bp", file=sys.stderr, flush=True)
     lines = ["| case | test acc | target | epochs | minutes | cost vs bp | result |", "|---|---|---|---|---|---|---|"]
     lines += [f"| {r[0]} | {r[1]:.4f} | {r[2]:.3f} | {r[3]} | {r[4]:.1f} | {r[5]:.2f} | {r[6]} |" for r in rows]
-    print("\n".join(lines))
+    if as_json:
+        keys = ("case", "test_acc", "target", "epochs", "minutes", "cost_vs_bp", "result")
+        finite = [[None if isinstance(v, float) and not math.isfinite(v) else v for v in r] for r in rows]
+        print(json.dumps([dict(zip(keys, r)) for r in finite]))
+    else:
+        print("\n".join(lines))
     if markdown:
         with open(markdown, "a") as f:
             f.write(f"\n`bioplaus bench {' '.join(sys.argv[2:])}` on {time.strftime('%Y-%m-%d')}:\n\n")

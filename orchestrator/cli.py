@@ -82,16 +82,47 @@ def cmd_rules(args) -> int:
 def cmd_datasets(args) -> int:
     from bioplaus.orchestrator.data import DATASETS
 
+    if args.json:
+        print(json.dumps([{"name": s.name, "summary": s.summary, "folder": s.dirname,
+                           "files": [f.name for f in s.files]} for s in DATASETS.values()]))
+        return 0
     for spec in DATASETS.values():
         print(f"{spec.name:<15} {spec.summary}")
     return 0
 
 
 def cmd_archs(args) -> int:
+    import dataclasses
+
     from bioplaus.algorithms.arch import ARCHS
 
+    if args.json:
+        print(json.dumps([{"name": s.name, "summary": s.summary, "model": dataclasses.asdict(s.config())}
+                          for s in ARCHS.values()], default=str))
+        return 0
     for spec in ARCHS.values():
         print(f"{spec.name:<10} {spec.summary}")
+    return 0
+
+
+def cmd_config(args) -> int:
+    """The fully resolved config (defaults <- preset <- overrides) as YAML, or JSON with ``--json``."""
+    import dataclasses
+
+    import yaml
+
+    from bioplaus.orchestrator.config import parse_overrides, to_plain
+
+    if args.train:
+        from bioplaus.orchestrator.spec import resolve
+
+        spec = resolve(parse_overrides(args.overrides))
+        plain = {**to_plain(spec.cfg), "hp": dataclasses.asdict(spec.hp)}  # every hyperparameter, defaults included
+    else:
+        from bioplaus.orchestrator.sweep import parse_sweep
+
+        plain = to_plain(parse_sweep(args.overrides))
+    print(json.dumps(plain, indent=1) if args.json else yaml.safe_dump(plain, sort_keys=False), end="\n" if args.json else "")
     return 0
 
 
@@ -121,10 +152,15 @@ def cmd_sweep(args) -> int:
         print(f"bioplaus: {stop}", file=sys.stderr)
         return stop.exit_code
     table = sweep.summary()
-    with pl.Config(tbl_rows=200, tbl_cols=20, tbl_width_chars=160, float_precision=4):
-        print(table)
-    print(f"sweep {sweep.cfg.name}: {len(sweep.cells)} cells in {(time.time() - tick) / 60:.1f} min; results in "
-          f"{folder} (pl.scan_parquet('{folder}/finals'), '{folder}/trials', '{folder}/final_runs', '{folder}/epochs')")
+    if args.json:
+        print(json.dumps({"sweep": sweep.cfg.name, "status": sweep.status, "folder": str(folder),
+                          "cells": [{k: _clean(v) for k, v in row.items()} for row in table.to_dicts()]}))
+    else:
+        with pl.Config(tbl_rows=200, tbl_cols=20, tbl_width_chars=160, float_precision=4):
+            print(table)
+        print(f"sweep {sweep.cfg.name}: {len(sweep.cells)} cells in {(time.time() - tick) / 60:.1f} min; results in "
+              f"{folder} (pl.scan_parquet('{folder}/finals'), '{folder}/trials', '{folder}/final_runs', "
+              f"'{folder}/epochs')")
     if sweep.status != "complete":
         print(f"bioplaus: sweep {sweep.cfg.name} is {sweep.status}: some cells have no finals (reasons above and "
               f"in {folder}/manifest.json)", file=sys.stderr)
@@ -218,7 +254,7 @@ def cmd_bench(args) -> int:
         return 0
     from bioplaus.orchestrator.bench import run_bench
 
-    return run_bench(args.rule, args.only, args.overrides, args.markdown)
+    return run_bench(args.rule, args.only, args.overrides, args.markdown, as_json=args.json)
 
 
 def cmd_brain(args) -> int:
@@ -262,12 +298,23 @@ def _add_run_commands(sub) -> None:
     r = sub.add_parser("rules", help="list learning rules, their criteria and architectures")
     r.add_argument("--json", action="store_true")
     r.set_defaults(func=cmd_rules)
-    sub.add_parser("datasets", help="list datasets").set_defaults(func=cmd_datasets)
-    sub.add_parser("archs", help="list architectures").set_defaults(func=cmd_archs)
+    d = sub.add_parser("datasets", help="list datasets")
+    d.add_argument("--json", action="store_true", help="one JSON list: name, summary, folder, files")
+    d.set_defaults(func=cmd_datasets)
+    a = sub.add_parser("archs", help="list architectures")
+    a.add_argument("--json", action="store_true", help="one JSON list: name, summary, default model config")
+    a.set_defaults(func=cmd_archs)
 
     s = sub.add_parser("sweep", help="tune and compare every rule x arch x dataset cell (preset=local|paper|smoke)")
     s.add_argument("overrides", nargs="*", help="e.g. preset=local rules=[bp,fa] budget.trials=8 ray.address=auto")
+    s.add_argument("--json", action="store_true", help="print the summary (per cell) as one JSON object on stdout")
     s.set_defaults(func=cmd_sweep)
+
+    cf = sub.add_parser("config", help="print the fully resolved sweep config (preset=... and overrides) as YAML")
+    cf.add_argument("overrides", nargs="*", help="e.g. preset=paper budget.trials=8 (with --train: rule=bp ...)")
+    cf.add_argument("--train", action="store_true", help="resolve a `bioplaus train` config instead of a sweep's")
+    cf.add_argument("--json", action="store_true", help="JSON instead of YAML")
+    cf.set_defaults(func=cmd_config)
 
     c = sub.add_parser("cells", help="list the cells a sweep would run, and the unsupported ones with the reason")
     c.add_argument("overrides", nargs="*")
@@ -287,6 +334,8 @@ def _add_bench_command(sub) -> None:
     b.add_argument("--rule", action="append", help="only this rule's cases (repeatable)")
     b.add_argument("--only", action="append", help="only the named case, e.g. bp-mlp-mnist (repeatable)")
     b.add_argument("--markdown", help="append the result table to this markdown file")
+    b.add_argument("--json", action="store_true", help="results as JSON on stdout (the measurements always are; "
+                                                       "with --faults: the table as JSON rows)")
     b.add_argument("--orchestrator", action="store_true",
                    help="measure the orchestrator's busy fraction (fixed 5 s CPU trials, 2 concurrent) instead")
     b.add_argument("--pipeline", action="store_true",
@@ -298,7 +347,6 @@ def _add_bench_command(sub) -> None:
                         "prints the table (exit 1 if a row is not OK)")
     b.add_argument("--fault", action="append", help="with --faults: only the cases whose name contains this "
                                                     "(case-insensitive, repeatable)")
-    b.add_argument("--json", action="store_true", help="with --faults: the table as JSON rows")
     b.add_argument("--write-docs", metavar="FILE", help="with --faults: rewrite the table section of FILE "
                                                         "(docs/reliability.md) from this run")
     b.add_argument("--stages", type=int, default=2, help="pipeline stages for --pipeline (default 2)")

@@ -25,6 +25,7 @@ from bioplaus.orchestrator.config import to_plain
 from bioplaus.orchestrator.data import DataSplits, load_raw, make_splits
 from bioplaus.orchestrator.feed import AUGMENTS, TrainFeed, affine_batch, augment_batch
 from bioplaus.orchestrator.pipeline import Pipeline
+from bioplaus.orchestrator.progress import epoch_bar
 from bioplaus.orchestrator.spec import TrialSpec, resolve
 from bioplaus.orchestrator.training import (
     FitPlan,
@@ -171,29 +172,23 @@ def _finish_record(record: dict[str, Any], spec: TrialSpec, rule: Rule, splits: 
 
 
 class EpochBar:
-    """Epoch progress bar (rich) on stderr, with loss and accuracy as they come; an ``EpochProgress``."""
+    """Epoch progress on stderr (orchestrator/progress.py: a live bar on a terminal, plain lines elsewhere),
+    with loss and accuracy as they come; an ``EpochProgress``."""
 
     def __init__(self, epochs: int, steps: int):
-        from rich.console import Console
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-        self.progress = Progress(TextColumn("[bold]epoch {task.fields[epoch]}/" + str(epochs)), BarColumn(),
-                                 MofNCompleteColumn(), TimeRemainingColumn(), TextColumn("{task.fields[info]}"),
-                                 console=Console(stderr=True), transient=True)
+        self.bar = epoch_bar(True, epochs, steps)
         self.steps, self.epochs = steps, epochs
-        self.progress.start()
-        self.task = self.progress.add_task("train", total=steps, epoch=1, info="")
 
     def step(self, epoch, b):
         if b % 10 == 0 or b == self.steps:
-            self.progress.update(self.task, completed=b, epoch=epoch)
+            self.bar.update(completed=b, epoch=epoch)
 
     def epoch_done(self, epoch, row):
         info = f"loss {row['train_loss']:.4f}  val_acc {row['val_acc']:.4f}"
-        self.progress.update(self.task, completed=self.steps, info=info)
-        self.progress.console.print(f"epoch {epoch}: {info}  ({row['samples_per_second']:.0f} samples/s)")
+        self.bar.update(completed=self.steps, info=info)
+        self.bar.print(f"epoch {epoch}: {info}  ({row['samples_per_second']:.0f} samples/s)")
         if epoch < self.epochs:
-            self.progress.reset(self.task, total=self.steps, epoch=epoch + 1, info=info)
+            self.bar.reset(total=self.steps, epoch=epoch + 1, info=info)
 
     def close(self):
-        self.progress.stop()
+        self.bar.close()

@@ -190,6 +190,30 @@ def test_slurm_script_parses_and_starts_head_workers_and_the_sweep():
     assert "ray stop" in text  # cleaned up on exit (trap)
 
 
+def test_slurm_script_defaults_to_the_paper_preset_and_its_log_folder_exists(tmp_path):
+    text = (CLUSTER_DIR / "slurm.sbatch").read_text()
+    # the sweep gets preset=paper before the caller's arguments, so a preset=... given later wins
+    assert re.search(r'^bioplaus sweep preset=paper .*"\$@"$', text, flags=re.MULTILINE)
+    # SLURM writes no log when --output's folder is missing: the default is a bare name (the submit folder)
+    (output,) = re.findall(r"^#SBATCH --output=(\S+)", text, flags=re.MULTILINE)
+    assert "/" not in output
+    # run with bash outside a job, the script makes runs/slurm/ and submits itself with its log there
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "sbatch").write_text('#!/bin/bash\nprintf "%s\\n" "$@" > "$SBATCH_ARGS"\n')
+    (fake / "sbatch").chmod(0o755)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    env.update(PATH=f"{fake}:{env['PATH']}", SBATCH_ARGS=str(tmp_path / "args"))
+    work = tmp_path / "project"
+    work.mkdir()
+    run = subprocess.run(["bash", str(CLUSTER_DIR / "slurm.sbatch"), "preset=local", "name=try"], cwd=work, env=env,
+                         capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, run.stderr
+    assert (work / "runs" / "slurm").is_dir()
+    assert (tmp_path / "args").read_text().splitlines() == ["--output=runs/slurm/%x-%j.out",
+                                                            str(CLUSTER_DIR / "slurm.sbatch"), "preset=local", "name=try"]
+
+
 def test_cluster_readme_shows_the_exact_commands():
     text = (CLUSTER_DIR / "README.md").read_text()
     for command in ("ray up cluster/ray-cluster.yaml", "kubectl apply -f cluster/kuberay.yaml",

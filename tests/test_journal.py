@@ -154,7 +154,7 @@ def test_reconcile_adds_missing_trials_in_number_order_filling_gaps(tmp_path, ki
     trials = optuna.load_study(study_name=CELL, storage=storage).get_trials()
     S = optuna.trial.TrialState
     assert [(t.number, t.state, t.value) for t in trials] == [
-        (0, S.COMPLETE, 0.5), (1, S.FAIL, None), (2, S.COMPLETE, 0.4), (3, S.FAIL, None), (4, S.FAIL, None)]
+        (0, S.COMPLETE, 0.5), (1, S.FAIL, None), (2, S.PRUNED, 0.4), (3, S.FAIL, None), (4, S.FAIL, None)]
     assert trials[0].params == {"lr": 0.01, "width": 16}
     assert reconcile_study(storage, CELL, SPACE, rows) == 0  # already in step: nothing added twice
     nxt = optuna.load_study(study_name=CELL, storage=storage).ask(fixed_distributions=optuna_space(SPACE))

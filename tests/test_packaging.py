@@ -84,6 +84,20 @@ def test_the_installed_cli_runs_from_an_empty_folder(installed, tmp_path):
         assert run([str(bindir / "python"), "-c", f"import {old}"], tmp_path).returncode != 0, old
 
 
+def built_from() -> str:
+    return subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, check=True).stdout.strip()
+
+
+def test_the_installed_package_knows_the_commit_it_was_built_from(installed, tmp_path):
+    # Outside a checkout git_commit() falls back to the commit setuptools-scm wrote into _version.py at build time.
+    bindir, _ = installed
+    got = run([str(bindir / "python"), "-c", "from bioplaus.orchestrator.results import git_commit; print(git_commit())"],
+              tmp_path)
+    commit = got.stdout.strip()
+    assert got.returncode == 0 and commit not in ("", "None"), got.stderr
+    assert built_from().startswith(commit.removesuffix("-dirty"))
+
+
 def test_the_installed_cli_runs_a_smoke_sweep(installed, tmp_path):
     bindir, _, _ = installed
     data = tmp_path / "data"  # the smoke preset's digits ship with scikit-learn
@@ -92,3 +106,4 @@ def test_the_installed_cli_runs_a_smoke_sweep(installed, tmp_path):
     assert sweep.returncode == 0, sweep.stderr[-3000:]
     manifest = json.loads(next((tmp_path / "sweeps").glob("*/manifest.json")).read_text())
     assert manifest["status"] == "complete"
+    assert manifest["git_commit"] and built_from().startswith(manifest["git_commit"].removesuffix("-dirty"))

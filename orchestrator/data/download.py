@@ -8,6 +8,16 @@ SHA-256; a file that has one is checked against it, whatever the mirror says.
 The data root is the user's own: its ``SHA256SUMS`` (same format) says what its files are, so a root
 holding its own builds of a file (a subset, a recompression) lists them there. A file already in the
 root is accepted when it matches its official digest or the digest its root lists.
+
+A download shows its progress on stderr: a live bar on a terminal, otherwise a plain line at the start,
+every ``BIOPLAUS_PROGRESS_EVERY_S`` seconds (default 30) and at the end. Files are written 0644 (mkstemp's
+0600 would hide a shared data root from other users); a failed download leaves neither its partial file
+nor a folder it created and left empty.
+
+Written here rather than with pooch: pooch's registry is one digest per file, while here a file is
+accepted by its official digest or by the data root's own ``SHA256SUMS``, and a mirror's list only adds
+digests for files that have no official one; pooch also keeps its own cache layout (the data root is the mirror's layout, possibly read-only,
+its archives read in place), needs tqdm for progress, and would be one more dependency for about fifty lines.
 """
 
 from __future__ import annotations
@@ -15,12 +25,15 @@ from __future__ import annotations
 import hashlib
 import lzma
 import os
+import sys
 import tarfile
 import tempfile
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
 import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -123,36 +136,121 @@ def mirror_checksums(mirror: str) -> dict[str, str]:
     return parse_sums(text)
 
 
+def _every_s() -> float:
+    try:
+        return max(0.0, float(os.environ.get("BIOPLAUS_PROGRESS_EVERY_S", 30.0)))
+    except ValueError:
+        return 30.0
+
+
+def _mb(n: int) -> str:
+    return f"{n / 1e6:.1f} MB"
+
+
+class _DownloadProgress:
+    """Bytes received of one file on stderr: a rich bar on a terminal, plain lines otherwise."""
+
+    def __init__(self, name: str, url: str, total: int | None):
+        self.name, self.total, self.done = name, total, 0
+        self.last = time.monotonic()
+        self.bar = None
+        if sys.stderr.isatty() and os.environ.get("TERM") != "dumb":
+            from rich.console import Console
+            from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
+
+            self.bar = Progress(TextColumn(f"[bold]{name}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+                                console=Console(stderr=True), transient=True)
+            self.bar.start()
+            self.task = self.bar.add_task(name, total=total)
+        print(f"downloading {name} from {url}" + (f" ({_mb(total)})" if total else ""), file=sys.stderr, flush=True)
+
+    def advance(self, n: int) -> None:
+        self.done += n
+        if self.bar is not None:
+            self.bar.update(self.task, completed=self.done)
+        elif time.monotonic() - self.last >= _every_s():
+            self.last = time.monotonic()
+            share = f" ({100 * self.done / self.total:.0f}%)" if self.total else ""
+            print(f"downloading {self.name}: {_mb(self.done)}" + (f" of {_mb(self.total)}" if self.total else "")
+                  + share, file=sys.stderr, flush=True)
+
+    def close(self, ok: bool) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+        if ok:
+            print(f"downloaded {self.name}: {_mb(self.done)}, sha256 checked", file=sys.stderr, flush=True)
+
+
+def _chunks(resp) -> Iterator[bytes]:
+    return iter(lambda: resp.read(_CHUNK), b"")
+
+
+def _make_folder(folder: Path) -> list[Path]:
+    """Create ``folder`` and missing parents; the folders created, deepest first (to remove if left empty)."""
+    created = []
+    at = folder
+    while not at.exists():
+        created.append(at)
+        at = at.parent
+    folder.mkdir(parents=True, exist_ok=True)
+    return created
+
+
+def _remove_empty(folders: list[Path]) -> None:
+    for folder in folders:  # deepest first: a parent is empty only once its child is gone
+        try:
+            folder.rmdir()
+        except OSError:  # not empty (another file arrived) or already gone: keep it
+            return
+
+
 def fetch(remote: RemoteFile, dest: Path, *, url: str | None = None, mirror_sha256: str | None = None) -> Path:
     """Download ``remote`` (or ``url``) to ``dest`` atomically, verifying its official SHA-256; the mirror's
-    ``mirror_sha256`` is used only for a file without an official digest, never instead of one."""
+    ``mirror_sha256`` is used only for a file without an official digest, never instead of one.
+
+    On any failure the partial file is removed, and so is every folder this call created that is left empty.
+    """
     url = url or remote.url
     expected = (remote.sha256 or mirror_sha256 or "").lower() or None
-    dest.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        created = _make_folder(dest.parent)
+    except OSError as e:
+        raise DataError(f"cannot create {dest.parent} for {dest.name} ({e.strerror or e}); set data.root=DIR "
+                        "(env BIOPLAUS_DATA) to a writable folder") from None
     fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
+    ok, progress = False, None
     try:
         h = hashlib.sha256()
         with os.fdopen(fd, "wb") as out, _open(url) as resp:
-            for chunk in iter(lambda: resp.read(_CHUNK), b""):
+            length = resp.headers.get("Content-Length") if getattr(resp, "headers", None) else None
+            progress = _DownloadProgress(dest.name, url, int(length) if length and length.isdigit() else None)
+            for chunk in _chunks(resp):
                 h.update(chunk)
                 out.write(chunk)
+                progress.advance(len(chunk))
         got = h.hexdigest()
         if expected and got != expected:
             overruled = (remote.sha256 and mirror_sha256 and mirror_sha256.lower() != remote.sha256.lower())
-            raise DataError(f"checksum mismatch for {dest.name} from {url}: sha256 {got}, expected {expected}"
-                            + (" (official; the mirror's SHA256SUMS cannot replace an official digest)" if overruled
-                               else "") + "; the download is corrupt or the mirror serves a different file: "
+            raise DataError(f"checksum mismatch for {dest.name} from {url}: expected {expected}, got {got} (sha256"
+                            + ("; official: the mirror's SHA256SUMS cannot replace an official digest" if overruled
+                               else "") + "); the download is corrupt or the mirror serves a different file: "
                             "use a mirror that serves the official file, or put your own build in the data root "
                             f"and list its digest in the root's {SUMS_FILE}")
+        os.chmod(tmp, 0o644)
         os.replace(tmp, dest)
         _DIGESTS[_stat_key(dest)] = got
+        ok = True
     except (urllib.error.URLError, OSError) as e:
         reason = getattr(e, "reason", e)
         raise DataError(f"cannot download {dest.name} from {url} ({reason}); put the file at {dest}, "
                         "or set data.mirror=URL, or data.root=DIR (env BIOPLAUS_DATA) to a folder that has it") from None
     finally:
+        if progress is not None:
+            progress.close(ok)
         if os.path.exists(tmp):
             os.unlink(tmp)
+        if not ok:
+            _remove_empty(created)
     return dest
 
 

@@ -137,9 +137,9 @@ class Sweep:
     def _searchers(self, log: Log = _stderr) -> tuple[dict, dict[str, int], dict]:
         """Per cell with trials left: its OptunaSearch, trials remaining, and its trial-config builder."""
         cfg = self.cfg
-        done = self._done("trials")
-        storage = reconciled_storage(cfg, self.dir, {c.key: (self.spaces[c.rule], done.get(c.key, pl.DataFrame()))
-                                                     for c in self.cells}, log)
+        done, epochs = self._done("trials"), self._done("epochs")
+        storage = reconciled_storage(cfg, self.dir, {c.key: (self.spaces[c.rule], done.get(c.key, pl.DataFrame()),
+                                                             epochs.get(c.key)) for c in self.cells}, log)
         searchers, remaining, configs = {}, {}, {}
         for cell in self.cells:
             rows = done.get(cell.key, pl.DataFrame())
@@ -176,7 +176,8 @@ class Sweep:
         tuner = tune.Tuner(
             trainable,
             tune_config=tune.TuneConfig(
-                search_alg=CellSearcher(searchers, remaining, configs, scheduler.timed_out),
+                search_alg=CellSearcher(searchers, remaining, configs, scheduler.timed_out, recorder.retried,
+                                        stopping=WriteFailureStopper(recorder).stop_all),
                 scheduler=scheduler,
                 num_samples=total, max_concurrent_trials=cfg.resources.max_concurrent, reuse_actors=True,
                 trial_dirname_creator=lambda t: f"{t.config['cell']}.t{t.config['trial_number']}-{t.trial_id}"),

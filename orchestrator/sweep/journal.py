@@ -21,7 +21,7 @@ from omegaconf import DictConfig
 
 from bioplaus.orchestrator.errors import UsageError
 from bioplaus.orchestrator.search_space import Param
-from bioplaus.orchestrator.sweep.search import close_stale_trials, optuna_space, optuna_storage
+from bioplaus.orchestrator.sweep.search import close_stale_trials, optuna_space, optuna_storage, run_attributes
 
 JOURNAL = "optuna.journal"
 
@@ -71,18 +71,37 @@ def repair_journal(path: Path | None, log: Callable[[str], None]) -> Path | None
 
 
 def _state_and_value(row: dict):
-    """The Optuna state and value a trial's row stands for, as Ray's OptunaSearch tells them."""
+    """The Optuna state and value a trial's row stands for, as :func:`search.trial_outcome` tells them live."""
     from optuna.trial import TrialState
 
     value = row.get("val_acc")
-    if row.get("status") == "failed":
+    if row.get("status") == "failed" or value is None or not math.isfinite(value):
         return TrialState.FAIL, None
-    if value is None:
-        return TrialState.PRUNED, None
-    return (TrialState.COMPLETE, value) if math.isfinite(value) else (TrialState.FAIL, None)
+    return (TrialState.PRUNED if row.get("status") == "pruned" else TrialState.COMPLETE), value
 
 
-def _frozen_trial(row: dict | None, distributions: dict):
+def intermediate_values(row: dict, epochs: pl.DataFrame | None) -> dict[int, float]:
+    """The objective after each epoch (best validation accuracy so far), as the trial reported it live.
+
+    From the trial's epoch rows when given; else its last step alone (``epochs_run`` -> ``val_acc``), which
+    is all TPE reads of a pruned trial.
+    """
+    if epochs is not None and not epochs.is_empty() and row.get("run_id") is not None:
+        mine = epochs.filter(pl.col("run_id") == row["run_id"]).sort("epoch")
+        if "phase" in mine.columns:
+            mine = mine.filter(pl.col("phase") == "tune")
+        best, out = 0.0, {}
+        for epoch, acc in zip(mine["epoch"].to_list(), mine["val_acc"].to_list()):
+            if acc is not None and math.isfinite(acc):
+                best = max(best, acc)
+            out[int(epoch)] = best
+        if out:
+            return out
+    value, last = row.get("val_acc"), row.get("epochs_run")
+    return {int(last): value} if last and value is not None and math.isfinite(value) else {}
+
+
+def _frozen_trial(row: dict | None, distributions: dict, epochs: pl.DataFrame | None = None):
     """The study trial for one table row (None: a trial number with no row, added as failed)."""
     import optuna
     from optuna.trial import TrialState
@@ -93,17 +112,23 @@ def _frozen_trial(row: dict | None, distributions: dict):
     hp = json.loads(row["hp_json"] or "{}")
     params = {k: hp[k] for k in distributions if k in hp}
     dists = {k: distributions[k] for k in params}
+    attrs = run_attributes(row["run_id"], row.get("attempts") or 1) if row.get("run_id") else {}
+    steps = intermediate_values(row, epochs) if state != TrialState.FAIL else {}
     try:
-        return optuna.trial.create_trial(state=state, value=value, params=params, distributions=dists)
+        return optuna.trial.create_trial(state=state, value=value, params=params, distributions=dists,
+                                         user_attrs=attrs, intermediate_values=steps)
     except ValueError:  # the search space changed since this trial ran: keep its number, not its point
-        return optuna.trial.create_trial(state=TrialState.FAIL)
+        return optuna.trial.create_trial(state=TrialState.FAIL, user_attrs=attrs)
 
 
-def reconcile_study(storage, study_name: str, space: dict[str, Param], rows: pl.DataFrame) -> int:
+def reconcile_study(storage, study_name: str, space: dict[str, Param], rows: pl.DataFrame,
+                    epochs: pl.DataFrame | None = None) -> int:
     """Add the trials ``rows`` (a cell's tuning rows) hold but the study lacks; returns how many were added.
 
     Trials are added in trial-number order, numbers without a row as failed trials, so the study's next
-    trial number is past every number the tables use.
+    trial number is past every number the tables use. Each gets the state the row records (pruned trials
+    PRUNED), its intermediate values (from ``epochs``, the cell's epoch rows, when given) and the user
+    attributes naming its row.
     """
     import optuna
 
@@ -115,17 +140,17 @@ def reconcile_study(storage, study_name: str, space: dict[str, Param], rows: pl.
     last = max(by_number, default=-1)
     distributions = optuna_space(space)
     for number in range(have, last + 1):
-        study.add_trial(_frozen_trial(by_number.get(number), distributions))
+        study.add_trial(_frozen_trial(by_number.get(number), distributions, epochs))
     return max(0, last + 1 - have)
 
 
-def reconciled_storage(cfg: DictConfig, sweep_dir: Path, cells: dict[str, tuple[dict[str, Param], pl.DataFrame]],
+def reconciled_storage(cfg: DictConfig, sweep_dir: Path, cells: dict[str, tuple],
                        log: Callable[[str], None]):
     """The sweep's Optuna storage, in step with the tables: journal repaired, stale trials closed, missing
-    trials added. ``cells``: cell key -> (its search space, its tuning rows)."""
+    trials added. ``cells``: cell key -> (its search space, its tuning rows[, its epoch rows])."""
     repair_journal(journal_path(cfg, sweep_dir), log)
     storage = optuna_storage(cfg, sweep_dir)
-    for key, (space, rows) in cells.items():
+    for key, (space, rows, *epochs) in cells.items():
         close_stale_trials(storage, key, rows)
-        reconcile_study(storage, key, space, rows)
+        reconcile_study(storage, key, space, rows, epochs[0] if epochs else None)
     return storage

@@ -27,14 +27,25 @@ from ray.tune.stopper import Stopper
 
 from bioplaus.orchestrator.errors import UsageError, last_line, one_line
 from bioplaus.orchestrator.progress import runs_bar
-from bioplaus.orchestrator.results import RunRecord, refuse_other_config, write_run
+from bioplaus.orchestrator.config import to_plain
+from bioplaus.orchestrator.results import RunRecord, git_commit, refuse_other_config, version, write_run
 from bioplaus.orchestrator.sweep.cells import Cell
 from bioplaus.orchestrator.sweep.search import METRIC
 
 
 # --- W&B --------------------------------------------------------------------------------------------------
 class WandbLogger:
-    """One W&B run per trial (never merged), grouped by cell, tagged by rule/arch/dataset; driver-side.
+    """One W&B run per trial and per final run (never merged), live from the driver.
+
+    Group ``<sweep name>/<cell>``, tags rule/arch/dataset/phase, config the whole resolved run (sweep,
+    phase, rule, arch, dataset, seed, budget, commit, hyperparameters and the full trial config). A tuning
+    trial's epochs are logged as Tune hands the driver each report (a dashboard follows a trial while it
+    trains); a final run, a Ray task, logs its epochs when it returns. Run ids are derived from the sweep
+    name and run id, so a resumed sweep continues the same W&B runs.
+
+    Ray Tune's ``WandbLoggerCallback`` is not used: it takes one group for all trials (not sweep/cell),
+    names runs by Tune's random trial id (a resume would start new runs), and sees Tune trials only, not
+    the finals; this class keeps its behaviour (live per-epoch logging, one run per trial) without those gaps.
 
     Results never depend on W&B: online mode with no API key or an unreachable server logs offline
     instead, and any W&B error turns W&B off for the rest of the sweep; each says so in one warning line.
@@ -62,7 +73,13 @@ class WandbLogger:
             with contextlib.suppress(Exception):
                 run.finish()
 
-    def _start(self, run_id: str, cell: Cell, phase: str, config: dict):
+    def run_config(self, cell: Cell, phase: str, plain: dict) -> dict:
+        """The W&B config of one run: what identifies it in the sweep and the trial config it ran."""
+        return {"sweep": self.cfg.name, "phase": phase, **cell.record(), "seed": plain.get("seed"),
+                "budget": to_plain(self.cfg.budget), "git_commit": git_commit(), "bioplaus_version": version(),
+                "hp": plain.get("hp", {}), "trial": plain}
+
+    def _start(self, run_id: str, cell: Cell, phase: str, plain: dict):
         if self.mode == "disabled":
             return None
         if run_id not in self.runs:
@@ -70,28 +87,31 @@ class WandbLogger:
 
             self.runs[run_id] = wandb.init(
                 project=self.cfg.wandb.project, entity=self.cfg.wandb.entity, mode=self.mode, dir=str(self.dir),
-                group=cell.key, name=run_id, id=_wandb_id(self.cfg.name, run_id), job_type=phase,
-                tags=[cell.rule, cell.arch, cell.dataset, phase], config=config, reinit="create_new",
-                resume="allow", settings=wandb.Settings(console="off", silent=True, x_disable_stats=True))
+                group=f"{self.cfg.name}/{cell.key}", name=run_id, id=_wandb_id(self.cfg.name, run_id),
+                job_type=phase, tags=[cell.rule, cell.arch, cell.dataset, phase],
+                config=self.run_config(cell, phase, plain), reinit="create_new", resume="allow",
+                settings=wandb.Settings(console="off", silent=True, x_disable_stats=True))
         return self.runs[run_id]
 
-    def log_epoch(self, run_id: str, cell: Cell, phase: str, config: dict, row: dict) -> None:
+    def log_epoch(self, run_id: str, cell: Cell, phase: str, plain: dict, row: dict) -> None:
+        """One epoch's report of a running trial; ``plain``: its trial config (the run's config if it starts here)."""
         try:
-            run = self._start(run_id, cell, phase, config)
+            run = self._start(run_id, cell, phase, plain)
             if run is not None:
                 run.log(_numbers(row), step=int(row.get("epoch", 0)))
         except Exception as e:  # W&B is best effort: never let it stop a sweep
             self._failed(e)
 
     def log_run(self, run_id: str, cell: Cell, phase: str, record: RunRecord) -> None:
+        """A run's end: its summary (and, for a final run, its epochs), then the W&B run is finished."""
         try:
-            run = self._start(run_id, cell, phase, {"hp": record.hp, "seed": record.seed})
+            run = self._start(run_id, cell, phase, record.config or {"hp": record.hp, "seed": record.seed})
             if run is None:
                 return
             for row in record.epochs if phase == "final" else []:
                 run.log(_numbers(row), step=int(row["epoch"]))
             summary = {k: getattr(record, k) for k in ("status", "val_acc", "test_acc", "train_seconds",
-                                                       "samples_per_second", "epochs_run")}
+                                                       "samples_per_second", "epochs_run", "attempts")}
             run.summary.update({k: v for k, v in summary.items() if v is not None})
             run.finish()
             self.runs.pop(run_id, None)
@@ -173,6 +193,7 @@ class TrialRecorder(Callback):
         self.last: dict[str, dict] = {}
         self.best: dict[str, float] = {}
         self.timed_out = {} if timed_out is None else timed_out
+        self.retried: dict[str, int] = {}  # Tune trial id -> retries so far (the searcher's study attempts)
         self.write_error: UsageError | None = None  # a results write failed (disk full, read-only): the sweep stops
         self.interrupted = interrupted
         self.wandb = wandb
@@ -194,6 +215,7 @@ class TrialRecorder(Callback):
 
     def on_trial_recover(self, iteration, trials, trial, **info):
         self.epochs[trial.trial_id] = {}  # a retry starts from scratch; its reports replace these
+        self.retried[trial.trial_id] = self.retried.get(trial.trial_id, 0) + 1
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         row = {k: result.get(k) for k in ("epoch", "train_loss", "train_acc", "val_acc", "val_loss",
@@ -203,7 +225,7 @@ class TrialRecorder(Callback):
         self.epochs.setdefault(trial.trial_id, {})[int(result["epoch"])] = row
         self.last[trial.trial_id] = result
         run_id, cell = self._ids(trial)
-        self.wandb.log_epoch(run_id, cell, "tune", {"hp": trial.config["trial"]["hp"]}, row)
+        self.wandb.log_epoch(run_id, cell, "tune", trial.config["trial"], row)
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         self._write(trial, trials, error=None)

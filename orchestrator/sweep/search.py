@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from bioplaus.orchestrator import ray_local  # noqa: F401, I001  (sets Ray's loopback environment before ray is imported)
 
+import logging
 import math
 import time
 from collections.abc import Callable
@@ -24,6 +25,8 @@ from ray.tune.schedulers import AsyncHyperBandScheduler, FIFOScheduler
 from ray.tune.search import Searcher
 
 from bioplaus.orchestrator.search_space import Param
+
+logger = logging.getLogger(__name__)
 
 METRIC = "best_val_acc"
 """The objective every cell maximises: the best validation accuracy so far (the test set is never used)."""
@@ -76,7 +79,8 @@ def cell_search(study_name: str, space: dict[str, Param], storage, seed: int, fi
 
 
 def close_stale_trials(storage, study_name: str, rows: pl.DataFrame) -> None:
-    """Optuna trials a dead driver left RUNNING: tell the result the tables hold, else mark them failed."""
+    """Optuna trials a dead driver left RUNNING: tell the outcome the tables hold (pruned trials PRUNED,
+    with the intermediate values reported before the crash), else mark them failed."""
     import optuna
     from optuna.trial import TrialState
 
@@ -84,13 +88,43 @@ def close_stale_trials(storage, study_name: str, rows: pl.DataFrame) -> None:
         study = optuna.load_study(study_name=study_name, storage=storage)
     except KeyError:
         return
-    recorded = {} if rows.is_empty() else dict(zip(rows["trial_number"].to_list(), rows["val_acc"].to_list()))
+    recorded = {} if rows.is_empty() else {r["trial_number"]: r for r in rows.iter_rows(named=True)}
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        value = recorded.get(t.number)
-        if value is not None and math.isfinite(value):
-            study.tell(t.number, value, state=TrialState.COMPLETE)
-        else:
+        row = recorded.get(t.number) or {}
+        value = row.get("val_acc")
+        if row.get("run_id"):
+            for name, attr in run_attributes(row["run_id"], row.get("attempts") or 1).items():
+                study._storage.set_trial_user_attr(t._trial_id, name, attr)
+        if row.get("status") == "failed" or value is None or not math.isfinite(value):
             study.tell(t.number, state=TrialState.FAIL)
+        elif row.get("status") == "pruned":
+            if not t.intermediate_values and row.get("epochs_run"):
+                study._storage.set_trial_intermediate_value(t._trial_id, int(row["epochs_run"]), float(value))
+            study.tell(t.number, state=TrialState.PRUNED)
+        else:
+            study.tell(t.number, value, state=TrialState.COMPLETE)
+
+
+def trial_outcome(result: dict | None, error: bool, planned_epochs: int):
+    """The Optuna state and value of a finished tuning trial, as the trials table records it.
+
+    Ray's OptunaSearch tells every trial with a result COMPLETE; a trial ASHA stopped early is PRUNED here
+    (Optuna then takes its last intermediate value as its value, which is how TPE and the dashboard treat
+    pruned trials), an error or a timeout is FAIL, and so is a trial with no finite objective.
+    """
+    from optuna.trial import TrialState
+
+    value = (result or {}).get(METRIC)
+    if error or value is None or not math.isfinite(value):
+        return TrialState.FAIL, None
+    if result.get("status") == "ok" and int(result.get("epoch") or 0) < planned_epochs:
+        return TrialState.PRUNED, None
+    return TrialState.COMPLETE, float(value)
+
+
+def run_attributes(run_id: str, attempts: int) -> dict[str, Any]:
+    """The user attributes of a study trial that point at its Parquet rows (``trials``/``epochs`` tables)."""
+    return {"run_id": run_id, "attempts": int(attempts), "table": "trials"}
 
 
 # --- the Tune search algorithm ---------------------------------------------------------------------------
@@ -99,16 +133,23 @@ class CellSearcher(Searcher):
 
     ``searchers``: cell key -> OptunaSearch; ``remaining``: cell key -> trials still to run;
     ``configs``: cell key -> function from a hyperparameter point to the plain trial config;
-    ``timed_out``: the scheduler's record of trials it stopped for running too long (shared, filled later).
+    ``timed_out``: the scheduler's record of trials it stopped for running too long (shared, filled later);
+    ``retried``: Tune trial id -> times it was retried (the recorder's, shared): the study trial's ``attempts``;
+    ``stopping()``: whether the sweep is being stopped (a stop signal, a failed write): trials ending then
+    are not recorded (a resume runs them again), so the study marks them FAIL rather than learn from them.
     """
 
     def __init__(self, searchers: dict[str, Any], remaining: dict[str, int],
-                 configs: dict[str, Callable[[dict], dict]], timed_out: dict[str, float]):
+                 configs: dict[str, Callable[[dict], dict]], timed_out: dict[str, float],
+                 retried: dict[str, int] | None = None, stopping: Callable[[], bool] = lambda: False):
         super().__init__(metric=METRIC, mode="max")
         self.searchers, self.remaining, self.configs = searchers, dict(remaining), configs
         self.timed_out = timed_out
+        self.retried = {} if retried is None else retried
+        self.stopping = stopping
         self.order = list(searchers)
         self.owner: dict[str, str] = {}  # Tune trial id -> cell key
+        self.planned: dict[str, int] = {}  # Tune trial id -> epochs it was planned to run
 
     def set_search_properties(self, metric, mode, config, **spec):
         """Tune hook: metric and mode are fixed here (METRIC, max); accept whatever Tune passes."""
@@ -132,18 +173,47 @@ class CellSearcher(Searcher):
         self.owner[trial_id] = key
         # The Optuna trial number: the trial's stable id within its cell (run ids and resume are keyed on it).
         number = searcher._ot_trials[trial_id].number
-        return {"cell": key, "trial_number": number, "trial": self.configs[key](hp)}
+        plain = self.configs[key](hp)
+        self.planned[trial_id] = int(plain["train"]["epochs"])
+        return {"cell": key, "trial_number": number, "trial": plain}
 
     def on_trial_result(self, trial_id: str, result: dict):
-        """Tune hook: an epoch's report, passed to the trial's cell."""
-        self.searchers[self.owner[trial_id]].on_trial_result(trial_id, result)
+        """Tune hook: an epoch's report, the study trial's intermediate value at that epoch."""
+        self._report(self.searchers[self.owner[trial_id]], trial_id, result)
+
+    @staticmethod
+    def _report(searcher, trial_id: str, result: dict | None) -> None:
+        """``result``'s objective as the intermediate value at its epoch (Optuna's step), once per epoch: a
+        retry's reports of epochs already reported are left out, as Optuna would ignore them with a warning."""
+        if not result or result.get(METRIC) is None or result.get("epoch") is None:
+            return
+        ot_trial, epoch = searcher._ot_trials[trial_id], int(result["epoch"])
+        if epoch not in ot_trial.storage.get_trial(ot_trial._trial_id).intermediate_values:
+            ot_trial.report(float(result[METRIC]), epoch)
 
     def on_trial_complete(self, trial_id: str, result: Optional[dict] = None, error: bool = False):
-        """Tune hook: the trial's end, passed to its cell; a trial stopped for time is a failure, not a result."""
-        if trial_id in self.owner:
-            if trial_id in self.timed_out:
-                result, error = None, True
-            self.searchers[self.owner[trial_id]].on_trial_complete(trial_id, result=result, error=error)
+        """Tune hook: the trial's end, told to its cell's study with the state the trials table records
+        (see :func:`trial_outcome`; a trial stopped for time is a failure) and attributes naming its row."""
+        key = self.owner.get(trial_id)
+        if key is None:
+            return
+        searcher = self.searchers[key]
+        if trial_id in searcher._completed_trials:
+            return
+        if trial_id in self.timed_out or self.stopping():
+            result, error = None, True
+        # Tune hands the searcher no on_trial_result for the report that ends a trial (ASHA's stop, the last
+        # epoch): that epoch's value arrives here.
+        self._report(searcher, trial_id, result)
+        ot_trial = searcher._ot_trials[trial_id]
+        for name, value in run_attributes(f"{key}.t{ot_trial.number}", self.retried.get(trial_id, 0) + 1).items():
+            ot_trial.set_user_attr(name, value)
+        state, value = trial_outcome(result, error, self.planned.get(trial_id, 0))
+        try:
+            searcher._ot_study.tell(ot_trial, value, state=state)
+        except Exception as e:  # the study is what TPE learns from, never the record: the tables are
+            logger.warning("could not tell Optuna the end of %s: %s", trial_id, e)
+        searcher._completed_trials.add(trial_id)
 
 
 # --- the Tune scheduler ----------------------------------------------------------------------------------

@@ -1,0 +1,157 @@
+"""What the tools researchers use around a sweep see: W&B's offline runs and Optuna's study.
+
+The W&B runs are read back from the ``.wandb`` files an offline run writes (wandb's own record format:
+a LevelDB-style log of protobuf ``Record`` messages; this wandb writes no ``wandb-history`` or
+``config.yaml`` file offline, so the records are the only place the history and config live). The
+Optuna study is read with ``optuna.load_study`` on the sweep's ``optuna.journal``, as optuna-dashboard does.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+
+import optuna
+import polars as pl
+import pytest
+
+from bioplaus.orchestrator.sweep import Sweep, parse_sweep
+from bioplaus.orchestrator.sweep.search import trial_outcome
+
+CELL = "bp.mlp.digits"
+STATES = {"ok": optuna.trial.TrialState.COMPLETE, "pruned": optuna.trial.TrialState.PRUNED,
+          "failed": optuna.trial.TrialState.FAIL}
+# Trials one at a time and a reduction factor of 2: from the second trial on, ASHA stops every trial
+# below the median of the earlier ones at epoch 1 or 2, so a seeded sweep of six trials prunes some.
+PRUNING = ["budget.trials=6", "budget.epochs=3", "budget.grace_epochs=1", "budget.reduction_factor=2",
+           "resources.max_concurrent=1", "budget.final_seeds=1"]
+
+
+def sweep(root: Path, *overrides: str) -> Sweep:
+    s = Sweep(parse_sweep(["preset=smoke", f"root={root}", "name=s", *overrides]))
+    s.run(log=lambda m: None)
+    return s
+
+
+def wandb_records(path: Path):
+    """The protobuf records of one ``.wandb`` file: a 7-byte header (``:W&B``, magic, version), then
+    32 KiB blocks of chunks (crc32, length, type: 1 full, 2 first, 3 middle, 4 last)."""
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    data = path.read_bytes()
+    assert data[:4] == b":W&B", f"{path} is not a W&B transaction log"
+    pos, block, pending = 7, 32768, b""
+    while pos + 7 <= len(data):
+        left = block - pos % block
+        if left < 7:  # a block's tail too short for a chunk header is padding
+            pos += left
+            continue
+        _crc, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        if kind == 0:  # zero padding up to the next block
+            pos += left
+            continue
+        pending += data[pos + 7:pos + 7 + length]
+        pos += 7 + length
+        if kind in (1, 4):
+            record = pb.Record()
+            record.ParseFromString(pending)
+            pending = b""
+            yield record
+
+
+def offline_runs(wandb_dir: Path) -> dict[str, dict]:
+    """Every offline run under ``wandb_dir``: display name -> group, tags, config, history rows."""
+    runs = {}
+    for folder in wandb_dir.glob("offline-run-*"):
+        run = {"history": [], "config": {}}
+        for record in wandb_records(next(folder.glob("run-*.wandb"))):
+            kind = record.WhichOneof("record_type")
+            if kind == "run":
+                run.update(name=record.run.display_name, group=record.run.run_group, tags=list(record.run.tags))
+                run["config"].update({i.key: json.loads(i.value_json) for i in record.run.config.update})
+            elif kind == "config":
+                run["config"].update({i.key: json.loads(i.value_json) for i in record.config.update})
+            elif kind == "history":
+                run["history"].append({i.key or "/".join(i.nested_key): json.loads(i.value_json)
+                                       for i in record.history.item})
+        runs[run["name"]] = run
+    return runs
+
+
+def test_smoke_sweep_logs_per_epoch_wandb_runs_with_the_full_config_and_a_study_with_pruned_trials(
+        ray_session, tmp_path):
+    s = sweep(tmp_path, "rules=[bp]", "wandb.mode=offline", *PRUNING)
+    trials = s.table("trials").sort("trial_number")
+    assert "pruned" in trials["status"].to_list() and "ok" in trials["status"].to_list()
+
+    # W&B: one run per trial and per final run, one history row per epoch as reported, the whole config
+    runs = offline_runs(s.dir / "wandb")
+    assert set(runs) == {f"{CELL}.t{n}" for n in range(6)} | {f"{CELL}.final1000"}
+    for t in trials.iter_rows(named=True):
+        run = runs[t["run_id"]]
+        assert run["group"] == f"s/{CELL}" and run["tags"] == ["bp", "mlp", "digits", "tune"]
+        assert [row["epoch"] for row in run["history"]] == list(range(1, t["epochs_run"] + 1))
+        assert [row["val_acc"] for row in run["history"]][-1] <= t["val_acc"]
+        c = run["config"]
+        assert (c["sweep"], c["phase"], c["rule"], c["arch"], c["dataset"], c["seed"]) == ("s", "tune", "bp", "mlp",
+                                                                                            "digits", 0)
+        assert c["budget"]["trials"] == 6 and c["budget"]["epochs"] == 3 and c["git_commit"]
+        assert c["hp"] == json.loads(t["hp_json"]) and c["trial"]["train"]["epochs"] == 3
+    assert max(len(runs[r]["history"]) for r in trials["run_id"]) >= 2
+    final = runs[f"{CELL}.final1000"]
+    assert final["config"]["phase"] == "final" and len(final["history"]) == 3
+
+    # Optuna: the study says what the table says, pruned trials PRUNED with their intermediate values
+    expected = study_view(trials)
+    assert optuna_view(s.dir / "optuna.journal") == expected
+
+    # Rebuilt from the tables alone (the journal lost), the study is the same, epoch by epoch.
+    (s.dir / "optuna.journal").unlink()
+    sweep(tmp_path, "rules=[bp]", "wandb.mode=disabled", *PRUNING)
+    assert optuna_view(s.dir / "optuna.journal") == expected
+
+
+def study_view(trials: pl.DataFrame) -> dict[int, tuple]:
+    """What each study trial should be, from the trials table: state, value, epochs reported, attributes."""
+    return {t["trial_number"]: (STATES[t["status"]], t["val_acc"], t["epochs_run"],
+                                {"run_id": t["run_id"], "attempts": t["attempts"], "table": "trials"})
+            for t in trials.iter_rows(named=True)}
+
+
+def optuna_view(journal: Path) -> dict[int, tuple]:
+    storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(journal)))
+    study = optuna.load_study(study_name=CELL, storage=storage)
+    out = {}
+    for t in study.get_trials():
+        steps = t.intermediate_values
+        assert list(steps) == list(range(1, len(steps) + 1)), steps  # one value per epoch, in order
+        assert all(a <= b for a, b in zip(list(steps.values()), list(steps.values())[1:]))  # best so far
+        assert t.value == steps[max(steps)]
+        out[t.number] = (t.state, t.value, len(steps), t.user_attrs)
+    return out
+
+
+def test_failed_trial_is_a_failed_study_trial_with_its_attempts(ray_session, tmp_path):
+    s = sweep(tmp_path, "rules=[faulty]", "budget.trials=1", "trial.hp.raise_at_step=2", "retries=1",
+              "budget.final_seeds=1")
+    row = s.table("trials").row(0, named=True)
+    assert row["status"] == "failed" and row["attempts"] == 2
+    storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(s.dir / "optuna.journal")))
+    (trial,) = optuna.load_study(study_name="faulty.mlp.digits", storage=storage).get_trials()
+    assert trial.state == optuna.trial.TrialState.FAIL and trial.value is None
+    assert trial.user_attrs == {"run_id": "faulty.mlp.digits.t0", "attempts": 2, "table": "trials"}
+
+
+@pytest.mark.parametrize("result, error, state", [
+    ({"best_val_acc": 0.5, "epoch": 3, "status": "ok"}, False, "COMPLETE"),
+    ({"best_val_acc": 0.5, "epoch": 1, "status": "ok"}, False, "PRUNED"),  # stopped by ASHA before epoch 3
+    ({"best_val_acc": 0.2, "epoch": 1, "status": "diverged"}, False, "COMPLETE"),  # its best before the NaN
+    ({"best_val_acc": 0.5, "epoch": 3, "status": "ok"}, True, "FAIL"),
+    (None, False, "FAIL"),  # removed before it reported (a stop signal)
+    ({"best_val_acc": float("nan"), "epoch": 3, "status": "ok"}, False, "FAIL"),
+])
+def test_trial_outcome_is_the_state_the_trials_table_records(result, error, state):
+    got, value = trial_outcome(result, error, planned_epochs=3)
+    assert got.name == state
+    assert value == (result["best_val_acc"] if state == "COMPLETE" else None)
