@@ -21,9 +21,11 @@ the default ``inverse`` propagates the output target through a learned inverse o
 
 The DRL/L-DRL feedback training of Meulemans et al. (2020) / Ernoult et al. (2022) is not implemented.
 
-Reference: Lee, Zhang, Fischer & Bengio 2015. Deviations: ``top_target=inverse`` (default) is
-simplified DTP (Bartunov et al. 2018); Lee et al.'s original is ``top_target=gradient``. Parity test: none
-yet (the reconstruction noise makes one step depend on the rule's RNG order).
+Reference: Lee, Zhang, Fischer & Bengio 2015 (Algorithm 1: difference targets, noisy inverse training,
+local regression). Deviations: ``top_target=inverse`` (default) is simplified DTP (Bartunov et al. 2018); Lee et
+al.'s original is ``top_target=gradient``; the inverses learn with Adam (``feedback_lr``), one step per batch.
+Parity test: tests/test_parity_stochastic.py::test_dtp_parity (both ``top_target``; the reconstruction noise is
+drawn from torch's global generator, one draw per inverse from the lowest up, and the test reproduces it).
 """
 
 from __future__ import annotations

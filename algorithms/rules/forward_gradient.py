@@ -31,8 +31,10 @@ Normalisation parameters (gain and bias of batch/layer norm) receive their own t
 example's own path (the batch-statistics coupling between examples is dropped from the estimator).
 
 Reference: Ren, Kornblith, Liao & Hinton 2023 (FG-A with local losses and feature aggregation);
-Baydin et al. 2022 for the estimator. Deviations: none named; no parity test yet (the estimator's mean is
-checked against the local-loss gradient in tests/test_perturbation.py).
+Baydin et al. 2022 for the estimator, (grad . v) v, here per group: d_bg = sum_{u in g} dL_bg/dz_u v_u, estimate
+d_{b,g(u)} v_u. Deviations: none named. Parity test: tests/test_parity_stochastic.py::test_forward_gradient_parity
+(tangents from torch's global generator, ``perturbations`` per block, block by block); the estimator's mean is
+checked against the local-loss gradient in tests/test_perturbation.py.
 """
 
 from __future__ import annotations

@@ -19,6 +19,13 @@ judged per block against that block's own local readout), nothing here is local 
 activity: the variance of the estimate grows with the number of units perturbed at once, which is why this
 rule learns slowly on wide networks. Normalisation layers are refused: batch norm would mix the examples'
 noise through the batch statistics, and a norm's own gains would need a perturbation of their own.
+
+Reference: Williams 1992 (REINFORCE with a baseline); Werfel, Xie & Seung 2005 (node perturbation with the
+clean network's loss as baseline, ``baseline=clean``); Fiete & Seung 2006 (dW_ij = eta (R - R_bar) xi_i x_j, R the
+reward, R_bar its running average, ``baseline=running``). Deviations: one-shot per batch (Fiete & Seung's conductance
+noise and eligibility traces run in continuous time); ``perturbations`` independent draws averaged; the reward is the
+negative cross-entropy. Parity test: tests/test_parity_stochastic.py::test_global_node_perturbation_parity (both baselines;
+noise from torch's global generator, one draw per stage on the batch repeated ``perturbations`` times).
 """
 
 from __future__ import annotations

@@ -30,8 +30,9 @@ loss changes. With batch norm the noisy copies are normalised with their own bat
 are not kept (only the clean pass updates the running statistics).
 
 Reference: Williams 1992 / Fiete & Seung 2006 (g = (L+ - L-) / 2 sigma * xi). Deviations: antithetic
-pairs, local readouts and groups (variance control, above) are the project's. No parity test yet (the
-estimator's mean is checked in tests/test_perturbation.py).
+pairs, local readouts and groups (variance control, above) are the project's. Parity test:
+tests/test_parity_stochastic.py::test_node_perturbation_parity (noise from torch's global generator,
+``perturbations`` draws per block, block by block); the estimator's mean is checked in tests/test_perturbation.py.
 """
 
 from __future__ import annotations

@@ -29,8 +29,9 @@ hundreds of thousands, which is why plain weight perturbation does not learn bey
 Normalisation gains and biases are perturbed along with the weights (shared across the batch).
 
 Reference: Jabri & Flower 1992 (d = (L+ - L-) / 2 sigma, update d * D). Deviations: Flipout directions,
-local readouts and groups (variance control, above) are the project's. No parity test yet (the
-estimator's mean is checked in tests/test_perturbation.py).
+local readouts and groups (variance control, above) are the project's. Parity test:
+tests/test_parity_stochastic.py::test_weight_perturbation_parity (per block and pair, drawn from torch's global
+generator in the order D, s, r, D_bias); the estimator's mean is checked in tests/test_perturbation.py.
 """
 
 from __future__ import annotations
