@@ -77,7 +77,7 @@ class Bench:
             _, err = proc.communicate(timeout=timeout_s)
         finally:
             _kill_group(proc)
-        return Finished(proc.returncode, err.splitlines())
+        return Finished(proc.returncode, self._quiet(err.splitlines()))
 
     def interrupt(self, args: list[str], until: Callable[[list[str]], bool], sig: int = signal.SIGTERM,
                   group: bool = False, meanwhile: Callable[[subprocess.Popen], None] | None = None) -> Finished:
@@ -103,7 +103,11 @@ class Bench:
             reader.join(timeout=30)
         finally:
             _kill_group(proc)
-        return Finished(proc.returncode, [s.rstrip("\n") for s in lines])
+        return Finished(proc.returncode, self._quiet(s.rstrip("\n") for s in lines))
+
+    def _quiet(self, lines) -> list[str]:
+        """The lines with this case's temporary folder written as ``<tmp>`` (it says nothing, and is long)."""
+        return [line.replace(str(self.folder), "<tmp>") for line in lines]
 
     def has_rows(self, table: str, n: int = 1, name: str = "s") -> Callable[[list[str]], bool]:
         """A predicate for :meth:`interrupt`: ``table`` of the sweep holds at least ``n`` committed rows."""

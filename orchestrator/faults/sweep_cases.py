@@ -239,5 +239,6 @@ def changed_config(bench: Bench) -> Outcome:
                         "names both keys": "budget.epochs" in line and "trial.model.widths" in line,
                         "names the fix": "name=" in line, "nothing written": unchanged,
                         "more trials allowed": extended.code == 0 and bench.table("trials").height == 2})
-    return Outcome(f"exit {changed.code}: {line[:160]}; then budget.trials=2: exit {extended.code}{why}", ok,
+    said = line[line.find("("):][:200] if "(" in line else line[:200]  # the keys named, not the folder
+    return Outcome(f"exit {changed.code}: {said}; then budget.trials=2: exit {extended.code}{why}", ok,
                    bench.manifest().get("status"), changed.code, c.lost, c.duplicated, c.rerun)
