@@ -28,7 +28,6 @@ import contextlib
 import dataclasses
 import datetime as dt
 import errno
-import hashlib
 import json
 import os
 import re
@@ -45,6 +44,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from bioplaus.orchestrator.errors import UsageError
+from bioplaus.orchestrator.run_identity import config_differences, config_hash
 
 PARTITIONS = ("rule", "arch", "dataset")
 
@@ -310,36 +310,6 @@ def write_run(root: str | Path, record: RunRecord | Mapping[str, Any], run_id: s
             epochs_path.unlink()
         raise
     return run_id
-
-
-# Trial-config keys that say where files are or how many threads compute, never what is computed.
-PLACE_KEYS = ("out", "data.root", "data.mirror", "data.download", "train.threads")
-
-
-def flat(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    """A nested config as ``{"train.epochs": 3, ...}`` (lists stay values)."""
-    out = {}
-    for k, v in config.items():
-        out.update(flat(v, f"{prefix}{k}.") if isinstance(v, Mapping) else {f"{prefix}{k}": v})
-    return out
-
-
-def result_config(config: Mapping[str, Any]) -> dict[str, Any]:
-    """What of a run's trial config decides its numbers: all of it but the seed and :data:`PLACE_KEYS`, flat."""
-    return {k: v for k, v in flat(config).items() if k != "seed" and k not in PLACE_KEYS}
-
-
-def config_hash(config: Mapping[str, Any]) -> str:
-    """A short stable hash of :func:`result_config` (hp, model, data, training budget): the configuration a run ran."""
-    text = json.dumps(result_config(config), sort_keys=True, default=str)
-    return hashlib.sha256(text.encode()).hexdigest()[:10]
-
-
-def config_differences(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
-    """``key old -> new`` for every key of :func:`result_config` that differs (absent on one side: None)."""
-    a, b = result_config(old), result_config(new)
-    return [f"{k} {json.dumps(a.get(k), default=str)} -> {json.dumps(b.get(k), default=str)}"
-            for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
 
 
 def refuse_other_config(root: str | Path, record: RunRecord, run_id: str, runs_table: str = "runs") -> None:

@@ -19,7 +19,8 @@ from bioplaus.orchestrator.cli import main
 from bioplaus.orchestrator.config import to_plain
 from bioplaus.orchestrator.errors import UsageError
 from bioplaus.orchestrator.faults import load_cases, run_case
-from bioplaus.orchestrator.results import RunRecord, config_hash, refuse_other_config, write_run
+from bioplaus.orchestrator.results import RunRecord, refuse_other_config, write_run
+from bioplaus.orchestrator.run_identity import config_hash
 from bioplaus.orchestrator.sweep import Sweep, parse_sweep, read_table
 from bioplaus.orchestrator.sweep import driver as sweep_driver
 from bioplaus.orchestrator.sweep.cells import Cell, trial_config

@@ -31,7 +31,8 @@ from bioplaus.orchestrator.data.datasets import check_dataset
 from bioplaus.orchestrator.errors import UsageError, one_line
 from bioplaus.orchestrator.pipeline import final_options, trial_resources
 from bioplaus.orchestrator.progress import runs_bar
-from bioplaus.orchestrator.results import (RunRecord, config_hash, git_commit, read_table, refuse_other_config,
+from bioplaus.orchestrator.run_identity import config_hash
+from bioplaus.orchestrator.results import (RunRecord, git_commit, read_table, refuse_other_config,
                                            remove_interrupted_writes, rows_by_cell, unwritable, version, write_run,
                                            write_table)
 from bioplaus.orchestrator.search_space import defaults_in_space, load_search_space

@@ -20,7 +20,8 @@ import polars as pl
 import pyarrow as pa
 from scipy import stats
 
-from bioplaus.orchestrator.results import PARTITIONS, config_hash, partition_dir, rows_by_cell, write_table
+from bioplaus.orchestrator.results import PARTITIONS, partition_dir, rows_by_cell, write_table
+from bioplaus.orchestrator.run_identity import config_hash
 
 SUPERSEDED = "superseded"
 

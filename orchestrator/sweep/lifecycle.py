@@ -24,7 +24,7 @@ from pathlib import Path
 import polars as pl
 
 from bioplaus.orchestrator.errors import UsageError
-from bioplaus.orchestrator.results import PLACE_KEYS, flat
+from bioplaus.orchestrator.run_identity import PLACE_KEYS, flat
 
 STATUSES = ("running", "interrupted", "failed", "partial", "complete")
 """Every manifest status: the sweep is running (or its driver died), was stopped by a signal, ended with no
