@@ -90,7 +90,7 @@ def built_from() -> str:
 
 def test_the_installed_package_knows_the_commit_it_was_built_from(installed, tmp_path):
     # Outside a checkout git_commit() falls back to the commit setuptools-scm wrote into _version.py at build time.
-    bindir, _ = installed
+    bindir = installed[0]
     got = run([str(bindir / "python"), "-c", "from bioplaus.orchestrator.results import git_commit; print(git_commit())"],
               tmp_path)
     commit = got.stdout.strip()

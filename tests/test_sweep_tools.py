@@ -87,7 +87,9 @@ def test_smoke_sweep_logs_per_epoch_wandb_runs_with_the_full_config_and_a_study_
 
     # W&B: one run per trial and per final run, one history row per epoch as reported, the whole config
     runs = offline_runs(s.dir / "wandb")
-    assert set(runs) == {f"{CELL}.t{n}" for n in range(6)} | {f"{CELL}.final1000"}
+    final_id = s.table("final_runs")["run_id"].item()  # <cell>.final<seed>.<config hash>
+    assert final_id.startswith(f"{CELL}.final1000.")
+    assert set(runs) == {f"{CELL}.t{n}" for n in range(6)} | {final_id}
     for t in trials.iter_rows(named=True):
         run = runs[t["run_id"]]
         assert run["group"] == f"s/{CELL}" and run["tags"] == ["bp", "mlp", "digits", "tune"]
@@ -99,7 +101,7 @@ def test_smoke_sweep_logs_per_epoch_wandb_runs_with_the_full_config_and_a_study_
         assert c["budget"]["trials"] == 6 and c["budget"]["epochs"] == 3 and c["git_commit"]
         assert c["hp"] == json.loads(t["hp_json"]) and c["trial"]["train"]["epochs"] == 3
     assert max(len(runs[r]["history"]) for r in trials["run_id"]) >= 2
-    final = runs[f"{CELL}.final1000"]
+    final = runs[final_id]
     assert final["config"]["phase"] == "final" and len(final["history"]) == 3
 
     # Optuna: the study says what the table says, pruned trials PRUNED with their intermediate values

@@ -73,7 +73,7 @@ def _refused_before_ray(bench: Bench, dataset: str, root: Path, bad: Path, said:
     out = bench.sweep(bench.args(f"datasets=[{dataset}]", f"trial.data.root={root}", *extra), timeout_s=300)
     line = out.errors[0] if out.errors else ""
     return out, {"exit 2": out.code == 2, "one line": len(out.lines) == 1 and line == out.lines[0],
-                 "names the file": str(bad) in line, f"says '{said}'": said in line,
+                 "names the file": str(bad).replace(str(bench.folder), "<tmp>") in line, f"says '{said}'": said in line,
                  "nothing written": not bench.dir().exists()}
 
 
