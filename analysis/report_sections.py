@@ -68,12 +68,17 @@ def rank_section(ranks: pl.DataFrame) -> Section:
                                                    "normalised (min – max)", "mean test acc"], rows=rows, notes=notes)
 
 
-def cost_section(cost: pl.DataFrame, rules: list[str], cells: list[tuple[str, str]]) -> Section:
+def rows_by_cell_and_rule(df: pl.DataFrame, rules: list[str], cells: list[tuple[str, str]]) -> list[dict]:
+    """The rows of a per-cell table in report order: cells as listed, then rules as listed (unknown ones last)."""
     order = {r: i for i, r in enumerate(rules)}
     cell_i = {c: i for i, c in enumerate(cells)}
+    return sorted(df.iter_rows(named=True),
+                  key=lambda r: (cell_i.get((r["arch"], r["dataset"]), 1e9), order.get(r["rule"], 1e9)))
+
+
+def cost_section(cost: pl.DataFrame, rules: list[str], cells: list[tuple[str, str]]) -> Section:
     rows = []
-    for r in sorted(cost.iter_rows(named=True),
-                    key=lambda r: (cell_i.get((r["arch"], r["dataset"]), 1e9), order.get(r["rule"], 1e9))):
+    for r in rows_by_cell_and_rule(cost, rules, cells):
         e95 = fmt(r["epochs_to_95_mean"], 1) + (f" / {r['epochs']}" if r["epochs"] else "")
         params = fmt_big(r["n_params"]) + (f" (+{fmt_big(r['n_rule_params'])})" if r["n_rule_params"] else "")
         rows.append([plots.cell_label(r["arch"], r["dataset"]), r["rule"], fmt_big(r["samples_per_second_mean"]),
@@ -121,11 +126,8 @@ def criteria_section(crit: pl.DataFrame, rules: list[str], error: str | None) ->
 
 
 def tuning_section(tuning: pl.DataFrame, rules: list[str], cells: list[tuple[str, str]]) -> Section:
-    order = {r: i for i, r in enumerate(rules)}
-    cell_i = {c: i for i, c in enumerate(cells)}
     rows = []
-    for r in sorted(tuning.iter_rows(named=True),
-                    key=lambda r: (cell_i.get((r["arch"], r["dataset"]), 1e9), order.get(r["rule"], 1e9))):
+    for r in rows_by_cell_and_rule(tuning, rules, cells):
         sel = (f"#{r['best_trial_number']}: {fmt(r['best_val_acc'])}" + (" (pruned)" if r["best_status"] == "pruned"
                                                                          else "")
                if r.get("best_trial_number") is not None else "—")
