@@ -83,13 +83,9 @@ def find_real_data(*needed: str) -> Path:
 def list_digests(root: Path) -> Path:
     """Write ``root/SHA256SUMS`` for every file under ``root``: a data root vouching for its own builds of
     dataset files (the small files tests write in the official formats are not the official ones)."""
-    import hashlib
+    from bioplaus.orchestrator.data.download import write_sums
 
-    root = Path(root)
-    files = sorted(p for p in root.rglob("*") if p.is_file() and p.name != "SHA256SUMS")
-    (root / "SHA256SUMS").write_text("".join(
-        f"{hashlib.sha256(p.read_bytes()).hexdigest()}  {p.relative_to(root).as_posix()}\n" for p in files))
-    return root / "SHA256SUMS"
+    return write_sums(root)
 
 
 @pytest.fixture

@@ -90,6 +90,16 @@ def parse_sums(text: str) -> dict[str, str]:
     return sums
 
 
+def write_sums(root: Path) -> Path:
+    """Write ``root/SHA256SUMS`` listing every file under ``root`` (``sha256sum``'s format, :func:`parse_sums`'s
+    input): a data root or a mirror vouching for its own builds of dataset files."""
+    root = Path(root)
+    files = sorted(p for p in root.rglob("*") if p.is_file() and p.name != SUMS_FILE)
+    (root / SUMS_FILE).write_text("".join(f"{hashlib.sha256(p.read_bytes()).hexdigest()}  "
+                                          f"{p.relative_to(root).as_posix()}\n" for p in files))
+    return root / SUMS_FILE
+
+
 def root_checksums(root: Path) -> dict[str, str]:
     """The data root's own ``SHA256SUMS`` as {relative path: sha256}; empty if it has none."""
     try:

@@ -16,8 +16,10 @@ import socket
 import struct
 import tarfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
+from bioplaus.orchestrator.data.download import write_sums
 from bioplaus.orchestrator.faults import Outcome, fault
 from bioplaus.orchestrator.faults.harness import Bench, Finished
 
@@ -60,13 +62,6 @@ def _write_cifar10(folder: Path, extra: tarfile.TarInfo | None = None, records: 
     return path
 
 
-def _list_digests(root: Path) -> None:
-    """``root/SHA256SUMS`` listing every file under ``root`` (a root vouching for its own builds)."""
-    files = sorted(p for p in root.rglob("*") if p.is_file() and p.name != "SHA256SUMS")
-    (root / "SHA256SUMS").write_text("".join(f"{hashlib.sha256(p.read_bytes()).hexdigest()}  "
-                                             f"{p.relative_to(root).as_posix()}\n" for p in files))
-
-
 def _refused_before_ray(bench: Bench, dataset: str, root: Path, bad: Path, said: str,
                         *extra: str) -> tuple[Finished, dict[str, bool]]:
     """Run the sweep on ``dataset`` from ``root``: the checks of a pre-flight refusal naming ``bad``."""
@@ -91,45 +86,56 @@ def _outcome(bench: Bench, runs: list[tuple[str, Finished, dict[str, bool]]]) ->
                    runs[-1][1].code)
 
 
+def _mnist_images(root: Path) -> Path:
+    _write_mnist(root / "mnist")
+    return root / "mnist" / _IDX[0]
+
+
+def _cut_in_half(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def _flip_middle_byte(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def _damaged_two_ways(bench: Bench, dataset: str, write: Callable[[Path], Path],
+                      damage: Callable[[Path], None]) -> Outcome:
+    """A good copy per way (``write`` returns the file to damage), damaged after its digests are listed: the
+    pre-flight must refuse it by its digest ("digest") and, once the root lists the damaged file's digest too,
+    by parsing it ("parse")."""
+    runs = []
+    for label, vouched, said in (("digest", False, "has sha256"), ("parse", True, "is corrupt or truncated")):
+        root = bench.folder / f"data-{label}"
+        bad = write(root)
+        write_sums(root)
+        damage(bad)
+        if vouched:
+            write_sums(root)
+        runs.append((label, *_refused_before_ray(bench, dataset, root, bad, said)))
+    return _outcome(bench, runs)
+
+
 @fault("MNIST training images cut to half their size",
        "refused by the pre-flight before Ray: one line naming the file (exit 2), nothing written; by its digest, "
        "and by the parser where the root lists the cut file's digest")
 def truncated_mnist(bench: Bench) -> Outcome:
-    runs = []
-    for label, vouched, said in (("digest", False, "has sha256"), ("parse", True, "is corrupt or truncated")):
-        root = bench.folder / f"data-{label}"
-        _write_mnist(root / "mnist")
-        _list_digests(root)
-        bad = root / "mnist" / _IDX[0]
-        bad.write_bytes(bad.read_bytes()[: bad.stat().st_size // 2])
-        if vouched:
-            _list_digests(root)
-        runs.append((label, *_refused_before_ray(bench, "mnist", root, bad, said)))
-    return _outcome(bench, runs)
+    return _damaged_two_ways(bench, "mnist", _mnist_images, _cut_in_half)
 
 
 @fault("a flipped byte in the CIFAR-10 archive",
        "refused by the pre-flight before Ray: one line naming the archive (exit 2), nothing written; by its digest, "
        "and by the gzip check where the root lists the damaged archive's digest")
 def flipped_cifar_byte(bench: Bench) -> Outcome:
-    runs = []
-    for label, vouched, said in (("digest", False, "has sha256"), ("parse", True, "is corrupt or truncated")):
-        root = bench.folder / f"data-{label}"
-        bad = _write_cifar10(root / "cifar-10")
-        _list_digests(root)
-        data = bytearray(bad.read_bytes())
-        data[len(data) // 2] ^= 0xFF
-        bad.write_bytes(bytes(data))
-        if vouched:
-            _list_digests(root)
-        runs.append((label, *_refused_before_ray(bench, "cifar10", root, bad, said)))
-    return _outcome(bench, runs)
+    return _damaged_two_ways(bench, "cifar10", lambda root: _write_cifar10(root / "cifar-10"), _flip_middle_byte)
 
 
 def _hostile_member(bench: Bench, member: tarfile.TarInfo, said: str) -> Outcome:
     root = bench.folder / "data"
     bad = _write_cifar10(root / "cifar-10", extra=member)
-    _list_digests(root)  # the root vouches for the archive: what must refuse it is the member check
+    write_sums(root)  # the root vouches for the archive: what must refuse it is the member check
     out, checks = _refused_before_ray(bench, "cifar10", root, bad, said)
     checks["nothing extracted"] = sorted(p.name for p in bench.folder.rglob("*")) == sorted(
         ["data", "SHA256SUMS", "cifar-10", _CIFAR])
@@ -158,7 +164,7 @@ def symlink_member(bench: Bench) -> Outcome:
 def mirror_overrides_official(bench: Bench) -> Outcome:
     mirror = bench.folder / "mirror"
     _write_mnist(mirror / "kmnist")  # KMNIST has official digests; these small files are not the official ones
-    _list_digests(mirror)
+    write_sums(mirror)
     root = bench.folder / "data"
     out = bench.sweep(bench.args("datasets=[kmnist]", f"trial.data.root={root}",
                                  f"trial.data.mirror={mirror.resolve().as_uri()}"), timeout_s=300)
