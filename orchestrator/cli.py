@@ -236,6 +236,9 @@ def cmd_faults(args) -> int:
 def cmd_bench(args) -> int:
     if args.faults:
         return cmd_faults(args)
+    if args.asha_fairness:
+        from bioplaus.orchestrator.bench_fairness import command
+        return command(args)
     if args.orchestrator:
         from bioplaus.orchestrator.efficiency import measure
 
@@ -265,8 +268,7 @@ def cmd_brain(args) -> int:
 
 def cmd_report(args) -> int:
     from bioplaus.analysis.report import build_report
-
-    report = build_report(args.sweep_dir, out=args.out)
+    report = build_report(args.sweep_dir, out=args.out, compare=args.compare)
     if not args.quiet:
         print(report.summary)
     for note in report.notes:
@@ -345,6 +347,7 @@ def _add_bench_command(sub) -> None:
                    help="fault injection instead: each fault (signals, kills, a second driver, failing trials, the "
                         "Optuna journal, stale finals, a changed config) on a small sweep in a temporary folder; "
                         "prints the table (exit 1 if a row is not OK)")
+    b.add_argument("--asha-fairness", action="store_true", help="rules' rank order with ASHA vs without pruning")
     b.add_argument("--fault", action="append", help="with --faults: only the cases whose name contains this "
                                                     "(case-insensitive, repeatable)")
     b.add_argument("--write-docs", metavar="FILE", help="with --faults: rewrite the table section of FILE "
@@ -370,6 +373,7 @@ def _add_analysis_commands(sub) -> None:
     rp = sub.add_parser("report", help="tables, figures and an HTML/Markdown report of a sweep folder")
     rp.add_argument("sweep_dir", help="a sweep folder, e.g. runs/sweeps/local")
     rp.add_argument("--out", help="where to write the report (default: SWEEP_DIR/report)")
+    rp.add_argument("--compare", metavar="OTHER_SWEEP_DIR", help="a sweep of the other budget.kind, same cells")
     rp.add_argument("--quiet", action="store_true", help="do not print the summary tables")
     rp.set_defaults(func=cmd_report)
 
