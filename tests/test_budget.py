@@ -136,6 +136,18 @@ def test_rank_test_resolves_a_planted_winner_and_a_null_claims_nothing():
     assert two.test == "wilcoxon" and two.pairs["resolved"].to_list() == [True]
 
 
+def test_no_pair_is_claimed_when_friedman_does_not_reject():
+    # Pure noise, 8 rules x 5 blocks, drawn so that one pair's mean ranks lie further apart than Nemenyi's
+    # critical difference while Friedman's test does not reject: Nemenyi alone would claim that pair.
+    noise = np.random.default_rng(116).standard_normal((5, 8))
+    runs = pl.DataFrame([{"rule": f"r{j}", "arch": "mlp", "dataset": f"d{i}", "seed": 1000,
+                          "test_acc": 0.5 + 0.01 * noise[i, j]} for i in range(5) for j in range(8)])
+    t = rank_test(runs)
+    assert t.test == "friedman+nemenyi" and 0.05 < t.p_value < 0.5
+    assert t.pairs["rank_difference"].max() > t.critical_difference
+    assert not t.pairs["resolved"].any() and t.pairs["better"].null_count() == t.pairs.height
+
+
 def test_rank_test_degenerate_inputs_are_notes_not_crashes():
     assert "at least two rules" in rank_test(_planted({"only": 0.5})).notes[-1]
     one_cell = rank_test(_planted({"a": 0.9, "b": 0.6, "c": 0.5}, cells=1))
