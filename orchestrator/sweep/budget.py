@@ -17,9 +17,10 @@ forward-mode and hand-written updates alike) on the run's real first training st
 hyperparameters that change cost (inference or settling steps, perturbations, negatives) change the epochs.
 What a count leaves out is element-wise work, random draws and per-operation overhead: it prices the
 algorithm, not how many small operations this implementation of it dispatches (on a small mlp on a CPU a
-rule can be many times slower than bp at about bp's FLOPs); measured wall time (the cost table's throughput) stays
-the other, machine-bound view. The first training steps are what is counted: a rule whose cost changes later
-(softhebb's and stdp's ``plastic_epochs`` freeze the hidden blocks) is priced at its first epochs' cost.
+rule can be many times slower than bp at about bp's FLOPs); measured wall time (the cost table's
+throughput) stays the other, machine-bound view. The first training steps are what is counted: a rule whose
+cost changes later (softhebb's and stdp's ``plastic_epochs`` freeze the hidden blocks) is priced at its first
+epochs' cost.
 
 Whole epochs only: a run's epochs are ``round(budget / cost)``, at least 1 (a run whose one epoch costs more
 than the budget gets one epoch, over budget, and its rows say by how much) and at most
