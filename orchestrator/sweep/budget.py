@@ -45,6 +45,15 @@ COMPUTE_TIME_ATTR = "bp_epochs"
 """The result key a compute-budget trial reports its compute spent in (bp-epochs): ASHA's time attribute."""
 
 
+def compute_spent(tune_config: dict):
+    """For a tuning trial's Tune config: epoch report -> the keys to add to it; with budget.kind=compute the
+    compute spent so far in bp-epochs (:data:`COMPUTE_TIME_ATTR`, what ASHA's rungs count), else none."""
+    cost = (tune_config.get("budget") or {}).get("cost_vs_bp")
+    if not cost:
+        return lambda row: {}
+    return lambda row: {COMPUTE_TIME_ATTR: row["epoch"] * cost}
+
+
 def epochs_for(budget_bp_epochs: float, cost_vs_bp: float, max_factor: float) -> int:
     """Whole epochs of a run costing ``cost_vs_bp`` x bp per sample under a budget of ``budget_bp_epochs``
     bp-epochs: the nearest whole number, at least 1, at most ``max_factor`` x the budget."""

@@ -11,7 +11,7 @@ import ray
 from ray import tune
 
 from bioplaus.orchestrator.results import RunRecord
-from bioplaus.orchestrator.sweep.budget import COMPUTE_TIME_ATTR
+from bioplaus.orchestrator.sweep.budget import compute_spent
 from bioplaus.orchestrator.sweep.cells import trial_spec
 from bioplaus.orchestrator.trial import run_trial
 
@@ -19,9 +19,7 @@ from bioplaus.orchestrator.trial import run_trial
 def tune_trainable(config: dict) -> None:
     """Ray Tune function trainable: one tuning trial, reporting every epoch (never touches the test set)."""
     node = ray.get_runtime_context().get_node_id()
-    # budget.kind=compute: ASHA's rungs count the compute spent, in bp-epochs (orchestrator/sweep/budget.py).
-    cost = (config.get("budget") or {}).get("cost_vs_bp")
-    spent = (lambda row: {COMPUTE_TIME_ATTR: row["epoch"] * cost}) if cost else (lambda row: {})
+    spent = compute_spent(config)  # budget.kind=compute: what ASHA's rungs count
     record = run_trial(trial_spec(config["trial"]),
                        report=lambda row: tune.report({**row, "node_id": node, **spent(row)}), evaluate_test=False)
     if record["status"] == "failed":  # let Tune retry it, then record it as failed
