@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from bioplaus.orchestrator.config import parse_overrides
-from bioplaus.orchestrator.feed import TrainFeed, affine_batch, augment_batch
+from bioplaus.orchestrator.feed import TrainFeed
 from bioplaus.orchestrator.training import FitPlan, epoch_order
 from bioplaus.orchestrator.trial import load_splits
 
@@ -48,3 +48,37 @@ def _digest(cfg, splits, augment: str) -> str:
 def test_device_path_on_cpu_gives_the_host_paths_batches(digits, augment):
     cfg, splits = digits
     assert _digest(cfg, splits, augment) == HOST_PATH_DIGESTS[augment]
+
+
+def test_the_streams_live_on_the_training_sets_device_and_a_moved_feed_keeps_its_place(digits):
+    cfg, splits = digits
+    plan = FitPlan.of(cfg.train, len(splits.train_y), splits.train_x.device, 5)
+    feed = TrainFeed(splits, "crop_flip", aug_seed=6)
+    assert feed.aug_gen.device == splits.train_x.device == plan.order.device
+    idx = epoch_order(plan)[:8]
+    first, _ = feed.batch(idx)
+    feed.to(torch.device("cpu"))  # after drawing: the stream goes on where it was, never restarted
+    again, _ = feed.batch(idx)
+    fresh = TrainFeed(splits, "crop_flip", aug_seed=6)
+    assert torch.equal(fresh.batch(idx)[0], first)
+    assert not torch.equal(again, first)
+    assert torch.equal(fresh.batch(idx)[0], again)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("augment", ["crop_flip", "affine"])
+def test_on_a_gpu_a_batch_costs_no_host_synchronisation(digits, augment):
+    cfg, splits = digits
+    device = torch.device("cuda")
+    splits.to(device)
+    plan = FitPlan.of(cfg.train, len(splits.train_y), device, 5)
+    feed = TrainFeed(splits, augment, aug_seed=6)
+    assert feed.aug_gen.device.type == plan.order.device.type == "cuda"
+    torch.cuda.set_sync_debug_mode("error")  # a host copy or a device sync raises
+    try:
+        perm = epoch_order(plan)
+        for b in range(3):
+            feed.batch(perm[b * plan.batch:(b + 1) * plan.batch])
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+        splits.to(torch.device("cpu"))
