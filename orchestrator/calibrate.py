@@ -137,4 +137,4 @@ def device_name(device: torch.device) -> str:
     """A readable name of the device the calibration ran on (the GPU's model, or the CPU and its threads)."""
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return f"cpu ({torch.get_num_threads()} threads)"
+    return f"cpu, {torch.get_num_threads()} thread(s)"

@@ -31,8 +31,8 @@ def add_estimate_arguments(parser) -> None:
 def cmd_estimate(args) -> int:
     from bioplaus.orchestrator.errors import UsageError
     from bioplaus.orchestrator.sweep import parse_sweep, plan_cells
-    from bioplaus.orchestrator.sweep.estimate import (calibrate, calibration_file, load_calibration, save_calibration,
-                                                      sweep_estimate)
+    from bioplaus.orchestrator.sweep.estimate import (calibrate, calibration_file, estimate_lines, load_calibration,
+                                                      save_calibration, sweep_estimate)
 
     if args.calibrate_steps < 1 or args.calibrate_seconds < 0:
         raise UsageError("--calibrate-steps must be >= 1 and --calibrate-seconds >= 0")
@@ -66,24 +66,3 @@ def _finite(value):
     if isinstance(value, list):
         return [_finite(v) for v in value]
     return value
-
-
-def estimate_lines(est: dict) -> list[str]:
-    """The estimate as a Markdown table (one row per cell) and a closing summary line."""
-    lines = ["| cell | ms / step | steps / epoch | epoch s | tuning h | finals h | gain | device-h |",
-             "|---|---|---|---|---|---|---|---|"]
-    for r in sorted(est["cells"], key=lambda r: -r["device_hours"]):
-        epoch = r["steps_per_epoch"] * r["step_s"] + r["n_val"] * r["eval_s_per_sample"]
-        gain = max(r["packing_speedup"], r["population_speedup"])
-        lines.append(f"| {r['cell']} | {r['step_s'] * 1e3:.2f} | {r['steps_per_epoch']} | {epoch:.1f} | "
-                     f"{r['tuning_s'] / 3600:.3f} | {r['finals_s'] / 3600:.3f} | {gain:.2f}x | {r['device_hours']:.3f} |")
-    b = est["budget"]
-    lines.append(f"\ntotal {est['device_hours']:.2f} device-hours on {est['device']} ({est['cells_estimated']} cells; "
-                 f"alone, one trial at a time: {est['work_hours_alone']:.2f} h); budget {b['trials']} trials x <= "
-                 f"{b['epochs']} epochs per cell (ASHA: {est['expected_epochs_per_trial']:.1f} epochs per trial "
-                 f"expected), finals {b['final_seeds']} seeds x {b['final_epochs']} epochs; {est['packing']} trial(s) "
-                 f"per device, population {est['population']}; gain = measured throughput of that sharing over one "
-                 f"trial alone (1.00x where no packed-trial or population curve was measured)")
-    if est["cells_missing"]:
-        lines.append(f"not estimated (no calibration or no known size): {', '.join(est['cells_missing'])}")
-    return lines

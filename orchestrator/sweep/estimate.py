@@ -30,6 +30,7 @@ from bioplaus.orchestrator.search_space import defaults_in_space, load_search_sp
 from bioplaus.orchestrator.sweep.cells import Cell, trial_config, trial_spec
 
 CALIBRATION_DIR = Path("runs/calibration")
+CURVES = ("cells", "packing", "population")  # the tables of a calibration file, merged cell by cell
 Log = Callable[[str], None]
 
 
@@ -69,8 +70,8 @@ def save_calibration(calibration: dict, path: Path) -> Path:
     """Write a calibration, merged into the file's earlier one (cells and curves measured before and not now
     are kept, so the packed-trial curve and several presets' cells can share one file)."""
     old = load_calibration(path) if path.is_file() else {}
-    merged = {**old, **{k: v for k, v in calibration.items() if k not in ("cells", "packing", "population")}}
-    for key in ("cells", "packing", "population"):
+    merged = {"cells": {}, **old, **{k: v for k, v in calibration.items() if k not in CURVES}}
+    for key in CURVES:
         merged[key] = {**old.get(key, {}), **calibration.get(key, {})}
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(merged, indent=1) + "\n")
@@ -87,6 +88,16 @@ def load_calibration(path: Path) -> dict:
         raise UsageError(f"calibration file {path} has no 'cells' table; calibrate again with "
                          "`bioplaus cells ... --estimate`")
     return doc
+
+
+def add_curves(path: str | Path, kind: str, results: list[dict]) -> Path:
+    """Add measured sharing curves (``kind`` "packing" or "population": results with a ``case`` cell key, a
+    ``device`` and ``points`` of ``n`` and ``samples_per_s``) to the calibration file at ``path``."""
+    path = Path(path)
+    device = torch.device(results[0]["device"]) if results else torch.device("cpu")
+    curves = {r["case"]: {str(p["n"]): p["samples_per_s"] for p in r["points"]} for r in results}
+    doc = {"device": device_name(device), "device_type": device.type, "created_at": time.time(), kind: curves}
+    return save_calibration(doc, path)
 
 
 def find_calibration(cfg: DictConfig) -> Path | None:
@@ -158,3 +169,24 @@ def manifest_estimate(cfg: DictConfig, cells: list[Cell]) -> dict:
     est["cells"] = [{k: r[k] for k in keep} for r in est["cells"]]
     return {"estimate_device_hours": est["device_hours"],
             "estimate_json": json.dumps({"status": "ok", "calibration": str(path), **est})}
+
+
+def estimate_lines(est: dict) -> list[str]:
+    """The estimate as a Markdown table (one row per cell) and a closing summary line."""
+    lines = ["| cell | ms / step | steps / epoch | epoch s | tuning h | finals h | gain | device-h |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in sorted(est["cells"], key=lambda r: -r["device_hours"]):
+        epoch = r["steps_per_epoch"] * r["step_s"] + r["n_val"] * r["eval_s_per_sample"]
+        gain = max(r["packing_speedup"], r["population_speedup"])
+        lines.append(f"| {r['cell']} | {r['step_s'] * 1e3:.2f} | {r['steps_per_epoch']} | {epoch:.1f} | "
+                     f"{r['tuning_s'] / 3600:.3f} | {r['finals_s'] / 3600:.3f} | {gain:.2f}x | {r['device_hours']:.3f} |")
+    b = est["budget"]
+    lines.append(f"\ntotal {est['device_hours']:.2f} device-hours on {est['device']} ({est['cells_estimated']} cells; "
+                 f"alone, one trial at a time: {est['work_hours_alone']:.2f} h); budget {b['trials']} trials x <= "
+                 f"{b['epochs']} epochs per cell (ASHA: {est['expected_epochs_per_trial']:.1f} epochs per trial "
+                 f"expected), finals {b['final_seeds']} seeds x {b['final_epochs']} epochs; {est['packing']} trial(s) "
+                 f"per device, population {est['population']}; gain = measured throughput of that sharing over one "
+                 f"trial alone (1.00x where no packed-trial or population curve was measured)")
+    if est["cells_missing"]:
+        lines.append(f"not estimated (no calibration or no known size): {', '.join(est['cells_missing'])}")
+    return lines
