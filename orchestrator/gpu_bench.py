@@ -47,7 +47,7 @@ class BenchSizes:
     trial: tuple[str, ...] = ("rule=bp", "arch=mlp", "dataset=mnist", "train.epochs=3")
     packing_cases: tuple[str, ...] = ("bp-mlp-mnist", "bp-cnn-cifar10", "pc-mlp-mnist")
     packing_counts: tuple[int, ...] = (1, 2, 4, 8, 16)
-    packing_window_s: float = 4.0
+    packing_window_s: float = 3.0
     packing_extra: tuple[str, ...] = ()
     population_sizes: tuple[int, ...] = (1, 16)
     population_trial: tuple[str, ...] = ("rule=bp", "arch=mlp", "dataset=mnist", "train.epochs=2")
@@ -62,6 +62,7 @@ class BenchSizes:
     speed_cases: tuple[tuple[str, ...], ...] = (("rule=bp", "arch=mlp", "dataset=mnist"),
                                                 ("rule=bp", "arch=cnn", "dataset=cifar10"))
     speed_steps: int = 200
+    speed_modes: tuple[str, ...] = ("fp32", "bf16", "compile")  # each compilation costs a minute on the bench's clock
     compile_backend: str = "inductor"
     extra: tuple[str, ...] = field(default_factory=tuple)
     """Overrides added to every trial the bench builds."""

@@ -187,7 +187,7 @@ def speedups_step(sizes, ctx, log) -> dict:
     cases, lines = [], ["| case | mode | samples/s | x fp32 | first 20 steps s | loss rel. diff vs fp32 |",
                         "|---|---|---|---|---|---|"]
     for case in sizes.speed_cases:
-        rows = time_modes(_spec(case, sizes), sizes.speed_steps, sizes.compile_backend)
+        rows = time_modes(_spec(case, sizes), sizes.speed_steps, sizes.compile_backend, modes=sizes.speed_modes)
         cases.append({"case": list(case), "rows": rows})
         lines += [f"| {' '.join(case)} | {r['mode']} | {r['samples_per_s']:.0f} | {r['speedup']:.2f} | "
                   f"{r['first_steps_s']:.1f} | {r['loss_rel_diff_vs_fp32']:.1e} |" for r in rows]

@@ -55,12 +55,13 @@ def losses(trial: PreparedTrial, steps: int) -> list[float]:
     return torch.stack(out).tolist()
 
 
-def time_modes(spec: TrialSpec, steps: int, backend: str = "inductor", parity_steps: int = 20) -> list[dict]:
+def time_modes(spec: TrialSpec, steps: int, backend: str = "inductor", parity_steps: int = 20,
+               modes: tuple[str, ...] = MODES) -> list[dict]:
     """Per mode, from the same initial weights and batches: the loss over ``parity_steps`` first steps against
     fp32 eager's (mean relative difference), the first steps' seconds (compilation), then samples/s over
     ``steps`` more."""
     rows, reference = [], None
-    for mode in MODES:
+    for mode in ("fp32", *(m for m in modes if m != "fp32")):  # fp32 first: the reference
         trial = prepare(spec, "synthetic")
         apply_mode(trial, mode, backend)
         tick = time.perf_counter()

@@ -71,3 +71,13 @@ def test_bf16_autocast_and_compile_keep_bps_accuracy_on_digits():
     assert abs(fit_accuracy(_digits(), "bf16") - fp32) <= 0.04  # 144 validation images: 0.04 is 6 of them
     # a compiled graph computes the same function; with the eager backend exactly the same numbers
     assert fit_accuracy(_digits(), "compile", backend="eager") == fp32
+
+
+def test_packing_curve_saturation_and_case_keys():
+    from bioplaus.orchestrator.packing import CASES, case_key, saturation
+
+    points = [{"n": 1, "samples_per_s": 100.0}, {"n": 2, "samples_per_s": 190.0}, {"n": 4, "samples_per_s": 300.0},
+              {"n": 8, "samples_per_s": 320.0}, {"n": 16, "samples_per_s": 310.0}]
+    assert saturation(points) == 4  # 300 >= 0.9 x 320
+    assert saturation(points, fraction=1.0) == 8
+    assert case_key(CASES["bp-cnn-cifar10"]) == "bp.cnn.cifar10"

@@ -45,19 +45,26 @@ def first_trial_config(cfg: DictConfig, cell: Cell) -> dict:
 def calibrate(cfg: DictConfig, cells: list[Cell], data: str = "synthetic", min_steps: int = 5,
               min_seconds: float = 0.0, log: Log = lambda m: None) -> dict:
     """Time every cell on this device; the calibration document (see :func:`save_calibration`)."""
-    rows, device = {}, None
-    for i, cell in enumerate(cells):
+    rows, errors, device = {}, {}, None
+    for cell in cells:
         if data == "synthetic" and cell.dataset not in SHAPES:
             raise UsageError(f"cell {cell.key}: dataset {cell.dataset} has no synthetic stand-in; calibrate with "
                              "--calibrate-data real")
-        row = time_cell(trial_spec(first_trial_config(cfg, cell)), data=data, min_steps=min_steps,
-                        min_seconds=min_seconds)
+    for i, cell in enumerate(cells):
+        try:
+            row = time_cell(trial_spec(first_trial_config(cfg, cell)), data=data, min_steps=min_steps,
+                            min_seconds=min_seconds)
+        except Exception as e:  # a cell that cannot be timed here (out of memory, ...) is left out, and named
+            errors[cell.key] = f"{type(e).__name__}: {e}"
+            log(f"calibration of {cell.key} failed: {errors[cell.key]}")
+            continue
         rows[cell.key] = row
         device = device or torch.device(row["device"])
         log(f"calibrated {i + 1}/{len(cells)} {cell.key}: {row['step_s'] * 1e3:.2f} ms per step of {row['batch']}")
     device = device or torch.device("cpu")
     return {"device": device_name(device), "device_type": device.type, "torch": torch.__version__,
-            "created_at": time.time(), "data": data, "cells": rows, "packing": {}, "population": {}}
+            "created_at": time.time(), "data": data, "cells": rows, "errors": errors, "packing": {},
+            "population": {}}
 
 
 def calibration_file(calibration: dict) -> Path:
