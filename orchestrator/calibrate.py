@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from bioplaus.algorithms.rule import Rule
-from bioplaus.orchestrator.build import build_rule, pick_device, seed_everything
+from bioplaus.orchestrator.build import build_rule, start_trial
 from bioplaus.orchestrator.data import DataSplits
 from bioplaus.orchestrator.data.synthetic import SHAPES, synthetic_splits
 from bioplaus.orchestrator.errors import UsageError
@@ -57,10 +57,7 @@ def prepare(spec: TrialSpec, data: str = "synthetic", pool: int | None = None) -
     dataset (``pool`` training images: enough for several full batches), ``"real"`` its real splits."""
     cfg = spec.cfg
     t, seed = cfg.train, int(cfg.seed)
-    device = pick_device(t.device)
-    if t.threads:
-        torch.set_num_threads(t.threads)
-    seed_everything(seed, t.deterministic)
+    device = start_trial(cfg)
     tick = time.perf_counter()
     if data == "real":
         splits = load_splits(cfg)

@@ -14,7 +14,10 @@ from pathlib import Path
 
 
 def add_estimate_arguments(parser) -> None:
-    """The ``--estimate`` flags of ``bioplaus cells``."""
+    """The ``--estimate`` flags of ``bioplaus cells``; with ``--estimate`` the command estimates (cmd_estimate)
+    instead of listing (the parser's ``func`` so far, which must be set before this is called)."""
+    listing = parser.get_default("func")
+    parser.set_defaults(func=lambda args: cmd_estimate(args) if args.estimate else listing(args))
     parser.add_argument("--estimate", action="store_true",
                         help="calibrate the cells on this device (a few steps each) and print the sweep's device-hours")
     parser.add_argument("--calibration", metavar="FILE",
