@@ -26,6 +26,7 @@ def test_cpu_smoke_runs_every_step_without_ray(tmp_path):
     out = tmp_path / "out"
     proc = subprocess.run([sys.executable, "-m", "bioplaus.orchestrator.gpu_bench", "--cpu-smoke", "--out", str(out)],
                           env=env, capture_output=True, text=True, timeout=900)
+    assert (out / "gpu_bench.json").is_file(), proc.stderr[-3000:]
     results = json.loads((out / "gpu_bench.json").read_text())
     steps = results["steps"]
     assert proc.returncode == 0, {k: v.get("error") for k, v in steps.items()} or proc.stderr[-3000:]
