@@ -145,7 +145,8 @@ def estimate_step(sizes, ctx, log) -> dict:
     cfg = parse_sweep([*sizes.preset, *(f"trial.{o}" for o in sizes.extra)])
     cells, _ = plan_cells(cfg)
     log(f"   calibrating {len(cells)} cells of {' '.join(sizes.preset)}")
-    fresh = calibrate(cfg, cells, "synthetic", sizes.calibrate_steps, sizes.calibrate_seconds)
+    fresh = calibrate(cfg, cells, "synthetic", sizes.calibrate_steps, sizes.calibrate_seconds,
+                      warmup=sizes.calibrate_warmup)
     calibration = load_calibration(save_calibration(fresh, ctx["out"] / "calibration.json"))
     own = sweep_estimate(cfg, cells, calibration)
     totals = []

@@ -30,7 +30,7 @@ def test_cpu_smoke_runs_every_step_without_ray(tmp_path):
     results = json.loads((out / "gpu_bench.json").read_text())
     steps = results["steps"]
     assert proc.returncode == 0, {k: v.get("error") for k, v in steps.items()} or proc.stderr[-3000:]
-    assert list(steps) == ["environment", "single_trial", "packing", "population", "estimate", "pipeline_model",
+    assert list(steps) == ["environment", "single_trial", "packing", "population", "pipeline_model", "estimate",
                            "speedups"]
     assert all(s["status"] == "ok" for n, s in steps.items() if n != "population")
     assert steps["population"]["status"] in ("ok", "skipped")

@@ -43,7 +43,7 @@ def first_trial_config(cfg: DictConfig, cell: Cell) -> dict:
 
 
 def calibrate(cfg: DictConfig, cells: list[Cell], data: str = "synthetic", min_steps: int = 5,
-              min_seconds: float = 0.0, log: Log = lambda m: None) -> dict:
+              min_seconds: float = 0.0, log: Log = lambda m: None, warmup: int = 2) -> dict:
     """Time every cell on this device; the calibration document (see :func:`save_calibration`)."""
     rows, errors, device = {}, {}, None
     for cell in cells:
@@ -52,8 +52,8 @@ def calibrate(cfg: DictConfig, cells: list[Cell], data: str = "synthetic", min_s
                              "--calibrate-data real")
     for i, cell in enumerate(cells):
         try:
-            row = time_cell(trial_spec(first_trial_config(cfg, cell)), data=data, min_steps=min_steps,
-                            min_seconds=min_seconds)
+            row = time_cell(trial_spec(first_trial_config(cfg, cell)), data=data, warmup=warmup,
+                            min_steps=min_steps, min_seconds=min_seconds)
         except Exception as e:  # a cell that cannot be timed here (out of memory, ...) is left out, and named
             errors[cell.key] = f"{type(e).__name__}: {e}"
             log(f"calibration of {cell.key} failed: {errors[cell.key]}")
