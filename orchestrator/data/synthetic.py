@@ -47,8 +47,7 @@ def split_sizes(dataset: str, data_cfg) -> dict[str, int]:
 
 
 def synthetic_splits(dataset: str, n_train: int, n_val: int, n_test: int, seed: int = 0) -> DataSplits:
-    """Random uint8 images and labels shaped like ``dataset`` (see :data:`SHAPES`); ``UsageError``-free:
-    the caller checks the name against :data:`SHAPES`."""
+    """Random uint8 images and labels shaped like ``dataset`` (a key of :data:`SHAPES`), drawn from ``seed``."""
     shape = SHAPES[dataset]
     gen = torch.Generator().manual_seed(seed)
 
