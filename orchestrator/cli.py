@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from bioplaus.orchestrator.errors import UsageError
+from bioplaus.orchestrator.estimate_cli import add_estimate_arguments
 
 JSON_KEYS = ("rule", "arch", "dataset", "seed", "status", "epochs", "val_acc", "test_acc", "train_seconds",
              "samples_per_second", "best_epoch", "test_loss", "val_loss", "peak_mem_mb", "mem_kind", "n_params",
@@ -320,6 +321,7 @@ def _add_run_commands(sub) -> None:
     c.add_argument("overrides", nargs="*")
     c.add_argument("--json", action="store_true", help="one JSON list of every cell: rule, arch, dataset, supported, reason")
     c.set_defaults(func=cmd_cells)
+    add_estimate_arguments(c)
 
     sp = sub.add_parser("space", help="the effective search space of each rule (shared knobs and its own, with "
                                       "the file each range comes from)")
