@@ -17,6 +17,7 @@ from torch import nn
 from torch.func import functional_call
 
 from bioplaus.algorithms.arch import Block, Network
+from bioplaus.algorithms.forward_reads import forward_weight
 from bioplaus.algorithms.local_readout import attach_local_readouts
 from bioplaus.algorithms.rule import (BlockLocalRule, RunInfo, output_error, set_delta_rule_grads,
                                       validate_hparams)
@@ -71,8 +72,8 @@ class StageUpdate:
         self.batch = self.z.shape[0]
         self.norm = {k: p.detach() for k, p in stage.norm.named_parameters()}
         self.readout = None if self.is_head else rule.readouts[i]
-        # The readout's weights (the output block's readout: identity).
-        self.weight = rule.eye if self.is_head else self.readout.weight
+        # The readout's weights as its forward evaluations read them (the output block's readout: identity).
+        self.weight = rule.eye if self.is_head else forward_weight(self.readout.weight)
         self.one_per_group = rule._one_per_group[i]
         self.h: torch.Tensor | None = None
         self.feats: torch.Tensor | None = None
@@ -171,6 +172,9 @@ class PerturbationRule(BlockLocalRule):
         validate_hparams(type(self), hp)
         hp.validate()
         attach_local_readouts(self, hp, info)
+
+    def local_heads(self) -> dict[int, list[nn.Module]]:
+        return {i: [readout] for i, readout in enumerate(self.readouts)}
 
     def step_metrics(self, out: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
         # The output block's clean output is its local loss's logits (its readout is the identity).
