@@ -43,7 +43,8 @@ MEASURED: dict[str, str] = {
     "C2": "block boundaries an autograd gradient crossed during the step (an error chained into the block below)",
     "C3": "passes of the batch through the network in one step: the most rows a weight layer was evaluated on over "
           "the batch size, plus one for a backward sweep (a gradient crossing a block boundary)",
-    "C4": "hidden blocks whose one-step update changes when every label is changed",
+    "C4": "hidden blocks whose one-step update changes when every label is changed (and with it which examples "
+          "share a label)",
 }
 THRESHOLDS = {"C1": THRESHOLD, "C1_within": THRESHOLD, "C1_head": THRESHOLD, "C2": 0.0, "C3": 1.0, "C4": 0.0}
 
@@ -124,9 +125,13 @@ def _instrumented_step(rule: Rule, step: Callable[[Rule], None]) -> _Instruments
 
 
 def _label_dependent(build: Callable[[], Rule], x: torch.Tensor, y: torch.Tensor, seed: int) -> int:
-    """Hidden blocks whose parameters after one step differ between the labels ``y`` and ``y + 1`` (mod classes)."""
+    """Hidden blocks whose parameters after one step differ between the labels ``y`` and other labels: every
+    example's label moved by 1 + (its index mod classes - 1), so each changes and so does which examples share a
+    label (a uniform shift would leave label-similarity objectives unchanged)."""
+    classes = build().net.num_classes
+    other = (y + 1 + torch.arange(len(y), device=y.device) % (classes - 1)) % classes
     after = []
-    for labels in (y, (y + 1) % build().net.num_classes):
+    for labels in (y, other):
         rule = build()
         _fixed_step(x, labels, seed)(rule)
         after.append([torch.cat([p.detach().flatten() for p in b.parameters()]) for b in rule.net.blocks])
@@ -174,8 +179,8 @@ def _measure(build: Callable[[], Rule], x: torch.Tensor, y: torch.Tensor, seed: 
         rows.append(Measurement("C3", passes, 1.0, passes <= 1.0,
                                 "rows evaluated per weight layer / batch" + (" + 1 backward sweep" if crossed else "")))
     dependent = _label_dependent(build, x, y, seed)
-    rows.append(Measurement("C4", float(dependent), 0.0, dependent == 0, "one step with y and with y+1: hidden "
-                                                                       f"blocks whose update differs: {dependent}"))
+    rows.append(Measurement("C4", float(dependent), 0.0, dependent == 0, "one step with the labels and with other "
+                                                                       f"labels: hidden blocks whose update differs: {dependent}"))
     return rows
 
 

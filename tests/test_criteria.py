@@ -164,3 +164,26 @@ def test_every_claim_names_an_existing_test(name):
         tree = ast.parse(file.read_text())
         names = {n.name for n in ast.walk(tree) if isinstance(n, ast.FunctionDef)}
         assert func in names, f"{name}.{code}: {func} is not a test in {path}"
+
+
+def test_criteria_command_writes_the_table_and_exits_1_on_a_disagreement(tmp_path, capsys):
+    """``bioplaus criteria``: one JSON row per cell x criterion with bp's value beside it, the Parquet table under
+    out/criteria; a declared claim the measurement contradicts (dtp's C1 under top_target=gradient) exits 1."""
+    import json
+
+    import polars as pl
+
+    from bioplaus.orchestrator.cli import main
+
+    assert main(["criteria", "rules=[dfa]", "archs=[mlp,cnn]", f"out={tmp_path}", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert {(r["arch"], r["criterion"]) for r in rows} >= {("mlp", "C1"), ("cnn", "C4")}
+    c1 = next(r for r in rows if (r["arch"], r["criterion"]) == ("mlp", "C1"))
+    assert c1["holds"] is True and c1["declared"] is True and c1["agree"] is True and c1["bp_value"] > 0.1
+    table = pl.scan_parquet(tmp_path / "criteria").collect()
+    assert table.height == len(rows) and set(table["arch"]) == {"mlp", "cnn"}
+    assert main(["criteria", "rules=[dtp]", "archs=[mlp]", "hp.top_target=gradient", "--json"]) == 1
+    wrong = [r for r in json.loads(capsys.readouterr().out) if r["agree"] is False]
+    assert [r["criterion"] for r in wrong] == ["C1"]
+    assert main(["criteria", "rules=[no_such_rule]"]) == 2
+    assert "unknown rule or arch 'no_such_rule'" in capsys.readouterr().err
