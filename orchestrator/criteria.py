@@ -18,19 +18,14 @@ import math
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import numpy as np
-import pyarrow as pa
-import torch
-from omegaconf import OmegaConf
-
-from bioplaus.algorithms import criteria
-from bioplaus.algorithms.registry import load_rules
-from bioplaus.orchestrator.config import parse_overrides, typed
-from bioplaus.orchestrator.data import load_raw
 from bioplaus.orchestrator.errors import UsageError, one_line
-from bioplaus.orchestrator.results import partition_dir, write_table
-from bioplaus.orchestrator.spec import TrialSpec, resolve
+
+if TYPE_CHECKING:
+    from bioplaus.orchestrator.spec import TrialSpec
+
+# Torch, the rules and the data load inside the functions: the CLI builds this command's parser on every start.
 
 PROBE_BATCH = 8
 """Images per probe batch: fewer than a tiny dense layer's inputs, so the batch leaves a null space."""
@@ -38,9 +33,7 @@ PROBE_WIDTH = 16
 """The widest block of a probe network."""
 COLUMNS = ("rule", "arch", "dataset", "criterion", "value", "threshold", "bp_value", "holds", "declared", "agree",
            "established_by", "method", "why", "criterion_text", "hp_json", "model_json", "seed")
-SCHEMA = pa.schema([(c, pa.float64() if c in ("value", "threshold", "bp_value") else
-                     pa.bool_() if c in ("holds", "declared", "agree") else pa.int64() if c == "seed" else pa.string())
-                    for c in COLUMNS])
+FLOATS, BOOLS = ("value", "threshold", "bp_value"), ("holds", "declared", "agree")
 
 
 def tiny_model(model_cfg):
@@ -55,9 +48,14 @@ def tiny_model(model_cfg):
     return dataclasses.replace(model_cfg, **changes)
 
 
-def probe_batch(spec: TrialSpec) -> tuple[torch.Tensor, torch.Tensor, int]:
+def probe_batch(spec: TrialSpec) -> tuple:
     """(images, labels, classes): the dataset's first PROBE_BATCH training images, each channel standardised over
     the batch, in float64."""
+    import numpy as np
+    import torch
+
+    from bioplaus.orchestrator.data import load_raw
+
     raw = load_raw(spec.cfg.dataset, spec.cfg.data)
     x = torch.from_numpy(np.ascontiguousarray(raw.train_x[:PROBE_BATCH])).double().div_(255.0)
     mean, std = x.mean((0, 2, 3), keepdim=True), x.std((0, 2, 3), keepdim=True).clamp_min(1e-3)
@@ -65,7 +63,9 @@ def probe_batch(spec: TrialSpec) -> tuple[torch.Tensor, torch.Tensor, int]:
     return (x - mean) / std, y, len(raw.classes)
 
 
-def _measure(rule_cls, hp, spec: TrialSpec, model_cfg, batch) -> list[criteria.Measurement]:
+def _measure(rule_cls, hp, spec: TrialSpec, model_cfg, batch) -> list:
+    from bioplaus.algorithms import criteria
+
     x, y, classes = batch
     build = criteria.builder(rule_cls, hp, spec.arch, model_cfg, tuple(x.shape[1:]), classes, int(spec.cfg.seed))
     return criteria.measure(build, x, y, int(spec.cfg.seed))
@@ -73,6 +73,10 @@ def _measure(rule_cls, hp, spec: TrialSpec, model_cfg, batch) -> list[criteria.M
 
 def cell_rows(spec: TrialSpec, batch=None, bp_cache: dict | None = None) -> list[dict]:
     """The criteria rows of one cell (``spec``: its rule, architecture, dataset and settings)."""
+    from bioplaus.algorithms import criteria
+    from bioplaus.algorithms.registry import load_rules
+    from bioplaus.orchestrator.config import typed
+
     model = tiny_model(spec.model_cfg)
     batch = batch if batch is not None else probe_batch(spec)
     measured = criteria.compare(spec.rule_cls, _measure(spec.rule_cls, spec.hp, spec, model, batch))
@@ -89,10 +93,15 @@ def cell_rows(spec: TrialSpec, batch=None, bp_cache: dict | None = None) -> list
 
 def write_cell(folder: Path, rows: list[dict]) -> Path:
     """Write one cell's rows (replacing what the cell had) into ``folder/criteria``; the path written."""
+    import pyarrow as pa
+
+    from bioplaus.orchestrator.results import partition_dir, write_table
+
     cell = rows[0]
     kept = [c for c in COLUMNS if c not in ("rule", "arch", "dataset")]  # the partition path names the cell
-    table = pa.Table.from_pylist([{c: r.get(c) for c in kept} for r in rows],
-                                 schema=pa.schema([SCHEMA.field(c) for c in kept]))
+    schema = pa.schema([(c, pa.float64() if c in FLOATS else pa.bool_() if c in BOOLS else
+                         pa.int64() if c == "seed" else pa.string()) for c in kept])
+    table = pa.Table.from_pylist([{c: r.get(c) for c in kept} for r in rows], schema=schema)
     return write_table(table, partition_dir(Path(folder), "criteria", cell) / "criteria.parquet")
 
 
@@ -132,6 +141,13 @@ def command_specs(overrides: list[str]) -> tuple[list[TrialSpec], list[str], str
     """(the specs of every supported cell, the skipped cells with reasons, out) from ``bioplaus criteria``'s
     overrides: rules=[..] archs=[..] datasets=[..] (default: every rule and architecture, digits) out=DIR; any other
     key=value (hp.top_target=gradient, model.norm=group, seed=1) applies to every cell's trial config."""
+    from omegaconf import OmegaConf
+
+    from bioplaus.algorithms.arch import ARCHS
+    from bioplaus.algorithms.registry import load_rules
+    from bioplaus.orchestrator.config import parse_overrides
+    from bioplaus.orchestrator.spec import resolve
+
     own = [o for o in overrides if o.split("=", 1)[0] in _OWN_KEYS]
     rest = [o for o in overrides if o not in own]
     try:
@@ -141,8 +157,6 @@ def command_specs(overrides: list[str]) -> tuple[list[TrialSpec], list[str], str
     listed = {k: ([v] if isinstance(v, str) else list(v or [])) for k, v in chosen.items() if k != "out"}
     rules = listed.get("rules") or [n for n, c in load_rules().items()
                                     if c.__module__.startswith("bioplaus.algorithms.rules.")]
-    from bioplaus.algorithms.arch import ARCHS
-
     archs, datasets = listed.get("archs") or list(ARCHS), listed.get("datasets") or ["digits"]
     unknown = [r for r in rules if r not in load_rules()] + [a for a in archs if a not in ARCHS]
     if unknown:
