@@ -23,6 +23,7 @@ local head (auxiliary classifiers, local readouts: :meth:`~bioplaus.algorithms.r
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Callable
 from contextlib import ExitStack
@@ -82,8 +83,6 @@ def weight_layers(module: nn.Module) -> list[nn.Module]:
 
 def batch_inputs(net: nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:
     """Module name -> the rows a Linear layer of ``net`` reads on the batch ``x`` (one forward pass of a copy)."""
-    import copy
-
     clone, seen = copy.deepcopy(net), {}
     handles = [m.register_forward_pre_hook(lambda mod, args, name=name: seen.setdefault(name, args[0].detach()))
                for name, m in clone.named_modules() if isinstance(m, nn.Linear)]
