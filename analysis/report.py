@@ -25,11 +25,12 @@ from pathlib import Path
 import polars as pl
 
 from bioplaus.analysis import figures, optuna_figures, plots, tables
+from bioplaus.analysis.criteria_report import criteria_section, criteria_table
 from bioplaus.analysis.load import SweepData, load_sweep
 from bioplaus.analysis.report_format import Cell, Figure, Section, md_table, text_of
 from bioplaus.analysis.report_estimate import estimate_section
 from bioplaus.analysis.report_render import render_html, render_markdown
-from bioplaus.analysis.report_sections import (brain_part, cost_section, criteria_section, data_section,
+from bioplaus.analysis.report_sections import (brain_part, cost_section, data_section,
                                                main_section, optuna_section, rank_section, tuning_section)
 
 
@@ -72,7 +73,7 @@ def compute_tables(d: SweepData) -> SweepTables:
     cells = [(a, x) for x in datasets for a in archs
              if cells_df.filter((pl.col("arch") == a) & (pl.col("dataset") == x)).height]
     rules = tables.rule_order(main)
-    crit, crit_error = tables.criteria_table(rules)
+    crit, crit_error = criteria_table(d, rules)
     return SweepTables(cells_df, main, tables.rank_table(main), tables.cost_table(d, main), crit, crit_error,
                        tables.tuning_table(d, cells_df), tables.data_table(d), rules, cells)
 

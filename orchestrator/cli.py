@@ -285,6 +285,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_commands(sub)
     _add_bench_command(sub)
     _add_analysis_commands(sub)
+    from bioplaus.orchestrator.criteria import add_command as add_criteria_command
+    add_criteria_command(sub)
     return p
 
 

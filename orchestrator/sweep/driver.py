@@ -27,6 +27,7 @@ from ray import tune
 from bioplaus.algorithms.registry import load_rules
 from bioplaus.orchestrator.checkpoint import write_network_file
 from bioplaus.orchestrator.config import to_plain
+from bioplaus.orchestrator.criteria import measure_cells
 from bioplaus.orchestrator.data.datasets import check_dataset
 from bioplaus.orchestrator.errors import UsageError, one_line
 from bioplaus.orchestrator.pipeline import final_options, trial_resources
@@ -277,6 +278,18 @@ class Sweep:
             wandb.close()
         write_finals(self.dir, self.final_epochs, current)
 
+    def criteria(self, log: Log) -> None:
+        """The ``criteria`` table: every cell's criteria measured at the settings its finals ran with (its best trial's;
+        the rule's defaults for a cell without one), seconds per cell on this process's CPU."""
+        best = best_configs(self.dir)
+        specs = []
+        for cell in self.cells:
+            hp = (json.loads(best[cell.key]["hp_json"]) if cell.key in best
+                  else defaults_in_space(self.rules[cell.rule], self.spaces[cell.rule]))
+            specs.append(trial_spec(trial_config(self.cfg, cell, hp, self.cfg.seed, self.final_epochs)))
+        log(f"criteria: measuring {len(specs)} cells (tables in {self.dir / 'criteria'})")
+        measure_cells(specs, self.dir, log, keep_going=True)
+
     # whole sweep -------------------------------------------------------------------------------------
     def run(self, log: Log = _stderr) -> Path:
         """Tune, finals, manifest; the status it ends with is in ``self.status`` (see lifecycle.STATUSES).
@@ -322,6 +335,7 @@ class Sweep:
             raise
         finally:
             ray_local.stop(ray_started)
+        self.criteria(log)
         missing = cell_outcomes([c.key for c in self.cells], self._done("trials"), self._done("final_runs"),
                                 self._done("finals"))
         status, extra = sweep_status(len(self.cells), missing)
