@@ -46,6 +46,9 @@ class Claim:
     """One sentence: the mechanism that makes it hold or fail."""
     test: str
     """pytest node id of the test that proves this claim (and fails for a rule where it is false)."""
+    probe_cannot_see: str = ""
+    """Why the generic probes (``bioplaus.algorithms.criteria``) cannot judge this claim, which ``test`` then
+    establishes alone; empty: the probes measure it on every supported architecture and must agree."""
 
 
 @dataclass(frozen=True)
@@ -154,6 +157,12 @@ class Rule(nn.Module):
         None if that block has no loss of its own. Summed over blocks it is the ``loss`` that
         :meth:`train_step` returns; the pipeline trainer reports it stage by stage."""
         return None
+
+    def local_heads(self) -> dict[int, list[nn.Module]]:
+        """Hidden block index -> the modules of that block's own local head (auxiliary classifiers, local readouts):
+        rule state that reads the block's output to form the block's learning signal. The weight-transport probe
+        reports transport inside a block's own head apart from transport of other blocks' weights."""
+        return {}
 
     # --- inference ------------------------------------------------------------------------------
     @torch.no_grad()

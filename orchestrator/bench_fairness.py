@@ -8,6 +8,7 @@ tau-b (``scipy.stats.kendalltau``) compares the order with pruning to the order 
 rank, and the rules whose place moved are listed. The order by the finals' test accuracy is compared the same
 way, after the fact, and only reported.
 
+Light to import (the command line builds its parser from here): the sweep, Polars and SciPy load when it runs.
 Default size (:data:`CUT`): the local preset cut to digits on a 64-64 mlp, 6 trials of at most 5 epochs per
 cell, one final seed, one CPU, one thread; overrides apply on top (``budget.kind=compute``, ``rules=[...]``,
 ``root=DIR`` keeps the two sweep folders there; by default they go to a temporary folder, removed at the end).
@@ -21,13 +22,12 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-
-import polars as pl
-from scipy import stats
+from typing import TYPE_CHECKING
 
 from bioplaus.orchestrator.errors import UsageError
-from bioplaus.orchestrator.results import read_table
-from bioplaus.orchestrator.sweep import Sweep, best_configs, parse_sweep
+
+if TYPE_CHECKING:
+    import polars as pl
 
 CUT = ["preset=local", "datasets=[digits]", "trial.model.widths=[64,64]", "budget.trials=6", "budget.epochs=5",
        "budget.final_seeds=1", "trial.train.threads=1", "ray.num_cpus=1", "wandb.mode=disabled", "progress=false"]
@@ -36,6 +36,11 @@ ARMS = {"asha": "budget.pruning=true", "no_pruning": "budget.pruning=false"}
 
 def selected_results(sweep_dir: Path) -> pl.DataFrame:
     """Per rule x cell: the validation accuracy of the selected tuning trial and the finals' test accuracy."""
+    import polars as pl
+
+    from bioplaus.orchestrator.results import read_table
+    from bioplaus.orchestrator.sweep import best_configs
+
     rows = [{"rule": k.split(".")[0], "arch": k.split(".")[1], "dataset": k.split(".")[2], "val_acc": r["val_acc"]}
             for k, r in best_configs(sweep_dir).items()]
     selected = pl.DataFrame(rows, schema={"rule": pl.String, "arch": pl.String, "dataset": pl.String,
@@ -50,6 +55,9 @@ def selected_results(sweep_dir: Path) -> pl.DataFrame:
 def rank_agreement(with_asha: pl.DataFrame, without: pl.DataFrame, metric: str = "val_acc") -> list[dict]:
     """Per cell: Kendall's tau-b between the rules' order by ``metric`` with and without pruning (the rules
     both have), its p-value, and the rules whose rank moved (rank 1 = best)."""
+    import polars as pl
+    from scipy import stats
+
     both = with_asha.join(without, on=["rule", "arch", "dataset"], suffix="_no_pruning").drop_nulls(
         [metric, f"{metric}_no_pruning"])
     out = []
@@ -81,6 +89,9 @@ def run(overrides: list[str], log=lambda m: print(m, file=sys.stderr, flush=True
 
 
 def _measure(overrides: list[str], root: str, log) -> dict:
+    from bioplaus.orchestrator.results import read_table
+    from bioplaus.orchestrator.sweep import Sweep, parse_sweep
+
     sweeps = {arm: Sweep(parse_sweep([*CUT, *overrides, setting, f"root={root}", f"name=fairness-{arm}"]))
               for arm, setting in ARMS.items()}  # every config checked before the first sweep runs
     seconds = {}
@@ -115,3 +126,12 @@ def command(args) -> int:
     for line in summary_lines(result):
         print(line, file=sys.stderr)
     return 0
+
+
+def add_fairness_argument(parser, bench) -> None:
+    """The ``--asha-fairness`` flag of ``bioplaus bench``, and the command's function: :func:`command` with the
+    flag, else ``bench``."""
+    parser.set_defaults(func=lambda args: command(args) if args.asha_fairness else bench(args))
+    parser.add_argument("--asha-fairness", action="store_true",
+                        help="the rules' rank order with ASHA against without pruning, Kendall's tau (a few sweeps: "
+                             "minutes; overrides apply to both, e.g. budget.kind=compute)")

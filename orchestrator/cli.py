@@ -15,7 +15,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+from bioplaus.orchestrator.bench_fairness import add_fairness_argument
 from bioplaus.orchestrator.errors import UsageError
+from bioplaus.orchestrator.estimate_cli import add_estimate_arguments
 
 JSON_KEYS = ("rule", "arch", "dataset", "seed", "status", "epochs", "val_acc", "test_acc", "train_seconds",
              "samples_per_second", "best_epoch", "test_loss", "val_loss", "peak_mem_mb", "mem_kind", "n_params",
@@ -236,9 +238,6 @@ def cmd_faults(args) -> int:
 def cmd_bench(args) -> int:
     if args.faults:
         return cmd_faults(args)
-    if args.asha_fairness:
-        from bioplaus.orchestrator.bench_fairness import command
-        return command(args)
     if args.orchestrator:
         from bioplaus.orchestrator.efficiency import measure
 
@@ -262,7 +261,6 @@ def cmd_bench(args) -> int:
 
 def cmd_brain(args) -> int:
     from bioplaus.analysis.brain import run_command
-
     return run_command(args.sweep_dir, args.overrides, rsa92=args.rsa92, plot=args.plot)
 
 
@@ -286,6 +284,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_commands(sub)
     _add_bench_command(sub)
     _add_analysis_commands(sub)
+    from bioplaus.orchestrator.criteria import add_command as add_criteria_command
+    add_criteria_command(sub)
     return p
 
 
@@ -322,6 +322,7 @@ def _add_run_commands(sub) -> None:
     c.add_argument("overrides", nargs="*")
     c.add_argument("--json", action="store_true", help="one JSON list of every cell: rule, arch, dataset, supported, reason")
     c.set_defaults(func=cmd_cells)
+    add_estimate_arguments(c)
 
     sp = sub.add_parser("space", help="the effective search space of each rule (shared knobs and its own, with "
                                       "the file each range comes from)")
@@ -347,7 +348,6 @@ def _add_bench_command(sub) -> None:
                    help="fault injection instead: each fault (signals, kills, a second driver, failing trials, the "
                         "Optuna journal, stale finals, a changed config) on a small sweep in a temporary folder; "
                         "prints the table (exit 1 if a row is not OK)")
-    b.add_argument("--asha-fairness", action="store_true", help="rules' rank order with ASHA vs without pruning")
     b.add_argument("--fault", action="append", help="with --faults: only the cases whose name contains this "
                                                     "(case-insensitive, repeatable)")
     b.add_argument("--write-docs", metavar="FILE", help="with --faults: rewrite the table section of FILE "
@@ -358,7 +358,7 @@ def _add_bench_command(sub) -> None:
                    help="staleness bound of the pipelined modes of --pipeline (default 1)")
     b.add_argument("--chunk", type=int, default=8, help="micro-batches per message of the chunked pipeline mode "
                                                         "of --pipeline (default 8)")
-    b.set_defaults(func=cmd_bench)
+    add_fairness_argument(b, cmd_bench)  # sets the command's function: cmd_bench, or the fairness measurement
 
 
 def _add_analysis_commands(sub) -> None:

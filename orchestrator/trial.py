@@ -19,7 +19,7 @@ import torch
 from omegaconf import DictConfig
 
 from bioplaus.algorithms.rule import Rule
-from bioplaus.orchestrator.build import build_rule, pick_device, seed_everything
+from bioplaus.orchestrator.build import build_rule, pick_device, seed_everything, start_trial
 from bioplaus.orchestrator.checkpoint import save_network
 from bioplaus.orchestrator.config import to_plain
 from bioplaus.orchestrator.data import DataSplits, load_raw, make_splits
@@ -68,10 +68,7 @@ def run_trial(cfg: DictConfig | TrialSpec, report: Report | None = None, progres
     spec = cfg if isinstance(cfg, TrialSpec) else resolve(cfg)
     cfg = spec.cfg
     t, seed = cfg.train, int(cfg.seed)
-    device = pick_device(t.device)
-    if t.threads:
-        torch.set_num_threads(t.threads)
-    seed_everything(seed, t.deterministic)
+    device = start_trial(cfg)
     started = time.time()
     if splits is None:
         splits = load_splits(cfg)

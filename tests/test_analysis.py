@@ -117,6 +117,7 @@ def sweep(tmp_path_factory):
             record.update(phase="final", epochs_planned=FINAL_EPOCHS)
             write_run(d, record, run_id=f"{key}.final{seed}", runs_table="final_runs")
     write_finals(d, FINAL_EPOCHS)
+    s.criteria(lambda _: None)  # the sweep's criteria step: every cell measured at its best configuration
 
     out = io.StringIO()
     tick = time.perf_counter()
@@ -236,22 +237,33 @@ def test_cost_table(sweep, data, main_df):
     assert bp["epochs_to_95_mean"] == pytest.approx(sum(firsts) / len(firsts))
 
 
-def test_criteria_table_matches_the_registry(sweep):
+def test_criteria_table_is_measured_with_the_declared_claims_beside(sweep, data):
+    from types import SimpleNamespace
+
     from bioplaus.algorithms.registry import load_rules
+    from bioplaus.analysis.criteria_report import criteria_section, criteria_table
 
     rules = ["bp", sweep["other"], "no_such_rule"]
-    crit, error = tables.criteria_table(rules)
-    assert error is None
+    crit, note = criteria_table(data, rules)
+    assert note is None
     registry = load_rules()
     for rule in rules[:2]:
-        mine = crit.filter(pl.col("rule") == rule).sort("criterion")
-        declared = registry[rule].criteria
-        assert mine["criterion"].to_list() == sorted(declared)
-        assert mine["holds"].to_list() == [declared[c].holds for c in sorted(declared)]
-        assert mine["test"].to_list() == [declared[c].test for c in sorted(declared)]
-        assert mine["criterion_text"].null_count() == 0
-    assert crit.filter(pl.col("rule") == "no_such_rule")["registered"].to_list() == [False]
-    assert not crit.filter(pl.col("rule") == "bp")["holds"].any()  # the reference violates every criterion
+        mine = crit.filter(pl.col("rule") == rule)
+        assert set(mine.select("arch", "dataset").unique().rows()) == {("mlp", "digits"), ("cnn", "digits")}
+        for r in mine.filter(pl.col("criterion").is_in(["C1", "C2", "C3", "C4"])).iter_rows(named=True):
+            assert r["declared"] == registry[rule].criteria[r["criterion"]].holds and r["agree"] is True, r
+            assert math.isfinite(r["bp_value"]) and r["criterion_text"]
+    bp = crit.filter((pl.col("rule") == "bp") & pl.col("criterion").is_in(["C1", "C2", "C3", "C4"]))
+    assert not bp["holds"].any() and (bp["bp_value"] > bp["threshold"]).all()  # the reference violates every criterion
+    assert crit.filter(pl.col("rule") == "no_such_rule").is_empty()
+    # A disagreement is flagged at the top of the section; a folder without the table falls back to declarations.
+    flipped = crit.with_columns(agree=pl.when((pl.col("rule") == "bp") & (pl.col("criterion") == "C1"))
+                                .then(False).otherwise(pl.col("agree")))
+    section = criteria_section(flipped, rules[:2], None)
+    assert "disagree with the measurement" in section.notes[0] and "bp C1 on" in section.notes[0]
+    declared, note = criteria_table(SimpleNamespace(dir=sweep["dir"] / "no_such_folder"), ["bp"])
+    assert "no criteria table" in note and declared["holds"].null_count() == declared.height
+    assert declared["declared"].to_list() == [registry["bp"].criteria[c].holds for c in declared["criterion"]]
 
 
 def test_tuning_table_counts_and_selection(sweep, data):

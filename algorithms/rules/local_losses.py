@@ -220,6 +220,9 @@ class LocalLosses(BlockLocalRule):
             loss = loss + (sim if hp.loss == "sim" else hp.beta * sim)
         return loss
 
+    def local_heads(self) -> dict[int, list[nn.Module]]:
+        return {i: [mods] for i, mods in enumerate(self.aux)}
+
     def block_step(self, index: int, h_in: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         stage = self.net.stages[index]
         h = stage(h_in.detach())  # detached input: the gradient stops at this block's lower boundary

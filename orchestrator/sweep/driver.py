@@ -27,6 +27,7 @@ from ray import tune
 from bioplaus.algorithms.registry import load_rules
 from bioplaus.orchestrator.checkpoint import write_network_file
 from bioplaus.orchestrator.config import to_plain
+from bioplaus.orchestrator.criteria import measure_cells
 from bioplaus.orchestrator.data.datasets import check_dataset
 from bioplaus.orchestrator.errors import UsageError, one_line
 from bioplaus.orchestrator.pipeline import final_options, trial_resources
@@ -39,6 +40,7 @@ from bioplaus.orchestrator.search_space import defaults_in_space, load_search_sp
 from bioplaus.orchestrator.sweep.budget import COMPUTE_TIME_ATTR, ComputeBudgets, RunBudget
 from bioplaus.orchestrator.sweep.cells import Cell, plan_cells, sampler_seed, trial_config, trial_spec
 from bioplaus.orchestrator.sweep.config import check_local_resources
+from bioplaus.orchestrator.sweep.estimate import manifest_estimate
 from bioplaus.orchestrator.sweep.finals import (SUPERSEDED, best_configs, final_run_id, row_hash, supersede_finals,
                                                 write_finals)
 from bioplaus.orchestrator.sweep.journal import check_journal, journal_path, reconciled_storage
@@ -70,6 +72,7 @@ class Sweep:
         check_resume(self.dir, to_plain(cfg))  # a folder made with other settings is refused before anything else
         self.cells, self.skipped = plan_cells(cfg)
         check_local_resources(cfg)
+        self.estimate = manifest_estimate(cfg, self.cells)  # from a stored calibration: arithmetic only
         if cfg.brain and after_finals is None:
             raise UsageError("brain=true needs the brain step, which `bioplaus sweep` adds; from Python pass "
                              "Sweep(cfg, after_finals=...), or set brain=false and run `bioplaus brain SWEEP_DIR`")
@@ -142,7 +145,7 @@ class Sweep:
                "started_at": started, "updated_at": time.time(), "bioplaus_version": version(),
                "git_commit": git_commit(), "python": platform.python_version(), "torch": torch.__version__,
                "ray": ray.__version__, "optuna": optuna.__version__, "polars": pl.__version__,
-               "cells": len(self.cells), "skipped_cells": len(self.skipped), **(extra or {})}
+               "cells": len(self.cells), "skipped_cells": len(self.skipped), **self.estimate, **(extra or {})}
         write_table(pa.Table.from_pylist([row]), self.dir / "manifest.parquet")
         try:
             (self.dir / "manifest.json").write_text(json.dumps(row, indent=2, default=str) + "\n")
@@ -297,6 +300,18 @@ class Sweep:
             wandb.close()
         write_finals(self.dir, self.final_epochs, current)
 
+    def criteria(self, log: Log) -> None:
+        """The ``criteria`` table: every cell's criteria measured at the settings its finals ran with (its best trial's;
+        the rule's defaults for a cell without one), seconds per cell on this process's CPU."""
+        best = best_configs(self.dir)
+        specs = []
+        for cell in self.cells:
+            hp = (json.loads(best[cell.key]["hp_json"]) if cell.key in best
+                  else defaults_in_space(self.rules[cell.rule], self.spaces[cell.rule]))
+            specs.append(trial_spec(trial_config(self.cfg, cell, hp, self.cfg.seed, self.final_epochs)))
+        log(f"criteria: measuring {len(specs)} cells (tables in {self.dir / 'criteria'})")
+        measure_cells(specs, self.dir, log, keep_going=True)
+
     # whole sweep -------------------------------------------------------------------------------------
     def run(self, log: Log = _stderr) -> Path:
         """Tune, finals, manifest; the status it ends with is in ``self.status`` (see lifecycle.STATUSES).
@@ -342,6 +357,7 @@ class Sweep:
             raise
         finally:
             ray_local.stop(ray_started)
+        self.criteria(log)
         missing = cell_outcomes([c.key for c in self.cells], self._done("trials"), self._done("final_runs"),
                                 self._done("finals"))
         status, extra = sweep_status(len(self.cells), missing)
