@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from bioplaus.orchestrator.bench_fairness import add_fairness_argument
 from bioplaus.orchestrator.errors import UsageError
 from bioplaus.orchestrator.estimate_cli import add_estimate_arguments
 
@@ -260,14 +261,12 @@ def cmd_bench(args) -> int:
 
 def cmd_brain(args) -> int:
     from bioplaus.analysis.brain import run_command
-
     return run_command(args.sweep_dir, args.overrides, rsa92=args.rsa92, plot=args.plot)
 
 
 def cmd_report(args) -> int:
     from bioplaus.analysis.report import build_report
-
-    report = build_report(args.sweep_dir, out=args.out)
+    report = build_report(args.sweep_dir, out=args.out, compare=args.compare)
     if not args.quiet:
         print(report.summary)
     for note in report.notes:
@@ -359,7 +358,7 @@ def _add_bench_command(sub) -> None:
                    help="staleness bound of the pipelined modes of --pipeline (default 1)")
     b.add_argument("--chunk", type=int, default=8, help="micro-batches per message of the chunked pipeline mode "
                                                         "of --pipeline (default 8)")
-    b.set_defaults(func=cmd_bench)
+    add_fairness_argument(b, cmd_bench)  # sets the command's function: cmd_bench, or the fairness measurement
 
 
 def _add_analysis_commands(sub) -> None:
@@ -374,6 +373,7 @@ def _add_analysis_commands(sub) -> None:
     rp = sub.add_parser("report", help="tables, figures and an HTML/Markdown report of a sweep folder")
     rp.add_argument("sweep_dir", help="a sweep folder, e.g. runs/sweeps/local")
     rp.add_argument("--out", help="where to write the report (default: SWEEP_DIR/report)")
+    rp.add_argument("--compare", metavar="OTHER_SWEEP_DIR", help="a sweep of the other budget.kind, same cells")
     rp.add_argument("--quiet", action="store_true", help="do not print the summary tables")
     rp.set_defaults(func=cmd_report)
 

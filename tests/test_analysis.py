@@ -305,8 +305,8 @@ def test_report_files_tables_and_figures(sweep, main_df):
     assert "digits / mlp" in sweep["stdout"] and "ranking across cells" in sweep["stdout"]
     html = (d / "index.html").read_text()
     md = (d / "report.md").read_text()
-    for title in ("Main table", "Data used", "Ranking", "Cost", "Plausibility criteria", "Tuning", "Learning curves",
-                  "Optuna studies"):
+    for title in ("Main table", "Data used", "Ranking", "Cost", "Equal epochs and equal compute", "Rank test across cells",
+                  "Plausibility criteria", "Tuning", "Learning curves", "Optuna studies"):
         assert title in html and title in md
     assert "Brain similarity" not in html  # no brain/ table in this sweep
     assert "declared unsupported (test)" in html and "no result" in html
@@ -317,14 +317,15 @@ def test_report_files_tables_and_figures(sweep, main_df):
     rest = html.replace(get_plotlyjs(), "")
     assert not re.search(r"<script[^>]*\ssrc=|(src|href)=[\"']?(https?:)?//", rest)
     figs = _figures(html)
-    assert {"accuracy heatmap", "accuracy vs cost", "learning curves"} <= set(figs["plotly"])
+    assert {"accuracy heatmap", "accuracy vs cost", "accuracy vs compute (Pareto front)",
+            "learning curves"} <= set(figs["plotly"])
     assert "bp.mlp.digits: optimisation history" in figs["plotly"] and figs["image"] == []
     # The Markdown report links the static twins: decodable PNGs of a readable size.
     import matplotlib.image as mpimg
 
     refs = re.findall(r"!\[[^]]*\]\(([^)]+)\)", md)
-    assert sorted(Path(r).name for r in refs) == ["accuracy_heatmap.png", "accuracy_vs_cost.png",
-                                                   "learning_curves.png"]
+    assert sorted(Path(r).name for r in refs) == ["accuracy_heatmap.png", "accuracy_vs_compute.png",
+                                                   "accuracy_vs_cost.png", "learning_curves.png"]
     for ref in refs:
         raw = (d / ref).read_bytes()
         h, w = mpimg.imread(io.BytesIO(raw)).shape[:2]
@@ -479,7 +480,7 @@ def test_partial_sweep_reports_without_finals(sweep, tmp_path):
     assert pl.read_parquet(report.tables["tuning"])["trials"].sum() == 7
     assert pl.read_parquet(report.tables["cost"]).height == 0
     html = report.html.read_text()
-    assert len(_figures(html)["plotly"]) == 3 and "optuna.journal does not exist" in html
+    assert len(_figures(html)["plotly"]) == 4 and "optuna.journal does not exist" in html
 
 
 def test_report_cli_errors_are_one_line(tmp_path, capsys):

@@ -37,6 +37,7 @@ from bioplaus.orchestrator.results import (RunRecord, git_commit, read_table, re
                                            remove_interrupted_writes, rows_by_cell, unwritable, version, write_run,
                                            write_table)
 from bioplaus.orchestrator.search_space import defaults_in_space, load_search_space
+from bioplaus.orchestrator.sweep.budget import COMPUTE_TIME_ATTR, ComputeBudgets, RunBudget
 from bioplaus.orchestrator.sweep.cells import Cell, plan_cells, sampler_seed, trial_config, trial_spec
 from bioplaus.orchestrator.sweep.config import check_local_resources
 from bioplaus.orchestrator.sweep.estimate import manifest_estimate
@@ -86,16 +87,33 @@ class Sweep:
                        for c in self.cells}
         self._check_spaces_not_empty()
         self.final_epochs = cfg.budget.final_epochs or cfg.budget.epochs
-        # Every trial config a sweep will build is checked now, before Ray starts.
+        # budget.kind=compute: each run's epochs follow from its counted training FLOPs (orchestrator/sweep/budget.py)
+        self.budgets = ComputeBudgets(cfg) if cfg.budget.kind == "compute" else None
+        # Every trial config a sweep will build is checked now, before Ray starts (and, with budget.kind=compute,
+        # every cell's costs are counted: a rule that cannot be counted is refused here).
         for cell in self.cells:
             point = defaults_in_space(self.rules[cell.rule], self.spaces[cell.rule])
-            trial_spec(trial_config(cfg, cell, point, cfg.seed, cfg.budget.epochs))
+            trial_spec(self.run_config(cell, point, cfg.seed, cfg.budget.epochs))
         # Data too, once, here and not in every worker: missing files are downloaded, every file is hashed
         # where its digest is known and parsed whole, so a corrupt or hostile file is refused before Ray starts.
         for name in sorted({c.dataset for c in self.cells}):
             check_dataset(name, cfg.trial.data)
         check_journal(journal_path(cfg, self.dir))  # a corrupt study file is refused before anything is written
         ray_local.check_address(cfg.ray.address)  # a cluster that cannot be joined is refused in seconds
+
+    def run_config(self, cell: Cell, hp: dict, seed: int, budget: int) -> dict:
+        """The trial config of a run of ``cell``: ``budget`` epochs, or with budget.kind=compute ``budget``
+        bp-epochs of training compute turned into the run's own whole epochs."""
+        if self.budgets is None:
+            return trial_config(self.cfg, cell, hp, seed, budget)
+        return self.budgets.plan(cell, hp, seed, budget)[0]
+
+    def run_budget(self, plain: dict) -> RunBudget:
+        """What the run of trial config ``plain`` is given, as its rows record it (costs counted with compute)."""
+        epochs = int(plain["train"]["epochs"])
+        if self.budgets is None:
+            return RunBudget("epochs", epochs)
+        return RunBudget("compute", epochs, *self.budgets.costs(plain))
 
     def _check_spaces_not_empty(self) -> None:
         empty = sorted({c.rule for c in self.cells if not self.spaces[c.rule]})
@@ -155,7 +173,7 @@ class Sweep:
             first = None if len(rows) else defaults_in_space(self.rules[cell.rule], space)
             searchers[cell.key] = cell_search(cell.key, space, storage, seed=sampler_seed(cfg.seed, cell),
                                               first_point=first)
-            configs[cell.key] = (lambda hp, cell=cell: trial_config(cfg, cell, hp, cfg.seed, cfg.budget.epochs))
+            configs[cell.key] = (lambda hp, cell=cell: self.run_config(cell, hp, cfg.seed, cfg.budget.epochs))
         return searchers, remaining, configs
 
     def tune(self, log: Log) -> None:
@@ -171,7 +189,8 @@ class Sweep:
         if not total:
             return
         scheduler = CellASHA(cfg.budget.epochs, cfg.budget.grace_epochs, cfg.budget.reduction_factor,
-                             cfg.budget.trial_timeout_s)
+                             cfg.budget.trial_timeout_s, pruning=cfg.budget.pruning,
+                             time_attr=COMPUTE_TIME_ATTR if self.budgets else "training_iteration")
         recorder = TrialRecorder(self.dir, cfg, self.wandb_logger(log), total, timed_out=scheduler.timed_out,
                                  interrupted=lambda: self.signals.received is not None)
         # train.mode=pipeline: a placement group with one bundle per stage group (orchestrator/pipeline.py)
@@ -181,7 +200,8 @@ class Sweep:
             trainable,
             tune_config=tune.TuneConfig(
                 search_alg=CellSearcher(searchers, remaining, configs, scheduler.timed_out, recorder.retried,
-                                        stopping=WriteFailureStopper(recorder).stop_all),
+                                        stopping=WriteFailureStopper(recorder).stop_all,
+                                        budgets=(lambda p: self.run_budget(p).tune_config()) if self.budgets else None),
                 scheduler=scheduler,
                 num_samples=total, max_concurrent_trials=cfg.resources.max_concurrent, reuse_actors=True,
                 trial_dirname_creator=lambda t: f"{t.config['cell']}.t{t.config['trial_number']}-{t.trial_id}"),
@@ -214,7 +234,7 @@ class Sweep:
         for cell in self.cells:
             if cell.key in best:
                 hp = json.loads(best[cell.key]["hp_json"])
-                plain = {seed: trial_config(self.cfg, cell, hp, seed, self.final_epochs) for seed in seeds}
+                plain = {seed: self.run_config(cell, hp, seed, self.final_epochs) for seed in seeds}
                 out[cell.key] = (cell, config_hash(plain[seeds[0]]), plain)
         return out
 
@@ -234,7 +254,9 @@ class Sweep:
             record, model = ray.get(ref)
         except Exception as e:  # worker died more often than retries allow
             record, model = RunRecord(**cell.record(), seed=seed, status="failed", error=one_line(e)), None
-        record.phase, record.epochs_planned = "final", self.final_epochs
+        record.phase, record.epochs_planned = "final", int(plain["train"]["epochs"])
+        for name, value in self.run_budget(plain).columns().items():
+            setattr(record, name, value)
         record.rule, record.arch, record.dataset = cell.rule, cell.arch, cell.dataset
         record.config = plain  # the configuration the run id's hash names
         run_id = final_run_id(cell.key, seed, plain)

@@ -29,6 +29,7 @@ from bioplaus.orchestrator.errors import UsageError, last_line, one_line
 from bioplaus.orchestrator.progress import runs_bar
 from bioplaus.orchestrator.config import to_plain
 from bioplaus.orchestrator.results import RunRecord, git_commit, refuse_other_config, version, write_run
+from bioplaus.orchestrator.sweep.budget import RunBudget
 from bioplaus.orchestrator.sweep.cells import Cell
 from bioplaus.orchestrator.sweep.search import METRIC
 
@@ -253,7 +254,8 @@ class TrialRecorder(Callback):
         status = "failed" if error else last.get("status", "failed")
         if status == "ok" and len(epochs) < plain["train"]["epochs"]:
             status = "pruned"
-        return RunRecord(
+        budget = RunBudget.from_tune_config(trial.config.get("budget"), self.cfg.budget.kind, plain["train"]["epochs"])
+        return RunRecord(**budget.columns(),
             **Cell.from_key(trial.config["cell"]).record(), phase="tune", seed=plain["seed"], status=status,
             error=error, trial_number=trial.config["trial_number"], node_id=last.get("node_id"),
             attempts=max(1, trial.num_failures) if errored else trial.num_failures + 1, epochs_planned=plain["train"]["epochs"], epochs_run=len(epochs),

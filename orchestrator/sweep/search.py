@@ -136,13 +136,16 @@ class CellSearcher(Searcher):
     ``timed_out``: the scheduler's record of trials it stopped for running too long (shared, filled later);
     ``retried``: Tune trial id -> times it was retried (the recorder's, shared): the study trial's ``attempts``;
     ``stopping()``: whether the sweep is being stopped (a stop signal, a failed write): trials ending then
-    are not recorded (a resume runs them again), so the study marks them FAIL rather than learn from them.
+    are not recorded (a resume runs them again), so the study marks them FAIL rather than learn from them;
+    ``budgets``: trial config -> its budget for the Tune config's ``budget`` key (None: no such key).
     """
 
     def __init__(self, searchers: dict[str, Any], remaining: dict[str, int],
                  configs: dict[str, Callable[[dict], dict]], timed_out: dict[str, float],
-                 retried: dict[str, int] | None = None, stopping: Callable[[], bool] = lambda: False):
+                 retried: dict[str, int] | None = None, stopping: Callable[[], bool] = lambda: False,
+                 budgets: Callable[[dict], dict | None] | None = None):
         super().__init__(metric=METRIC, mode="max")
+        self.budgets = budgets  # trial config -> what its Tune config says of its budget (budget.kind=compute)
         self.searchers, self.remaining, self.configs = searchers, dict(remaining), configs
         self.timed_out = timed_out
         self.retried = {} if retried is None else retried
@@ -175,7 +178,8 @@ class CellSearcher(Searcher):
         number = searcher._ot_trials[trial_id].number
         plain = self.configs[key](hp)
         self.planned[trial_id] = int(plain["train"]["epochs"])
-        return {"cell": key, "trial_number": number, "trial": plain}
+        budget = self.budgets(plain) if self.budgets else None
+        return {"cell": key, "trial_number": number, "trial": plain, **({"budget": budget} if budget else {})}
 
     def on_trial_result(self, trial_id: str, result: dict):
         """Tune hook: an epoch's report, the study trial's intermediate value at that epoch."""
@@ -220,15 +224,19 @@ class CellSearcher(Searcher):
 class CellASHA(FIFOScheduler):
     """ASHA per cell: a trial is only ever compared with trials of its own cell.
 
+    ``time_attr``: the result key ASHA's rungs count (epochs, or bp-epochs of compute spent with
+    budget.kind=compute); ``pruning=False``: no trial is stopped early (every one runs its whole budget).
     Also enforces ``budget.trial_timeout_s``: Tune asks the scheduler which trial to run next at every
     step of its loop, so that is where running trials are timed (a hung trial sends no result that a
     result-based stopper could act on). A trial over the limit is stopped and noted in ``timed_out``.
     """
 
-    def __init__(self, max_t: int, grace: int, reduction_factor: int, trial_timeout_s: float | None = None):
+    def __init__(self, max_t: int, grace: int, reduction_factor: int, trial_timeout_s: float | None = None,
+                 time_attr: str = "training_iteration", pruning: bool = True):
         super().__init__()
-        self.kwargs = dict(time_attr="training_iteration", metric=METRIC, mode="max", max_t=max_t,
+        self.kwargs = dict(time_attr=time_attr, metric=METRIC, mode="max", max_t=max_t,
                            grace_period=grace, reduction_factor=reduction_factor)
+        self.pruning = pruning
         self.by_cell: dict[str, AsyncHyperBandScheduler] = {}
         self.trial_timeout_s = trial_timeout_s
         self.running_since: dict[str, float] = {}
@@ -268,6 +276,8 @@ class CellASHA(FIFOScheduler):
 
     def on_trial_result(self, tune_controller, trial, result):
         """Tune hook: an epoch's report; the cell's ASHA decides whether the trial continues."""
+        if not self.pruning:
+            return FIFOScheduler.CONTINUE
         return self._of(trial).on_trial_result(tune_controller, trial, result)
 
     def on_trial_complete(self, tune_controller, trial, result):
