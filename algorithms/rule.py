@@ -158,9 +158,10 @@ class Rule(nn.Module):
     # --- populations (algorithms/population.py) -------------------------------------------------
     population_hparams: ClassVar[tuple[str, ...]] = ()
     """HParams fields, beyond the optimiser's (each member has its own lr, optimizer, momentum, weight decay and
-    schedule), that may differ between the members of one population: :meth:`member_loss` and
-    :meth:`member_update` read them from their ``hp`` argument (0-d float64 tensors), never from ``self.hp``.
-    Members differing in any other field train as separate stacks of the population."""
+    schedule), that may differ between the members of one stack of a population: :meth:`member_loss` and
+    :meth:`member_update` read them from their ``hp`` argument (0-d float64 tensors), never from ``self.hp``, or
+    they only shape the rule's buffers when it is built (each member's buffers are its own). Members differing in
+    any other field train as separate stacks of the population."""
 
     def member_loss(self, hp: dict[str, torch.Tensor], x: torch.Tensor,
                     y: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

@@ -49,6 +49,7 @@ class DirectFeedbackAlignment(Rule):
     name = "dfa"
     summary = "direct feedback alignment: the output error reaches each hidden block through its own fixed random matrix (Nøkland 2016)"
     HParams = DFAHParams
+    population_hparams = ("feedback_scale",)  # it only scales the feedback buffers, stacked per member
     archs = {"mlp": None, "cnn": None, "deep_cnn": None, "resnet20": None, "resnet18": None}
     criteria = {
         "C1": Claim(True, "hidden blocks receive e B_l with B_l fixed and random; no forward weight is read "

@@ -52,6 +52,7 @@ class FeedbackAlignment(Rule):
     name = "fa"
     summary = "feedback alignment: errors travel down through fixed random matrices B instead of W^T (Lillicrap 2016)"
     HParams = FAHParams
+    population_hparams = ("feedback_scale",)  # it only scales the feedback buffers, stacked per member
     archs = {"mlp": None, "cnn": None, "deep_cnn": None, "resnet20": None, "resnet18": None}
     criteria = {
         "C1": Claim(True, "the error goes down through fixed random B_l; the forward weights are not even "
