@@ -252,6 +252,9 @@ def cmd_bench(args) -> int:
                                      staleness=args.staleness, markdown=args.markdown)
         print(json.dumps(result))
         return 0
+    if args.population:  # measured against as many separate trials, side by side
+        from bioplaus.orchestrator.bench_population import run
+        return run(args.overrides, args.population, args.markdown)
     from bioplaus.orchestrator.bench import run_bench
 
     return run_bench(args.rule, args.only, args.overrides, args.markdown, as_json=args.json)
@@ -349,10 +352,11 @@ def _add_bench_command(sub) -> None:
                                                     "(case-insensitive, repeatable)")
     b.add_argument("--write-docs", metavar="FILE", help="with --faults: rewrite the table section of FILE "
                                                         "(docs/reliability.md) from this run")
+    b.add_argument("--population", nargs="?", const="1,4,16", metavar="SIZES", help="populations of SIZES members "
+                   "(default 1,4,16) of one cell (default bp mlp digits) vs as many trials alone: speed per member")
     b.add_argument("--stages", type=int, default=2, help="pipeline stages for --pipeline (default 2)")
     b.add_argument("--rounds", type=int, default=3, help="interleaved rounds for --pipeline (default 3)")
-    b.add_argument("--staleness", type=int, default=1,
-                   help="staleness bound of the pipelined modes of --pipeline (default 1)")
+    b.add_argument("--staleness", type=int, default=1, help="staleness bound of --pipeline's pipelined modes (default 1)")
     b.add_argument("--chunk", type=int, default=8, help="micro-batches per message of the chunked pipeline mode "
                                                         "of --pipeline (default 8)")
     b.set_defaults(func=cmd_bench)
