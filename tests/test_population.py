@@ -119,7 +119,7 @@ def test_the_batched_optimiser_is_torch_optim_bit_for_bit(optimizer, schedule, m
     stacked = {"w": weights.clone()}
     batched = MemberOptimizer(hps, stacked, steps)
     for k in range(steps):
-        batched.step(stacked, {"w": grads[k]})
+        batched.step(stacked, {"w": grads[k].clone()})  # the step may overwrite the gradients it is given
     for i, hp in enumerate(hps):
         p = torch.nn.Parameter(weights[i].clone())
         opt = make_optimizer([p], hp, steps)
