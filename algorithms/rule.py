@@ -183,6 +183,10 @@ class Rule(nn.Module):
         """Why this rule cannot train as a population with this architecture config (None: it can)."""
         if cls.member_loss is Rule.member_loss:
             return f"rule {cls.name!r} has no functional member update (Rule.member_loss)"
+        step_owner = next(c for c in cls.__mro__ if "train_step" in vars(c))
+        loss_owner = next(c for c in cls.__mro__ if "member_loss" in vars(c))
+        if step_owner is not loss_owner and issubclass(step_owner, loss_owner):
+            return f"rule {cls.name!r} changes train_step but not the member_loss it inherits"
         if not issubclass(cls.HParams, OptimHParams):
             return f"rule {cls.name!r} has no optimiser settings for the batched optimiser"
         if getattr(model_cfg, "norm", "none") == "batch":
