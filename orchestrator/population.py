@@ -30,14 +30,14 @@ import torch
 import torch.nn.functional as F
 
 from bioplaus.algorithms.population import MemberStack, stack_key
-from bioplaus.orchestrator.build import build_rule, pick_device, seed_everything
+from bioplaus.orchestrator.build import build_rule
 from bioplaus.orchestrator.config import to_plain
 from bioplaus.orchestrator.data import DataSplits
 from bioplaus.orchestrator.errors import UsageError
 from bioplaus.orchestrator.feed import TrainFeed
 from bioplaus.orchestrator.spec import TrialSpec
 from bioplaus.orchestrator.training import FitPlan, History
-from bioplaus.orchestrator.trial import _finish_record, _new_record, _peak_memory_mb, load_splits
+from bioplaus.orchestrator.trial import _finish_record, _new_record, _peak_memory_mb, prepare_trial
 
 OnEpoch = Callable[[int, dict[int, dict[str, Any]]], set[int]]
 """(epoch, member -> its report row) -> the members to stop now."""
@@ -73,20 +73,11 @@ def run_population(specs: Sequence[TrialSpec], on_epoch: OnEpoch | None = None, 
     """Train every member (see the module docstring); their run records, in the order of ``specs``."""
     check_population(specs)
     cfg = specs[0].cfg
-    t, seed = cfg.train, int(cfg.seed)
-    device = pick_device(t.device)
-    if t.threads:
-        torch.set_num_threads(t.threads)
-    seed_everything(seed, t.deterministic)
-    started = time.time()
-    splits = load_splits(cfg) if splits is None else splits
-    splits.to(device)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    plan = FitPlan.of(t, len(splits.train_y), device, seed)
+    device, started, splits, plan = prepare_trial(specs[0], splits)
     rules = [build_rule(spec, splits.input_shape, splits.num_classes, plan.steps, device) for spec in specs]
     records = [_new_record(spec, rule, splits, device, started) for spec, rule in zip(specs, rules)]
-    trainer = PopulationTrainer(specs, rules, splits, plan, TrainFeed(splits, cfg.data.augment, aug_seed=seed + 1))
+    trainer = PopulationTrainer(specs, rules, splits, plan, TrainFeed(splits, cfg.data.augment,
+                                                                     aug_seed=int(cfg.seed) + 1))
     trainer.fit(records, on_epoch)
     for spec, rule, record, history in zip(specs, rules, records, trainer.histories):
         _finish_record(record, spec, rule, splits, history, device, evaluate_test, None)
