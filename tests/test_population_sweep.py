@@ -6,6 +6,7 @@ population tunes one trial at a time beside it."""
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 
 import optuna
 import polars as pl
@@ -14,11 +15,16 @@ from optuna.storages.journal import JournalFileBackend
 from optuna.trial import TrialState
 from ray.tune.schedulers import AsyncHyperBandScheduler, TrialScheduler
 
+from bioplaus.algorithms.registry import load_rules
 from bioplaus.orchestrator.errors import UsageError
+from bioplaus.orchestrator.population import run_population
+from bioplaus.orchestrator.results import read_table
+from bioplaus.orchestrator.search_space import load_search_space
 from bioplaus.orchestrator.sweep import Sweep, parse_sweep
-from bioplaus.orchestrator.sweep.cells import trial_spec
-from bioplaus.orchestrator.sweep.population import Rungs
-from bioplaus.orchestrator.sweep.search import METRIC
+from bioplaus.orchestrator.sweep.cells import Cell, trial_config, trial_spec
+from bioplaus.orchestrator.sweep.population import PopulationRecorder, PopulationSearcher, Rungs
+from bioplaus.orchestrator.sweep.recording import WandbLogger
+from bioplaus.orchestrator.sweep.search import METRIC, cell_search
 from bioplaus.orchestrator.trial import run_trial
 
 ARGS = ["preset=smoke", "name=p", "rules=[bp,faulty]", "budget.trials=3", "resources.population=2"]
@@ -89,3 +95,38 @@ def test_population_pruning_is_ashas_decision_within_the_cell():
 def test_population_must_be_at_least_one():
     with pytest.raises(UsageError, match="resources.population=0 must be >= 1"):
         parse_sweep(["preset=smoke", "resources.population=0"])
+
+
+def test_a_failed_population_keeps_its_recorded_members_and_fails_the_rest(tmp_path):
+    """The driver's side alone (no Ray): a member that ended before its population failed keeps its row and its
+    PRUNED study trial; the member still training is recorded failed with the error and told FAIL."""
+    cfg = parse_sweep(["preset=smoke", f"root={tmp_path}", "name=u", "rules=[bp]", "resources.population=2"])
+    cell = Cell("bp", "mlp", "digits")
+    storage = optuna.storages.InMemoryStorage()
+    searcher = PopulationSearcher({cell.key: cell_search(cell.key, load_search_space(load_rules()["bp"]), storage,
+                                                         seed=0, first_point=None)},
+                                  {cell.key: 2}, {cell.key: lambda hp: trial_config(cfg, cell, hp, 0, 2)}, {},
+                                  sizes={cell.key: 2}, book="unused")
+    config = searcher.suggest("T")
+    trial = SimpleNamespace(trial_id="T", config=config, num_failures=0, error_file=None, status="RUNNING")
+    rows = {}
+
+    def first_stops(epoch, reports):
+        rows.update(reports)
+        return {0}
+
+    run_population([trial_spec(m["trial"]) for m in config["members"]], on_epoch=first_stops, evaluate_test=False)
+    members = [{**rows[i], "id": m["id"], "node_id": "n", "done": i == 0} for i, m in enumerate(config["members"])]
+    result = {"epoch": 1, METRIC: 0.0, "members_json": json.dumps(members)}
+    recorder = PopulationRecorder(tmp_path / "u", cfg, WandbLogger(cfg, tmp_path / "u"), 2, book=None)
+    searcher.on_trial_result("T", result)
+    recorder.on_trial_result(1, [trial], trial, result)
+    recorder.on_trial_error(2, [trial], trial)
+    searcher.on_trial_complete("T", error=True)
+
+    table = read_table(tmp_path / "u", "trials").sort("trial_number")
+    assert table["status"].to_list() == ["pruned", "failed"] and table["error"].to_list() == [None, "worker failed"]
+    assert table["epochs_run"].to_list() == [1, 1]
+    study = optuna.load_study(study_name=cell.key, storage=storage)
+    assert [t.state for t in study.trials] == [TrialState.PRUNED, TrialState.FAIL]
+    assert [t.user_attrs["run_id"] for t in study.trials] == [f"{cell.key}.t0", f"{cell.key}.t1"]
