@@ -27,6 +27,7 @@ import polars as pl
 from bioplaus.analysis import figures, optuna_figures, plots, tables
 from bioplaus.analysis.load import SweepData, load_sweep
 from bioplaus.analysis.report_format import Cell, Figure, Section, md_table, text_of
+from bioplaus.analysis.report_estimate import estimate_section
 from bioplaus.analysis.report_render import render_html, render_markdown
 from bioplaus.analysis.report_sections import (brain_part, cost_section, criteria_section, data_section,
                                                main_section, optuna_section, rank_section, tuning_section)
@@ -151,7 +152,8 @@ def build_sections(d: SweepData, t: SweepTables, figs: dict[str, Figure], brain_
     sections = [main_sec, data_section(t.data), rank_section(t.ranks), cost_sec,
                 criteria_section(t.criteria, t.rules, t.criteria_error), tuning_section(t.tuning, t.rules, t.cells),
                 Section("Learning curves", plots=[figs["curves"]]), optuna_section(views, optuna_notes)]
-    return sections + ([brain_sec] if brain_sec is not None else [])
+    estimate_sec = estimate_section(d)
+    return sections + [s for s in (estimate_sec, brain_sec) if s is not None]
 
 
 def terminal_summary(name: str, main_sec: Section, rank_sec: Section, out: Path) -> str:

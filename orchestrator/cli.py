@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from bioplaus.orchestrator.errors import UsageError
+from bioplaus.orchestrator.estimate_cli import add_estimate_arguments
 
 JSON_KEYS = ("rule", "arch", "dataset", "seed", "status", "epochs", "val_acc", "test_acc", "train_seconds",
              "samples_per_second", "best_epoch", "test_loss", "val_loss", "peak_mem_mb", "mem_kind", "n_params",
@@ -256,7 +257,6 @@ def cmd_bench(args) -> int:
         from bioplaus.orchestrator.bench_population import run
         return run(args.overrides, args.population, args.markdown)
     from bioplaus.orchestrator.bench import run_bench
-
     return run_bench(args.rule, args.only, args.overrides, args.markdown, as_json=args.json)
 
 
@@ -323,6 +323,7 @@ def _add_run_commands(sub) -> None:
     c.add_argument("overrides", nargs="*")
     c.add_argument("--json", action="store_true", help="one JSON list of every cell: rule, arch, dataset, supported, reason")
     c.set_defaults(func=cmd_cells)
+    add_estimate_arguments(c)
 
     sp = sub.add_parser("space", help="the effective search space of each rule (shared knobs and its own, with "
                                       "the file each range comes from)")
@@ -357,8 +358,7 @@ def _add_bench_command(sub) -> None:
     b.add_argument("--stages", type=int, default=2, help="pipeline stages for --pipeline (default 2)")
     b.add_argument("--rounds", type=int, default=3, help="interleaved rounds for --pipeline (default 3)")
     b.add_argument("--staleness", type=int, default=1, help="staleness bound of --pipeline's pipelined modes (default 1)")
-    b.add_argument("--chunk", type=int, default=8, help="micro-batches per message of the chunked pipeline mode "
-                                                        "of --pipeline (default 8)")
+    b.add_argument("--chunk", type=int, default=8, help="micro-batches per message of --pipeline's chunked mode (default 8)")
     b.set_defaults(func=cmd_bench)
 
 

@@ -36,7 +36,7 @@ from bioplaus.orchestrator.data import DataSplits
 from bioplaus.orchestrator.errors import UsageError
 from bioplaus.orchestrator.feed import TrainFeed
 from bioplaus.orchestrator.spec import TrialSpec
-from bioplaus.orchestrator.training import FitPlan, History
+from bioplaus.orchestrator.training import FitPlan, History, epoch_order
 from bioplaus.orchestrator.trial import _finish_record, _new_record, _peak_memory_mb, prepare_trial
 
 OnEpoch = Callable[[int, dict[int, dict[str, Any]]], set[int]]
@@ -153,7 +153,7 @@ class PopulationTrainer:
     def _train_epoch(self, epoch: int) -> dict[int, dict[str, Any]]:
         """One epoch of every stack on the shared batches: each member's training row."""
         plan, device = self.plan, self.plan.device
-        perm = torch.randperm(plan.n_train, generator=plan.order).to(device)
+        perm = epoch_order(plan)
         sums: list[dict[str, torch.Tensor]] = [{} for _ in self.stacks]
         live = [(stack, total) for stack, total in zip(self.stacks, sums) if stack.ids]
         for stack, _ in live:

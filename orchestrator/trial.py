@@ -19,7 +19,7 @@ import torch
 from omegaconf import DictConfig
 
 from bioplaus.algorithms.rule import Rule
-from bioplaus.orchestrator.build import build_rule, pick_device, seed_everything
+from bioplaus.orchestrator.build import build_rule, pick_device, seed_everything, start_trial
 from bioplaus.orchestrator.checkpoint import save_network
 from bioplaus.orchestrator.config import to_plain
 from bioplaus.orchestrator.data import DataSplits, load_raw, make_splits
@@ -80,10 +80,7 @@ def prepare_trial(spec: TrialSpec, splits: DataSplits | None) -> tuple[torch.dev
     """What every trial starts with: the device, threads and seeds set, the start time, the data on the device
     (loaded unless given) and the epoch plan."""
     t, seed = spec.cfg.train, int(spec.cfg.seed)
-    device = pick_device(t.device)
-    if t.threads:
-        torch.set_num_threads(t.threads)
-    seed_everything(seed, t.deterministic)
+    device = start_trial(spec.cfg)
     started = time.time()
     if splits is None:
         splits = load_splits(spec.cfg)

@@ -38,6 +38,7 @@ from bioplaus.orchestrator.results import (RunRecord, git_commit, read_table, re
 from bioplaus.orchestrator.search_space import defaults_in_space, load_search_space
 from bioplaus.orchestrator.sweep.cells import Cell, plan_cells, sampler_seed, trial_config, trial_spec
 from bioplaus.orchestrator.sweep.config import check_local_resources
+from bioplaus.orchestrator.sweep.estimate import manifest_estimate
 from bioplaus.orchestrator.sweep.finals import (SUPERSEDED, best_configs, final_run_id, row_hash, supersede_finals,
                                                 write_finals)
 from bioplaus.orchestrator.sweep.journal import check_journal, journal_path, reconciled_storage
@@ -70,6 +71,7 @@ class Sweep:
         check_resume(self.dir, to_plain(cfg))  # a folder made with other settings is refused before anything else
         self.cells, self.skipped = plan_cells(cfg)
         check_local_resources(cfg)
+        self.estimate = manifest_estimate(cfg, self.cells)  # from a stored calibration: arithmetic only
         if cfg.brain and after_finals is None:
             raise UsageError("brain=true needs the brain step, which `bioplaus sweep` adds; from Python pass "
                              "Sweep(cfg, after_finals=...), or set brain=false and run `bioplaus brain SWEEP_DIR`")
@@ -125,7 +127,7 @@ class Sweep:
                "started_at": started, "updated_at": time.time(), "bioplaus_version": version(),
                "git_commit": git_commit(), "python": platform.python_version(), "torch": torch.__version__,
                "ray": ray.__version__, "optuna": optuna.__version__, "polars": pl.__version__,
-               "cells": len(self.cells), "skipped_cells": len(self.skipped), **(extra or {})}
+               "cells": len(self.cells), "skipped_cells": len(self.skipped), **self.estimate, **(extra or {})}
         write_table(pa.Table.from_pylist([row]), self.dir / "manifest.parquet")
         try:
             (self.dir / "manifest.json").write_text(json.dumps(row, indent=2, default=str) + "\n")
