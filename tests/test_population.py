@@ -41,6 +41,14 @@ MEMBERS = {
 }
 
 
+@pytest.fixture(autouse=True)
+def _keep_torch_threads():
+    """``train.threads=1`` sets torch's process-wide thread count; later tests get theirs back."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
 def specs(rule: str, members: list[list[str]], *extra: str):
     return [resolve(parse_overrides([*BASE, f"rule={rule}", *extra, *hp])) for hp in members]
 
