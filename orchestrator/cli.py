@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from bioplaus.orchestrator.bench_fairness import add_fairness_argument
+from bioplaus.orchestrator.cli_listing import cmd_archs, cmd_config, cmd_datasets, cmd_rules, cmd_space
 from bioplaus.orchestrator.errors import UsageError
 from bioplaus.orchestrator.estimate_cli import add_estimate_arguments
 
@@ -64,68 +65,6 @@ def cmd_train(args) -> int:
               f"(best epoch {record['best_epoch']}/{record['epochs_run']}) train {record['train_seconds']:.1f}s "
               f"{record['samples_per_second']:.0f} samples/s" + (f"; results in {cfg.out}" if cfg.out else ""))
     return 1 if record["status"] == "failed" else 0
-
-
-def cmd_rules(args) -> int:
-    from bioplaus.algorithms.registry import load_rules
-
-    described = [cls.describe() for cls in load_rules().values()]
-    if args.json:
-        print(json.dumps(described))
-        return 0
-    for d in described:
-        crit = " ".join(f"{c}{'+' if v['holds'] else '-'}" for c, v in sorted(d["criteria"].items()))
-        archs = ", ".join(a for a, why in d["archs"].items() if why is None)
-        print(f"{d['name']:<20} {crit:<24} archs: {archs}{'  [block-local]' if d['block_local'] else ''}")
-        print(f"{'':<20} {d['summary']}")
-    return 0
-
-
-def cmd_datasets(args) -> int:
-    from bioplaus.orchestrator.data import DATASETS
-
-    if args.json:
-        print(json.dumps([{"name": s.name, "summary": s.summary, "folder": s.dirname,
-                           "files": [f.name for f in s.files]} for s in DATASETS.values()]))
-        return 0
-    for spec in DATASETS.values():
-        print(f"{spec.name:<15} {spec.summary}")
-    return 0
-
-
-def cmd_archs(args) -> int:
-    import dataclasses
-
-    from bioplaus.algorithms.arch import ARCHS
-
-    if args.json:
-        print(json.dumps([{"name": s.name, "summary": s.summary, "model": dataclasses.asdict(s.config())}
-                          for s in ARCHS.values()], default=str))
-        return 0
-    for spec in ARCHS.values():
-        print(f"{spec.name:<10} {spec.summary}")
-    return 0
-
-
-def cmd_config(args) -> int:
-    """The fully resolved config (defaults <- preset <- overrides) as YAML, or JSON with ``--json``."""
-    import dataclasses
-
-    import yaml
-
-    from bioplaus.orchestrator.config import parse_overrides, to_plain
-
-    if args.train:
-        from bioplaus.orchestrator.spec import resolve
-
-        spec = resolve(parse_overrides(args.overrides))
-        plain = {**to_plain(spec.cfg), "hp": dataclasses.asdict(spec.hp)}  # every hyperparameter, defaults included
-    else:
-        from bioplaus.orchestrator.sweep import parse_sweep
-
-        plain = to_plain(parse_sweep(args.overrides))
-    print(json.dumps(plain, indent=1) if args.json else yaml.safe_dump(plain, sort_keys=False), end="\n" if args.json else "")
-    return 0
 
 
 def brain_step(cfg):
@@ -187,33 +126,6 @@ def cmd_cells(args) -> int:
     return 0
 
 
-def _range(p: dict) -> str:
-    if p["type"] == "categorical":
-        return "{" + ", ".join(map(str, p["choices"])) + "}"
-    extra = (" log" if p.get("log") else "") + (f" step {p['step']}" if p.get("step") else "")
-    return f"[{p['low']:g}, {p['high']:g}]{extra}"
-
-
-def cmd_space(args) -> int:
-    from bioplaus.algorithms.registry import load_rules
-    from bioplaus.orchestrator.search_space import load_search_space
-
-    rules = load_rules()
-    unknown = [r for r in args.rules if r not in rules]
-    if unknown:
-        raise UsageError(f"unknown rule {unknown[0]!r}; known rules: {', '.join(rules)}")
-    spaces = {name: {k: p.describe() for k, p in load_search_space(rules[name]).items()}
-              for name in (args.rules or rules)}
-    if args.json:
-        print(json.dumps(spaces))
-        return 0
-    for name, space in spaces.items():
-        print(name)
-        for knob, p in space.items():
-            print(f"  {knob:<18} {p['type']:<12} {_range(p):<36} {p['source']}")
-    return 0
-
-
 def cmd_faults(args) -> int:
     """``bioplaus bench --faults``: every fault case on a small sweep; exit 1 if any row is not OK."""
     from bioplaus.orchestrator.faults import json_rows, markdown_table, run_faults, select, write_docs
@@ -254,8 +166,10 @@ def cmd_bench(args) -> int:
                                      staleness=args.staleness, markdown=args.markdown)
         print(json.dumps(result))
         return 0
+    if args.population:  # measured against as many separate trials, side by side
+        from bioplaus.orchestrator.bench_population import run
+        return run(args.overrides, args.population, args.markdown)
     from bioplaus.orchestrator.bench import run_bench
-
     return run_bench(args.rule, args.only, args.overrides, args.markdown, as_json=args.json)
 
 
@@ -352,12 +266,12 @@ def _add_bench_command(sub) -> None:
                                                     "(case-insensitive, repeatable)")
     b.add_argument("--write-docs", metavar="FILE", help="with --faults: rewrite the table section of FILE "
                                                         "(docs/reliability.md) from this run")
+    b.add_argument("--population", nargs="?", const="1,4,16", metavar="SIZES", help="populations of SIZES members "
+                   "(default 1,4,16) of one cell (default bp mlp digits) vs as many trials alone: speed per member")
     b.add_argument("--stages", type=int, default=2, help="pipeline stages for --pipeline (default 2)")
     b.add_argument("--rounds", type=int, default=3, help="interleaved rounds for --pipeline (default 3)")
-    b.add_argument("--staleness", type=int, default=1,
-                   help="staleness bound of the pipelined modes of --pipeline (default 1)")
-    b.add_argument("--chunk", type=int, default=8, help="micro-batches per message of the chunked pipeline mode "
-                                                        "of --pipeline (default 8)")
+    b.add_argument("--staleness", type=int, default=1, help="staleness bound of --pipeline's pipelined modes (default 1)")
+    b.add_argument("--chunk", type=int, default=8, help="micro-batches per message of --pipeline's chunked mode (default 8)")
     add_fairness_argument(b, cmd_bench)  # sets the command's function: cmd_bench, or the fairness measurement
 
 

@@ -49,6 +49,7 @@ class DirectFeedbackAlignment(Rule):
     name = "dfa"
     summary = "direct feedback alignment: the output error reaches each hidden block through its own fixed random matrix (Nøkland 2016)"
     HParams = DFAHParams
+    population_hparams = ("feedback_scale",)  # it only scales the feedback buffers, stacked per member
     archs = {"mlp": None, "cnn": None, "deep_cnn": None, "resnet20": None, "resnet18": None}
     criteria = {
         "C1": Claim(True, "hidden blocks receive e B_l with B_l fixed and random; no forward weight is read "
@@ -96,8 +97,10 @@ class DirectFeedbackAlignment(Rule):
         """The fixed matrix (classes x block size) that delivers the output error to hidden block ``i``."""
         return getattr(self, f"feedback_{i}")
 
-    def gradients(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """One forward pass, then every block's local gradient into ``.grad``; (loss, logits)."""
+    def objective(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(objective, loss, logits) of one forward pass: the objective's gradient is every block's local DFA
+        update (the output error delivered at each hidden block's output through its B), the loss the output
+        cross-entropy."""
         # Each block's input is detached: no gradient will cross back into the block below. The
         # layer runs through feedback_preact with no feedback weight, so its forward weight is not
         # even saved for the backward pass (autograd's own conv node would save W although it
@@ -119,6 +122,15 @@ class DirectFeedbackAlignment(Rule):
         total = loss
         for i, h_l in enumerate(outs):
             total = total + (h_l * (error @ self.feedback(i)).view_as(h_l)).sum()
+        return total, loss, logits
+
+    def member_loss(self, hp, x, y):
+        total, loss, logits = self.objective(x, y)
+        return total, {"loss": loss.detach(), "correct": (logits.argmax(1) == y).sum()}
+
+    def gradients(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One forward pass, then every block's local gradient into ``.grad``; (loss, logits)."""
+        total, loss, logits = self.objective(x, y)
         self.opt.zero_grad(set_to_none=True)
         total.backward()
         return loss.detach(), logits.detach()

@@ -62,6 +62,11 @@ class ResourcesConfig:
     CPU and GPU requests are per stage (one GPU per stage on a cluster; 1/K each lets K stages share one)."""
     max_concurrent: Optional[int] = None
     """Cap on trials running at once (None: as many as the resources allow)."""
+    population: int = 1
+    """Tuning trials of a cell trained together in one worker as one batched computation (orchestrator/sweep/
+    population.py): each still its own Optuna trial, ASHA decision and rows; only the speed changes. 1: one trial
+    per worker. Rules that cannot train as a population (``Rule.member_loss``) keep one. The CPU and GPU requests
+    above are then per population."""
 
 
 @dataclass
@@ -202,6 +207,10 @@ def _value_checks(cfg: DictConfig) -> list[tuple[bool, str]]:
          f"budget.final_epochs={cfg.budget.final_epochs} must be >= 1 (or null for budget.epochs)"),
         (cfg.budget.trial_timeout_s is None or cfg.budget.trial_timeout_s > 0,
          f"budget.trial_timeout_s={cfg.budget.trial_timeout_s} must be > 0 (or null for no limit)"),
+        (cfg.resources.population >= 1, f"resources.population={cfg.resources.population} must be >= 1"),
+        (cfg.resources.population == 1 or cfg.budget.kind == "epochs",
+         f"resources.population={cfg.resources.population} trains members for equal epochs; with budget.kind="
+         f"{cfg.budget.kind} each member's epochs follow its own cost: use resources.population=1"),
         (cfg.resources.max_concurrent is None or cfg.resources.max_concurrent >= 1,
          f"resources.max_concurrent={cfg.resources.max_concurrent} must be >= 1 (or null for no cap)"),
         (cfg.ray.num_cpus is None or cfg.ray.num_cpus >= 1, f"ray.num_cpus={cfg.ray.num_cpus} must be >= 1"),

@@ -46,6 +46,7 @@ from bioplaus.orchestrator.sweep.finals import (SUPERSEDED, best_configs, final_
 from bioplaus.orchestrator.sweep.journal import check_journal, journal_path, reconciled_storage
 from bioplaus.orchestrator.sweep.lifecycle import (StopSignals, SweepInterrupted, SweepLock, cell_outcomes,
                                                    check_resume, sweep_status)
+from bioplaus.orchestrator.sweep.population import PopulationPlan
 from bioplaus.orchestrator.sweep.recording import TrialRecorder, WandbLogger, WriteFailureStopper
 from bioplaus.orchestrator.sweep.search import CellASHA, CellSearcher, cell_search
 from bioplaus.orchestrator.sweep.workers import final_task, tune_trainable
@@ -188,22 +189,26 @@ class Sweep:
             + (f"; pinned, not searched: {self.pinned}" if self.pinned else ""))
         if not total:
             return
-        scheduler = CellASHA(cfg.budget.epochs, cfg.budget.grace_epochs, cfg.budget.reduction_factor,
-                             cfg.budget.trial_timeout_s, pruning=cfg.budget.pruning,
-                             time_attr=COMPUTE_TIME_ATTR if self.budgets else "training_iteration")
-        recorder = TrialRecorder(self.dir, cfg, self.wandb_logger(log), total, timed_out=scheduler.timed_out,
-                                 interrupted=lambda: self.signals.received is not None)
+        # resources.population > 1: P study trials per Tune trial, trained as one batched computation
+        pop = PopulationPlan(cfg, self.cells, self.rules, self.spaces, log) if cfg.resources.population > 1 else None
+        Scheduler, Recorder, Searcher, train = pop.parts() if pop else (CellASHA, TrialRecorder, CellSearcher,
+                                                                         tune_trainable)
+        scheduler = Scheduler(cfg.budget.epochs, cfg.budget.grace_epochs, cfg.budget.reduction_factor,
+                              cfg.budget.trial_timeout_s, pruning=cfg.budget.pruning,
+                              time_attr=COMPUTE_TIME_ATTR if self.budgets else "training_iteration")
+        recorder = Recorder(self.dir, cfg, self.wandb_logger(log), total, timed_out=scheduler.timed_out,
+                            interrupted=lambda: self.signals.received is not None)
         # train.mode=pipeline: a placement group with one bundle per stage group (orchestrator/pipeline.py)
-        trainable = tune.with_resources(tune_trainable, trial_resources(
+        trainable = tune.with_resources(train, trial_resources(
             cfg.trial.train, cfg.resources.cpus_per_trial, cfg.resources.gpus_per_trial))
         tuner = tune.Tuner(
             trainable,
             tune_config=tune.TuneConfig(
-                search_alg=CellSearcher(searchers, remaining, configs, scheduler.timed_out, recorder.retried,
-                                        stopping=WriteFailureStopper(recorder).stop_all,
-                                        budgets=(lambda p: self.run_budget(p).tune_config()) if self.budgets else None),
-                scheduler=scheduler,
-                num_samples=total, max_concurrent_trials=cfg.resources.max_concurrent, reuse_actors=True,
+                search_alg=Searcher(searchers, remaining, configs, scheduler.timed_out, recorder.retried,
+                                    stopping=WriteFailureStopper(recorder).stop_all,
+                                    budgets=(lambda p: self.run_budget(p).tune_config()) if self.budgets else None),
+                scheduler=scheduler, num_samples=pop.tune_trials(remaining) if pop else total,
+                max_concurrent_trials=cfg.resources.max_concurrent, reuse_actors=True,
                 trial_dirname_creator=lambda t: f"{t.config['cell']}.t{t.config['trial_number']}-{t.trial_id}"),
             run_config=tune.RunConfig(
                 name=f"tune-{time.strftime('%Y%m%d-%H%M%S')}",
@@ -219,6 +224,8 @@ class Sweep:
             tuner.fit()
         finally:
             recorder.close()
+            if pop:
+                pop.close()
             os.environ.pop("TUNE_DISABLE_SIGINT_HANDLER") if saved is None else os.environ.update(
                 TUNE_DISABLE_SIGINT_HANDLER=saved)
         if recorder.write_error is not None:

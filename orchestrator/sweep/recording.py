@@ -232,10 +232,15 @@ class TrialRecorder(Callback):
         self._write(trial, trials, error=None)
 
     def on_trial_error(self, iteration, trials, trial, **info):
+        self._write(trial, trials, error=self.error_message(trial), errored=True)
+
+    @staticmethod
+    def error_message(trial) -> str:
+        """The last line of the error a trial ended with (what its row records)."""
         message = "worker failed"
         if trial.error_file and Path(trial.error_file).is_file():
             message = last_line(Path(trial.error_file).read_text()) or message
-        self._write(trial, trials, error=message, errored=True)
+        return message
 
     def _record(self, trial, error: str | None, errored: bool = False) -> RunRecord:
         """The trial's run record, from its config and its reports (the last report carries the totals).
