@@ -18,7 +18,7 @@ from bioplaus.algorithms.resnet import ResidualBlock
 from bioplaus.orchestrator.config import parse_overrides, typed
 from bioplaus.orchestrator.errors import UsageError
 from bioplaus.orchestrator.trial import resolve, run_trial
-from tests.conftest import batch, small_rule
+from conftest import batch, small_rule
 
 DEEP_CNN_RULES = ["dtp", "ep", "pc", "ff", "softhebb"]
 RESNET_RULES = ["bp", "fa", "dfa", "sign_symmetry", "local_losses", "pc"]
