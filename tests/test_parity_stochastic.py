@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import small_rule
-from tests.test_parity import SGD, assert_parity, double_batch, onehot, sgd_update
+from test_parity import SGD, assert_parity, double_batch, onehot, sgd_update
 
 SEED = 1234
 
