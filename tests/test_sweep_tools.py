@@ -157,3 +157,21 @@ def test_trial_outcome_is_the_state_the_trials_table_records(result, error, stat
     got, value = trial_outcome(result, error, planned_epochs=3)
     assert got.name == state
     assert value == (result["best_val_acc"] if state == "COMPLETE" else None)
+
+
+def test_arch_model_settings_reach_only_their_architectures_cells_and_a_resume_sees_them():
+    from bioplaus.orchestrator.sweep.cells import Cell, trial_config, trial_spec
+    from bioplaus.orchestrator.sweep.lifecycle import resume_differences
+
+    cfg = parse_sweep(["preset=smoke", "archs=[mlp,cnn]", "arch_model.mlp.widths=[24]",
+                       "arch_model.cnn.channels=[4,8]"])
+    mlp = trial_config(cfg, Cell("bp", "mlp", "digits"), {}, 0, 1)
+    cnn = trial_config(cfg, Cell("bp", "cnn", "digits"), {}, 0, 1)
+    assert mlp["model"]["widths"] == [24] and "channels" not in mlp["model"]
+    assert cnn["model"]["channels"] == [4, 8] and "widths" not in cnn["model"]
+    trial_spec(mlp), trial_spec(cnn)  # both resolve: no key of one architecture reaches the other
+    from bioplaus.orchestrator.config import to_plain
+
+    other = parse_sweep(["preset=smoke", "archs=[mlp,cnn]", "arch_model.mlp.widths=[32]",
+                         "arch_model.cnn.channels=[4,8]"])
+    assert resume_differences(to_plain(cfg), to_plain(other)) == ["arch_model.mlp.widths [24] -> [32]"]

@@ -75,7 +75,8 @@ def sampler_seed(sweep_seed: int, cell: Cell) -> int:
 def trial_config(cfg: DictConfig, cell: Cell, hp: dict, seed: int, epochs: int) -> dict:
     """The plain-dict trial config of one run of a cell (what a Ray worker receives)."""
     trial = OmegaConf.merge(cfg.trial, {"rule": cell.rule, "arch": cell.arch, "dataset": cell.dataset,
-                                        "seed": seed, "hp": hp, "out": None})
+                                        "seed": seed, "hp": hp, "out": None,
+                                        "model": (cfg.get("arch_model") or {}).get(cell.arch) or {}})
     smoke_model(trial)
     trial.train.epochs = epochs  # the sweep's budget decides, smoke or not
     return to_plain(trial)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 import re
 from dataclasses import dataclass, field
-from typing import List, Optional
+from typing import Any, Dict, List, Optional
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -128,6 +128,10 @@ class SweepConfig:
     wandb: WandbConfig = field(default_factory=WandbConfig)
     trial: Config = field(default_factory=lambda: Config(out=None))
     """Base trial config (data root, batch size, model settings...); cells set rule/arch/dataset/hp/seed."""
+    arch_model: Dict[str, Dict[str, Any]] = field(default_factory=dict)
+    """Model settings per architecture, merged over ``trial.model`` in that architecture's cells only, for a sweep
+    over several architectures whose configs have different keys: ``arch_model.mlp.widths=[256,256]
+    arch_model.cnn.channels=[16,32,64]`` (``trial.model.widths`` would be refused by the cnn cells)."""
     progress: bool = True
     """Live progress view on stderr."""
     brain: bool = False

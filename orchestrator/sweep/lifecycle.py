@@ -148,7 +148,7 @@ NOT_RESULT_PREFIXES = ("ray.", "resources.", "wandb.")
 # Budgets a rerun may raise: the sweep is extended (more trials, more final seeds), nothing done is invalid.
 EXTENDABLE = ("budget.trials", "budget.final_seeds")
 # Open mappings: a key given on one side only is a difference (elsewhere it is a setting a new version added).
-OPEN = ("trial.hp.", "trial.model.")
+OPEN = ("trial.hp.", "trial.model.", "arch_model.")
 # Lists whose order does not matter (a cell's tuning does not depend on the other cells).
 SETS = ("rules", "archs", "datasets")
 # Result-changing settings added after sweeps were already recorded without them: a manifest that lacks one
