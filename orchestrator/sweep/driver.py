@@ -85,7 +85,7 @@ class Sweep:
         self.final_epochs = cfg.budget.final_epochs or cfg.budget.epochs
         # Every trial config a sweep will build is checked now, before Ray starts.
         for cell in self.cells:
-            point = defaults_in_space(self.rules[cell.rule], self.spaces[cell.rule])
+            point = defaults_in_space(self.rules[cell.rule], self.spaces[cell.rule], cell.arch)
             trial_spec(trial_config(cfg, cell, point, cfg.seed, cfg.budget.epochs))
         # Data too, once, here and not in every worker: missing files are downloaded, every file is hashed
         # where its digest is known and parsed whole, so a corrupt or hostile file is refused before Ray starts.
@@ -149,7 +149,7 @@ class Sweep:
                 continue
             space = self.spaces[cell.rule]
             # The rule's defaults are the first point tried in a fresh study.
-            first = None if len(rows) else defaults_in_space(self.rules[cell.rule], space)
+            first = None if len(rows) else defaults_in_space(self.rules[cell.rule], space, cell.arch)
             searchers[cell.key] = cell_search(cell.key, space, storage, seed=sampler_seed(cfg.seed, cell),
                                               first_point=first)
             configs[cell.key] = (lambda hp, cell=cell: trial_config(cfg, cell, hp, cfg.seed, cfg.budget.epochs))
