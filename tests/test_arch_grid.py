@@ -180,6 +180,11 @@ def test_rule_hparams_per_architecture_are_defaults_the_run_can_override_and_the
     assert resolve(parse_overrides(["rule=ff", "arch=cnn"])).hp.loss == "threshold"  # Hinton's elsewhere
     assert resolve(parse_overrides(["rule=dfa", "arch=resnet20"])).hp.feedback_layout == "shared"
     assert resolve(parse_overrides(["rule=dfa", "arch=cnn"])).hp.feedback_layout == "dense"
+    from bioplaus.orchestrator.search_space import defaults_in_space, load_search_space
+
+    ff_cls = load_rules()["ff"]  # a sweep's first point on deep_cnn is the rule's deep_cnn defaults
+    assert defaults_in_space(ff_cls, load_search_space(ff_cls), "deep_cnn")["loss"] == "symba"
+    assert defaults_in_space(ff_cls, load_search_space(ff_cls), "cnn")["loss"] == "threshold"
     with pytest.raises(UsageError, match="feedback_layout='wide' is not one of dense, shared"):
         resolve(parse_overrides(["rule=dfa", "arch=resnet20", "hp.feedback_layout=wide"]))
 
