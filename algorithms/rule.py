@@ -46,6 +46,9 @@ class Claim:
     """One sentence: the mechanism that makes it hold or fail."""
     test: str
     """pytest node id of the test that proves this claim (and fails for a rule where it is false)."""
+    probe_cannot_see: str = ""
+    """Why the generic probes (``bioplaus.algorithms.criteria``) cannot judge this claim, which ``test`` then
+    establishes alone; empty: the probes measure it on every supported architecture and must agree."""
 
 
 @dataclass(frozen=True)
@@ -156,6 +159,50 @@ class Rule(nn.Module):
         """Block-local rules: the training loss of block ``index``'s last :meth:`block_step` (0-d tensor), or
         None if that block has no loss of its own. Summed over blocks it is the ``loss`` that
         :meth:`train_step` returns; the pipeline trainer reports it stage by stage."""
+        return None
+
+    def local_heads(self) -> dict[int, list[nn.Module]]:
+        """Hidden block index -> the modules of that block's own local head (auxiliary classifiers, local readouts):
+        rule state that reads the block's output to form the block's learning signal. The weight-transport probe
+        reports transport inside a block's own head apart from transport of other blocks' weights."""
+        return {}
+
+    # --- populations (algorithms/population.py) -------------------------------------------------
+    population_hparams: ClassVar[tuple[str, ...]] = ()
+    """HParams fields, beyond the optimiser's (each member has its own lr, optimizer, momentum, weight decay and
+    schedule), that may differ between the members of one stack of a population: :meth:`member_loss` and
+    :meth:`member_update` read them from their ``hp`` argument (0-d float64 tensors), never from ``self.hp``, or
+    they only shape the rule's buffers when it is built (each member's buffers are its own). Members differing in
+    any other field train as separate stacks of the population."""
+
+    def member_loss(self, hp: dict[str, torch.Tensor], x: torch.Tensor,
+                    y: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Population training: one member's objective, whose gradient with respect to the rule's parameters is the
+        update :meth:`train_step` hands its optimiser, and the step's metrics as :meth:`train_step` returns them.
+
+        Runs under torch.func (``functional_call`` with the member's weights, ``grad``, ``vmap`` over the members):
+        no ``.backward()``, no optimiser, no in-place change of parameters or buffers, no ``.item()``. A rule that
+        does not implement it trains alone (a population of one).
+        """
+        raise NotImplementedError(f"rule {self.name!r} has no member_loss")
+
+    def member_update(self, grads: dict[str, torch.Tensor], hp: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Population training: the gradients the optimiser receives, from :meth:`member_loss`'s (default: as they are)."""
+        return grads
+
+    @classmethod
+    def population_support(cls, model_cfg: Any) -> str | None:
+        """Why this rule cannot train as a population with this architecture config (None: it can)."""
+        if cls.member_loss is Rule.member_loss:
+            return f"rule {cls.name!r} has no functional member update (Rule.member_loss)"
+        step_owner = next(c for c in cls.__mro__ if "train_step" in vars(c))
+        loss_owner = next(c for c in cls.__mro__ if "member_loss" in vars(c))
+        if step_owner is not loss_owner and issubclass(step_owner, loss_owner):
+            return f"rule {cls.name!r} changes train_step but not the member_loss it inherits"
+        if not issubclass(cls.HParams, OptimHParams):
+            return f"rule {cls.name!r} has no optimiser settings for the batched optimiser"
+        if getattr(model_cfg, "norm", "none") == "batch":
+            return "batch norm updates its running statistics in place, which a batched member step cannot"
         return None
 
     # --- inference ------------------------------------------------------------------------------

@@ -18,7 +18,7 @@ from bioplaus.algorithms.resnet import ResidualBlock
 from bioplaus.orchestrator.config import parse_overrides, typed
 from bioplaus.orchestrator.errors import UsageError
 from bioplaus.orchestrator.trial import resolve, run_trial
-from tests.conftest import batch, small_rule
+from conftest import batch, small_rule
 
 DEEP_CNN_RULES = ["dtp", "ep", "pc", "ff", "softhebb"]
 RESNET_RULES = ["bp", "fa", "dfa", "sign_symmetry", "local_losses", "pc"]
@@ -123,7 +123,7 @@ def test_c1_no_weight_transport_on_residual_blocks(name):
 def test_generic_criteria_probes_agree_with_the_claims_on_resnet20(name):
     """Every claim a ResNet rule proves with the generic probes also holds, as declared, on residual blocks; bp
     (every criterion false) is the control on which each probe must see the violation."""
-    from tests.test_criteria import GENERIC, measured
+    from test_criteria import GENERIC, measured
 
     claims = {c: k for c, k in load_rules()[name].criteria.items() if k.test.startswith(GENERIC)}
     assert claims or name not in ("bp", "pc"), name

@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tests.conftest import small_rule
+from conftest import small_rule
 from tests.test_parity import SGD, assert_parity, double_batch, onehot, sgd_update
 
 SEED = 1234

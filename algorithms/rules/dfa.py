@@ -71,6 +71,7 @@ class DirectFeedbackAlignment(Rule):
     name = "dfa"
     summary = "direct feedback alignment: the output error reaches each hidden block through its own fixed random matrix (Nøkland 2016)"
     HParams = DFAHParams
+    population_hparams = ("feedback_scale",)  # it only scales the feedback buffers, stacked per member
     archs = {"mlp": None, "cnn": None, "deep_cnn": None, "resnet20": None, "resnet18": None}
     # Global average pooling before the head: only a B_l shared over positions reaches what the head reads.
     arch_hparams = {a: {"feedback_layout": "shared"} for a in ("resnet20", "resnet18")}
@@ -134,8 +135,10 @@ class DirectFeedbackAlignment(Rule):
         signal = error @ getattr(self, f"feedback_{i}")
         return signal[:, :, None, None].expand(-1, -1, *self.block_shapes[i][1:]) if self.shared[i] else signal
 
-    def gradients(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """One forward pass, then every block's local gradient into ``.grad``; (loss, logits)."""
+    def objective(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(objective, loss, logits) of one forward pass: the objective's gradient is every block's local DFA
+        update (the output error delivered at each hidden block's output through its B), the loss the output
+        cross-entropy."""
         # Each block's input is detached: no gradient will cross back into the block below. The
         # layer runs through feedback_preact with no feedback weight, so its forward weight is not
         # even saved for the backward pass (autograd's own conv node would save W although it
@@ -157,6 +160,15 @@ class DirectFeedbackAlignment(Rule):
         total = loss
         for i, h_l in enumerate(outs):
             total = total + (h_l * self.delivered(i, error).view_as(h_l)).sum()
+        return total, loss, logits
+
+    def member_loss(self, hp, x, y):
+        total, loss, logits = self.objective(x, y)
+        return total, {"loss": loss.detach(), "correct": (logits.argmax(1) == y).sum()}
+
+    def gradients(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One forward pass, then every block's local gradient into ``.grad``; (loss, logits)."""
+        total, loss, logits = self.objective(x, y)
         self.opt.zero_grad(set_to_none=True)
         total.backward()
         return loss.detach(), logits.detach()

@@ -151,6 +151,9 @@ EXTENDABLE = ("budget.trials", "budget.final_seeds")
 OPEN = ("trial.hp.", "trial.model.")
 # Lists whose order does not matter (a cell's tuning does not depend on the other cells).
 SETS = ("rules", "archs", "datasets")
+# Result-changing settings added after sweeps were already recorded without them: a manifest that lacks one
+# was made with this value (a folder from before budget.kind existed trained every run for budget.epochs epochs).
+RECORDED_BEFORE = {"budget.kind": "epochs", "budget.pruning": True}
 
 
 def _result_keys(config: dict) -> dict:
@@ -167,7 +170,7 @@ def _result_keys(config: dict) -> dict:
 def resume_differences(old: dict, new: dict) -> list[str]:
     """``key old -> new`` for each setting of the sweep config ``new`` that changes results relative to the
     folder's ``old`` one (raising an :data:`EXTENDABLE` budget is not a change)."""
-    a, b = _result_keys(old), _result_keys(new)
+    a, b = {**RECORDED_BEFORE, **_result_keys(old)}, {**RECORDED_BEFORE, **_result_keys(new)}
     differ = []
     for k in sorted({*(set(a) & set(b)), *(k for k in set(a) ^ set(b) if k.startswith(OPEN))}):
         if a.get(k) == b.get(k) or (k in EXTENDABLE and isinstance(a.get(k), int) and isinstance(b.get(k), int)
