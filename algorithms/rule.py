@@ -117,6 +117,9 @@ class Rule(nn.Module):
     arch_defaults: ClassVar[dict[str, dict[str, Any]]] = {}
     """Architecture name -> model settings the rule runs with unless the run sets them (e.g. a per-sample
     norm on deep_cnn, whose own default is batch norm, for a rule whose math forbids batch statistics)."""
+    arch_hparams: ClassVar[dict[str, dict[str, Any]]] = {}
+    """Architecture name -> hyperparameters the rule runs with there unless the run sets them (where the defaults
+    that work on the other networks fail on that one; the rule's docstring says why)."""
     forbidden_norms: ClassVar[dict[str, str]] = {}
     """``model.norm`` value -> why the rule's math cannot use it (refused before training, on any architecture)."""
     forbidden_pools: ClassVar[dict[str, str]] = {}
@@ -225,6 +228,7 @@ class Rule(nn.Module):
             "summary": cls.summary,
             "block_local": cls.block_local,
             "archs": dict(cls.archs),
+            "arch_hparams": {a: dict(v) for a, v in cls.arch_hparams.items()},
             "criteria": {k: dataclasses.asdict(v) for k, v in cls.criteria.items()},
             "hparams": {f.name: _default_of(f) for f in dataclasses.fields(cls.HParams)},
         }

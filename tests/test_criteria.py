@@ -32,7 +32,8 @@ def measure(name: str, arch: str = "mlp", hp: dict | None = None) -> dict[str, d
     cls, spec = load_rules()[name], ARCHS[arch]
     shape = (3, 8, 8) if arch.startswith("resnet") else (1, 8, 8)
     model = typed(spec.config, {**cls.arch_defaults.get(arch, {}), **SMALL[arch]}, "model")
-    build = criteria.builder(cls, typed(cls.HParams, hp or {}, "hp"), spec, model, shape, 10)
+    build = criteria.builder(cls, typed(cls.HParams, {**cls.arch_hparams.get(arch, {}), **(hp or {})}, "hp"), spec,
+                             model, shape, 10)
     x, y = batch(8, input_shape=shape)
     return {r["criterion"]: r for r in criteria.compare(cls, criteria.measure(build, x.double(), y))}
 

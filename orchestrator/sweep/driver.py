@@ -93,7 +93,7 @@ class Sweep:
         # Every trial config a sweep will build is checked now, before Ray starts (and, with budget.kind=compute,
         # every cell's costs are counted: a rule that cannot be counted is refused here).
         for cell in self.cells:
-            point = defaults_in_space(self.rules[cell.rule], self.spaces[cell.rule])
+            point = defaults_in_space(self.rules[cell.rule], self.spaces[cell.rule], cell.arch)
             trial_spec(self.run_config(cell, point, cfg.seed, cfg.budget.epochs))
         # Data too, once, here and not in every worker: missing files are downloaded, every file is hashed
         # where its digest is known and parsed whole, so a corrupt or hostile file is refused before Ray starts.
@@ -171,7 +171,7 @@ class Sweep:
                 continue
             space = self.spaces[cell.rule]
             # The rule's defaults are the first point tried in a fresh study.
-            first = None if len(rows) else defaults_in_space(self.rules[cell.rule], space)
+            first = None if len(rows) else defaults_in_space(self.rules[cell.rule], space, cell.arch)
             searchers[cell.key] = cell_search(cell.key, space, storage, seed=sampler_seed(cfg.seed, cell),
                                               first_point=first)
             configs[cell.key] = (lambda hp, cell=cell: self.run_config(cell, hp, cfg.seed, cfg.budget.epochs))
@@ -314,7 +314,7 @@ class Sweep:
         specs = []
         for cell in self.cells:
             hp = (json.loads(best[cell.key]["hp_json"]) if cell.key in best
-                  else defaults_in_space(self.rules[cell.rule], self.spaces[cell.rule]))
+                  else defaults_in_space(self.rules[cell.rule], self.spaces[cell.rule], cell.arch))
             specs.append(trial_spec(trial_config(self.cfg, cell, hp, self.cfg.seed, self.final_epochs)))
         log(f"criteria: measuring {len(specs)} cells (tables in {self.dir / 'criteria'})")
         measure_cells(specs, self.dir, log, keep_going=True)

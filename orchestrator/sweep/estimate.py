@@ -39,7 +39,7 @@ def first_trial_config(cfg: DictConfig, cell: Cell) -> dict:
     rule_cls = load_rules()[cell.rule]
     pinned = set(to_plain(cfg.trial.hp))
     space = {k: p for k, p in load_search_space(rule_cls).items() if k not in pinned}
-    return trial_config(cfg, cell, defaults_in_space(rule_cls, space), cfg.seed, cfg.budget.epochs)
+    return trial_config(cfg, cell, defaults_in_space(rule_cls, space, cell.arch), cfg.seed, cfg.budget.epochs)
 
 
 def calibrate(cfg: DictConfig, cells: list[Cell], data: str = "synthetic", min_steps: int = 5,

@@ -70,7 +70,7 @@ class PopulationPlan:
     def __init__(self, cfg: DictConfig, cells: list[Cell], rules: dict, spaces: dict, log: Callable[[str], None]):
         self.sizes: dict[str, int] = {}
         for cell in cells:
-            point = defaults_in_space(rules[cell.rule], spaces[cell.rule])
+            point = defaults_in_space(rules[cell.rule], spaces[cell.rule], cell.arch)
             why = population_support(trial_spec(trial_config(cfg, cell, point, cfg.seed, cfg.budget.epochs)))
             self.sizes[cell.key] = 1 if why else int(cfg.resources.population)
             if why:
