@@ -116,6 +116,10 @@ class SweepConfig:
     """Datasets."""
     optional_datasets: List[str] = field(default_factory=list)
     """Datasets included only when their files are already in the data root (no download)."""
+    exclude: List[str] = field(default_factory=list)
+    """Cells left out of this sweep although their rule supports them, each ``PATTERN`` or ``PATTERN: why``
+    (shell-style on the cell key ``rule.arch.dataset``, e.g. ``"stdp.cnn.*: 100 CPU-hours at this size"``):
+    listed in the cells table with the pattern and the reason, like unsupported cells, never dropped silently."""
     seed: int = 0
     """Seed of the samplers and of the tuning trials; finals use seeds 1000, 1001, ..."""
     storage: Optional[str] = None

@@ -150,7 +150,7 @@ EXTENDABLE = ("budget.trials", "budget.final_seeds")
 # Open mappings: a key given on one side only is a difference (elsewhere it is a setting a new version added).
 OPEN = ("trial.hp.", "trial.model.", "arch_model.")
 # Lists whose order does not matter (a cell's tuning does not depend on the other cells).
-SETS = ("rules", "archs", "datasets")
+SETS = ("rules", "archs", "datasets", "exclude")
 # Result-changing settings added after sweeps were already recorded without them: a manifest that lacks one
 # was made with this value (a folder from before budget.kind existed trained every run for budget.epochs epochs).
 RECORDED_BEFORE = {"budget.kind": "epochs", "budget.pruning": True}
