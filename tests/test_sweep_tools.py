@@ -189,3 +189,25 @@ def test_excluded_cells_are_listed_with_the_pattern_and_reason_and_a_pattern_mat
                        "fa.mlp.digits": "excluded by the sweep's exclude=fa.mlp.*"}
     with pytest.raises(UsageError, match="exclude=epp.\\* matches no cell"):
         plan_cells(parse_sweep(["preset=smoke", "exclude=[epp.*]"]))
+
+
+def test_stop_signals_pickle_without_the_handlers_they_saved():
+    # Tune pickles the searcher and what its callables reach, the driver's StopSignals among them; a saved
+    # handler can close over a lock (a local cluster's SIGTERM clean-up), which cannot be pickled.
+    import pickle
+    import signal
+    import threading
+
+    from bioplaus.orchestrator.sweep.lifecycle import StopSignals
+
+    lock = threading.Lock()
+    previous = signal.signal(signal.SIGTERM, lambda *a: lock.locked())
+    try:
+        signals = StopSignals()
+        signals.install()
+        signals.received = signal.SIGINT
+        copy = pickle.loads(pickle.dumps(signals))
+        signals.restore()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert copy.received == signal.SIGINT and copy._saved == {}

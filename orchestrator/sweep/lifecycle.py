@@ -86,6 +86,11 @@ class StopSignals:
         self.received: int | None = None
         self._saved: dict[int, object] = {}
 
+    def __getstate__(self) -> dict:
+        # Handlers are this process's; Tune pickles the searcher (and the driver its callables reach) into
+        # its experiment state, and a saved handler may hold a lock (a local cluster's SIGTERM clean-up).
+        return {"received": self.received, "_saved": {}}
+
     def _record(self, signum, frame) -> None:
         if self.received is None:
             self.received = signum
