@@ -39,6 +39,9 @@ class FaultyHParams(BPHParams):
     hang_skip: int = 0
     """With hang_once_marker: the first this many runs to get there go on (each creates ``<marker>.skip<i>``)
     and the next one hangs, so a test can hold a sweep at a known point (after that many runs)."""
+    hang_released_by: str = ""
+    """With hang_at_step: the hang ends once this file exists (a test holds a run at a known point, then lets it
+    go on)."""
     hang_on_node: str = ""
     """With hang_at_step: only runs on the Ray node with this id hang (that node is then busy when it dies)."""
     started_dir: str = ""
@@ -75,8 +78,9 @@ class Faulty(Backprop):
         if hp.sleep_per_step_s:
             time.sleep(hp.sleep_per_step_s)
         if self.steps == hp.hang_at_step and self._hangs_here():
-            while True:  # a hung step: only a timeout (budget.trial_timeout_s) or a kill ends it
-                time.sleep(1.0)
+            # a hung step: only a timeout (budget.trial_timeout_s), a kill or the release file ends it
+            while not (hp.hang_released_by and Path(hp.hang_released_by).exists()):
+                time.sleep(0.2)
         if self.steps == hp.raise_at_step:
             raise RuntimeError(f"injected failure at step {self.steps}")
         if hp.die_once_marker and self.steps == 2 and not Path(hp.die_once_marker).exists():
