@@ -48,17 +48,98 @@ def faulty_rule_everywhere():
             os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
 
 
-@pytest.fixture(scope="module")
-def ray_session(tmp_path_factory):
-    """One loopback Ray (2 CPUs) per test module for in-process sweeps; its workers know the faulty rule."""
-    from bioplaus.orchestrator import ray_local
+# Ray starts its workers at nice 15 so that its own services stay responsive. On a busy machine (a shared CI
+# runner, `make test-load`) that leaves the trials every sweep test waits on a few percent of a core, and
+# healthy sweeps crawl towards the hang guards. The tests' Ray workers, and those of the sweeps the tests start
+# as commands (they inherit this), compete for the CPU on equal terms instead. Nothing a test checks depends
+# on it; only how long a sweep takes beside other work does.
+os.environ.setdefault("RAY_worker_niceness", "0")
+_SESSION_DATA_ROOT = os.environ.get("BIOPLAUS_DATA")
 
-    with faulty_rule_everywhere():
-        started = ray_local.start(tmp_path_factory.mktemp("ray"), num_cpus=2, timeout_s=240)
-        try:
-            yield
-        finally:
+
+class SharedRay:
+    """One loopback Ray (2 CPUs) for the in-process sweeps of the whole session, its workers knowing the
+    faulty rule: starting Ray costs seconds of CPU, and no test needs a fresh one. It starts when a test first
+    asks for it (``ray_session``); a test or module that starts or joins a Ray of its own in this process (a
+    cluster, a session with other resources) stops it first (``shared_ray.down()``), and the next test that
+    asks for it starts it again."""
+
+    def __init__(self, folder: Path):
+        self.folder, self.started, self.starts = folder, None, 0
+
+    def up(self) -> None:
+        import ray
+
+        from bioplaus.orchestrator import ray_local
+
+        if self.started is not None and ray.is_initialized():
+            return
+        assert not ray.is_initialized(), "another Ray session is up in this process (stop it before this test)"
+        self.starts += 1
+        run_dir = self.folder / f"ray{self.starts}"
+        run_dir.mkdir(parents=True)
+        # Ray's processes keep the environment and working folder they start in: the session's, not those
+        # of the test that happens to start them (``_isolated_env``).
+        with faulty_rule_everywhere(), _session_env(run_dir):
+            self.started = ray_local.start(run_dir, num_cpus=2, timeout_s=240)
+
+    def down(self) -> None:
+        from bioplaus.orchestrator import ray_local
+
+        if self.started is not None:
+            started, self.started = self.started, None
             ray_local.stop(started)
+
+
+@contextlib.contextmanager
+def _session_env(cwd: Path):
+    saved_data, saved_cwd = os.environ.get("BIOPLAUS_DATA"), os.getcwd()
+    _set_env("BIOPLAUS_DATA", _SESSION_DATA_ROOT)
+    os.chdir(cwd)
+    try:
+        yield
+    finally:
+        os.chdir(saved_cwd)
+        _set_env("BIOPLAUS_DATA", saved_data)
+
+
+def _set_env(key: str, value: str | None) -> None:
+    if value is None:
+        os.environ.pop(key, None)
+    else:
+        os.environ[key] = value
+
+
+@pytest.fixture(scope="session")
+def shared_ray(tmp_path_factory):
+    """The session's :class:`SharedRay` (not started until a test asks for ``ray_session``)."""
+    shared = SharedRay(tmp_path_factory.mktemp("shared-ray"))
+    yield shared
+    shared.down()
+
+
+@pytest.fixture
+def ray_session(shared_ray):
+    """The shared loopback Ray (2 CPUs) is up in this process for an in-process sweep."""
+    shared_ray.up()
+
+
+@pytest.fixture(scope="session")
+def failing_trial_sweep(shared_ray, tmp_path_factory):
+    """A finished smoke sweep (on the shared Ray) whose one faulty trial raises at its second step on each of its
+    two attempts (retries=1). Several tests read what it recorded (the trials row, the Optuna study, the
+    manifest); none changes it."""
+    from bioplaus.orchestrator.sweep import Sweep, parse_sweep
+
+    shared_ray.up()
+    root = tmp_path_factory.mktemp("failing-trial")
+    with pytest.MonkeyPatch.context() as patch:  # as _isolated_env does for a test
+        patch.setenv("BIOPLAUS_DATA", str(root / "data-root"))
+        patch.chdir(root)
+        s = Sweep(parse_sweep(["preset=smoke", f"root={root}", "name=s", "rules=[faulty]", "budget.trials=1",
+                               "budget.final_seeds=1", "trial.hp.raise_at_step=2", "retries=1"]))
+        s.run(log=lambda m: None)
+    return s
 
 
 @pytest.fixture(autouse=True)

@@ -43,8 +43,10 @@ def two_at_once(started: Path) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
-    """Head (0 CPUs) + 2 worker nodes (1 CPU each) on 127.0.0.1; Ray workers load the faulty rule too."""
+def cluster(tmp_path_factory, shared_ray):
+    """Head (0 CPUs) + 2 worker nodes (1 CPU each) on 127.0.0.1; Ray workers load the faulty rule too. The
+    sweeps here join it, or start a Ray of their own: the session's shared one is stopped first."""
+    shared_ray.down()
     with faulty_rule_everywhere(), LocalCluster(tmp_path_factory.mktemp("cluster"), workers=2, cpus_per_worker=1,
                                                 head_cpus=0) as c:
         yield c

@@ -75,9 +75,8 @@ def test_nan_trial_is_recorded_as_diverged_and_the_sweep_finishes(ray_session, t
     assert s.summary()["trials"].to_list() == [1]  # the cell is accounted for
 
 
-def test_raising_trial_is_retried_then_recorded_as_failed_with_its_error(ray_session, tmp_path):
-    s = sweep(tmp_path, "rules=[faulty]", "budget.trials=1", "trial.hp.raise_at_step=2", "retries=1",
-              "budget.final_seeds=1")
+def test_raising_trial_is_retried_then_recorded_as_failed_with_its_error(failing_trial_sweep):
+    s = failing_trial_sweep  # faulty, 1 trial raising at step 2, retries=1, 1 final seed
     trial = rows(s, "trials").row(0, named=True)
     assert trial["status"] == "failed" and "injected failure at step 2" in trial["error"]
     assert rows(s, "final_runs").is_empty()
