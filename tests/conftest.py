@@ -142,12 +142,33 @@ def failing_trial_sweep(shared_ray, tmp_path_factory):
     return s
 
 
+# With pytest-xdist (`make test`: two workers on two cores) each worker computes on one thread: two workers
+# of two threads each would oversubscribe the cores, and torch's threads spin while they wait for each other.
+_THREADS = 1 if os.environ.get("PYTEST_XDIST_WORKER") else min(2, torch.get_num_threads())
+
+
 @pytest.fixture(autouse=True)
 def _isolated_env(tmp_path, monkeypatch):
     """No test reads the user's data cache or writes results into the checkout."""
     monkeypatch.setenv("BIOPLAUS_DATA", str(tmp_path / "data-root"))
     monkeypatch.chdir(tmp_path)
-    torch.set_num_threads(min(2, torch.get_num_threads()))
+    torch.set_num_threads(_THREADS)
+
+
+# --- sharing the suite between pytest-xdist workers (`make test`: -n 2 --dist loadfile) -----------------------
+# A module runs whole on one worker, so its module-scoped fixtures are built once; each worker keeps its own
+# shared Ray. The modules with the most tests marked slow (the real sweeps) are handed out first, then the rest
+# in file order: the longest work first keeps both workers busy to the end. (xdist's loadgroup would put every
+# sweep on one worker, but it cannot rename the tests of pytest 9.2, whose node ids are structured.)
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config, items):
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        return
+    slow: dict[str, int] = {}
+    for item in items:
+        module = item.nodeid.split("::")[0]
+        slow[module] = slow.get(module, 0) + (item.get_closest_marker("slow") is not None)
+    items.sort(key=lambda item: -slow[item.nodeid.split("::")[0]])  # stable: file order otherwise
 
 
 def find_real_data(*needed: str) -> Path:

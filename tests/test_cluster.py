@@ -58,6 +58,7 @@ def run_sweep(root: Path, *overrides: str) -> Sweep:
     return s
 
 
+@pytest.mark.slow
 def test_sweep_on_two_nodes_uses_both_and_matches_the_single_node_run(cluster, tmp_path):
     # The same trial.hp in both runs (hp_json is compared); the single-node run finds the barrier already met.
     barrier = two_at_once(tmp_path / "started")
@@ -79,6 +80,7 @@ def test_sweep_on_two_nodes_uses_both_and_matches_the_single_node_run(cluster, t
     assert pl.read_parquet(on_cluster.dir / "manifest.parquet")["status"][0] == "complete"
 
 
+@pytest.mark.slow
 def test_killed_worker_node_mid_sweep_its_trials_rerun_on_the_survivor(cluster, tmp_path):
     survivor, victim = cluster.nodes[0].node_id, cluster.nodes[-1].node_id
     hung = tmp_path / "hung"

@@ -53,6 +53,7 @@ def manifest(sweep_dir: Path) -> dict:
     return json.loads((sweep_dir / "manifest.json").read_text())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 def test_stop_signal_during_tuning_exits_128_plus_signal_interrupted_without_finals(sig, tmp_path):
     # SIGTERM's case also starts a second driver meanwhile, and does not resume.

@@ -137,6 +137,7 @@ def test_stage_split_balances_cost_and_sweeps_ask_one_bundle_per_stage():
     assert stage_bundles(3, 1, "cpu") == stage_bundles(3, 0, "auto") == [{"CPU": 1}] * 3
 
 
+@pytest.mark.slow
 def test_pipeline_bench_reports_efficiency_against_the_machine_ceiling(pipeline_ray, tmp_path):
     """``bench --pipeline`` end to end on digits: every mode measured, the pipelined runs learn exactly what the
     sequential one learns, and the machine ceiling (K independent runs at once) is reported beside the efficiency."""

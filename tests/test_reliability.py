@@ -97,6 +97,7 @@ sys.exit(main(sys.argv[3:]))
 """
 
 
+@pytest.mark.slow
 def test_driver_killed_mid_parquet_write_in_tuning_and_in_finals_resumes_without_loss_or_duplicates(tmp_path):
     d = tmp_path / "k"
     args = ["sweep", "preset=smoke", "rules=[faulty]", f"root={tmp_path}", "name=k", "budget.trials=2",
@@ -153,6 +154,7 @@ class FailingWrites:
         return self.real(data, where, *args, **kwargs)
 
 
+@pytest.mark.slow
 def test_disk_full_or_read_only_mid_sweep_stops_with_one_line_error_keeps_results_and_resumes(
         ray_session, tmp_path, monkeypatch):
     d = tmp_path / "s"
@@ -219,6 +221,7 @@ def test_read_only_sweep_folder_is_one_line_exit_2_and_earlier_results_intact(tm
 HUNG_TRIAL_LIMIT_S = 120
 
 
+@pytest.mark.slow
 def test_hung_trial_is_stopped_at_its_time_limit_recorded_and_the_sweep_finishes(ray_session, tmp_path):
     tick = time.monotonic()
     s = sweep(tmp_path, "budget.trials=2", "trial.hp.hang_at_step=3", f"budget.trial_timeout_s={HUNG_TRIAL_LIMIT_S}",

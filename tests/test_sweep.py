@@ -36,6 +36,7 @@ def rows(s: Sweep, table: str) -> pl.DataFrame:
     return s.table(table)
 
 
+@pytest.mark.slow
 def test_sweep_end_to_end_resume_and_extend(ray_session, tmp_path):
     s = sweep(tmp_path, "rules=[bp]", "budget.trials=3", "wandb.mode=offline")
     trials, finals, final_runs = rows(s, "trials"), rows(s, "finals"), rows(s, "final_runs")
@@ -82,6 +83,7 @@ def test_raising_trial_is_retried_then_recorded_as_failed_with_its_error(failing
     assert rows(s, "final_runs").is_empty()
 
 
+@pytest.mark.slow
 def test_killed_worker_process_is_retried_and_nothing_is_lost(ray_session, tmp_path):
     marker = tmp_path / "died"
     s = sweep(tmp_path, "rules=[faulty]", "budget.trials=2", f"trial.hp.die_once_marker={marker}", "retries=2",
@@ -92,6 +94,7 @@ def test_killed_worker_process_is_retried_and_nothing_is_lost(ray_session, tmp_p
     assert rows(s, "final_runs").height == 1
 
 
+@pytest.mark.slow
 def test_killed_driver_resumes_without_repeats_or_duplicates(tmp_path):
     # One trial at a time; the first goes on, the second hangs at its first step (it creates `hung`), so the
     # driver is killed during a trial after exactly one committed trial, however fast or slow the machine.

@@ -79,6 +79,7 @@ def offline_runs(wandb_dir: Path) -> dict[str, dict]:
     return runs
 
 
+@pytest.mark.slow
 def test_smoke_sweep_logs_per_epoch_wandb_runs_with_the_full_config_and_a_study_with_pruned_trials(
         ray_session, tmp_path):
     s = sweep(tmp_path, "rules=[bp]", "wandb.mode=offline", *PRUNING)
