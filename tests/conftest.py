@@ -37,15 +37,22 @@ FAULTY_ENV = {"BIOPLAUS_RULE_MODULES": "bioplaus.algorithms.faulty"}
 
 @contextlib.contextmanager
 def faulty_rule_everywhere():
-    """The ``faulty`` rule registered here and in every Ray process started meanwhile (they inherit the env)."""
+    """The ``faulty`` rule registered here and in every Ray process started meanwhile (they inherit the env),
+    and here only meanwhile: a test that lists every registered rule must not find it because another test,
+    earlier in the same process (an order pytest-xdist changes), used it."""
+    from bioplaus.algorithms import registry
+
+    was_registered = "faulty" in registry.load_rules()  # asked before the environment names its module
     saved = {k: os.environ.get(k) for k in FAULTY_ENV}
     os.environ.update(FAULTY_ENV)
-    importlib.import_module("bioplaus.algorithms.faulty")
+    registry.register(importlib.import_module("bioplaus.algorithms.faulty").Faulty)  # a no-op if it is
     try:
         yield
     finally:
         for k, v in saved.items():
             os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
+        if not was_registered:
+            registry._RULES.pop("faulty", None)
 
 
 # Ray starts its workers at nice 15 so that its own services stay responsive. On a busy machine (a shared CI
@@ -120,8 +127,11 @@ def shared_ray(tmp_path_factory):
 
 @pytest.fixture
 def ray_session(shared_ray):
-    """The shared loopback Ray (2 CPUs) is up in this process for an in-process sweep."""
+    """The shared loopback Ray (2 CPUs) is up in this process for an in-process sweep, and the faulty rule is
+    registered for the test."""
     shared_ray.up()
+    with faulty_rule_everywhere():
+        yield
 
 
 @pytest.fixture(scope="session")
@@ -133,7 +143,7 @@ def failing_trial_sweep(shared_ray, tmp_path_factory):
 
     shared_ray.up()
     root = tmp_path_factory.mktemp("failing-trial")
-    with pytest.MonkeyPatch.context() as patch:  # as _isolated_env does for a test
+    with pytest.MonkeyPatch.context() as patch, faulty_rule_everywhere():  # as _isolated_env does for a test
         patch.setenv("BIOPLAUS_DATA", str(root / "data-root"))
         patch.chdir(root)
         s = Sweep(parse_sweep(["preset=smoke", f"root={root}", "name=s", "rules=[faulty]", "budget.trials=1",

@@ -8,7 +8,6 @@ the Ray workers through BIOPLAUS_RULE_MODULES.
 from __future__ import annotations
 
 import contextlib
-import importlib
 import os
 import signal
 import subprocess
@@ -21,6 +20,7 @@ import pytest
 
 from bioplaus.orchestrator.errors import UsageError
 from bioplaus.orchestrator.sweep import Sweep, parse_sweep
+from conftest import faulty_rule_everywhere
 
 BIN = Path(sys.executable).parent / "bioplaus"
 FAULTY = {"BIOPLAUS_RULE_MODULES": "bioplaus.algorithms.faulty"}
@@ -142,6 +142,5 @@ def test_hyperparameter_set_on_the_command_line_is_pinned_not_searched(tmp_path)
     searched = {"lr": 0.5, "optimizer": "sgd"}  # what a searcher could hand over is ignored for a pinned key
     point = {k: v for k, v in searched.items() if k in s.spaces["bp"]}
     assert trial_config(s.cfg, s.cells[0], point, 0, 1)["hp"] == {"lr": 0.0123, "optimizer": "sgd"}
-    with pytest.raises(UsageError, match="pins every searched hyperparameter of faulty"):
-        importlib.import_module("bioplaus.algorithms.faulty")
+    with pytest.raises(UsageError, match="pins every searched hyperparameter of faulty"), faulty_rule_everywhere():
         Sweep(parse_sweep(["preset=smoke", "rules=[faulty]", f"root={tmp_path}", "trial.hp.lr=0.01"]))
