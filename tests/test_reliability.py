@@ -107,7 +107,7 @@ def test_driver_killed_mid_parquet_write_in_tuning_and_in_finals_resumes_without
     def killed_at(table: str, nth: int) -> str:
         with open(tmp_path / f"{table}.err", "w+") as err:
             proc = subprocess.run([sys.executable, "-c", KILL_AT_RENAME, table, str(nth), *args], env=env,
-                                  stdout=subprocess.DEVNULL, stderr=err, start_new_session=True, timeout=300)
+                                  stdout=subprocess.DEVNULL, stderr=err, start_new_session=True, timeout=600)
             err.seek(0)
             assert proc.returncode == -signal.SIGKILL, err.read()[-3000:]
             err.seek(0)
@@ -128,7 +128,7 @@ def test_driver_killed_mid_parquet_write_in_tuning_and_in_finals_resumes_without
     assert {p: p.stat().st_mtime_ns for p in first} == first  # committed rows untouched
 
     # 3. rerun the same command: it finishes what is missing, nothing twice
-    out = subprocess.run([str(BIN), *args], env=env, capture_output=True, text=True, timeout=300)
+    out = subprocess.run([str(BIN), *args], env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     trials, finals = assert_consistent(d, trials=2, final_runs=2)
     assert set(trials["status"]) <= {"ok", "pruned"} and sorted(finals["seed"].to_list()) == [1000, 1001]

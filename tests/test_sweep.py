@@ -107,7 +107,7 @@ def test_killed_driver_resumes_without_repeats_or_duplicates(tmp_path):
     proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     trials_dir = tmp_path / "k" / "trials"
     try:
-        deadline = time.monotonic() + 300  # a guard: the sweep cannot finish while the second trial hangs
+        deadline = time.monotonic() + 600  # a guard: the sweep cannot finish while the second trial hangs
         while time.monotonic() < deadline and proc.poll() is None and not (
                 hung.exists() and trials_dir.exists() and list(trials_dir.rglob("*.parquet"))):
             time.sleep(0.2)
