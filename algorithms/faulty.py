@@ -7,6 +7,7 @@ when ``BIOPLAUS_RULE_MODULES=bioplaus.algorithms.faulty`` is set (the tests set 
 from __future__ import annotations
 
 import os
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,6 +52,9 @@ class FaultyHParams(BPHParams):
     """With started_dir: at its first step a run waits until this many runs have written their file there
     (raising after ``WAIT_LIMIT_S``), so that many are under way at once: on nodes that each fit one run,
     on that many nodes, whatever order the scheduler starts them in."""
+    say: str = ""
+    """If set: at its first step a run prints this line to its stderr (as a library's warning would), so a test
+    sees what the driver makes of a worker's output."""
     frozen_while: str = ""
     """If set and this file exists: the weights are set to zero and never updated (every input gets class 0, so
     accuracy is that class's share); removing the file between two runs of a sweep makes a later trial the best."""
@@ -71,6 +75,8 @@ class Faulty(Backprop):
     def train_step(self, x, y):
         self.steps += 1
         hp = self.hp
+        if hp.say and self.steps == 1:
+            print(hp.say, file=sys.stderr, flush=True)
         if hp.started_dir and self.steps == 1:
             Path(hp.started_dir, f"{_node_id()}-{os.getpid()}").write_text(str(time.time()))
             if hp.wait_for_started:
