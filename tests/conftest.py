@@ -167,18 +167,23 @@ def _isolated_env(tmp_path, monkeypatch):
 
 # --- sharing the suite between pytest-xdist workers (`make test`: -n 2 --dist loadfile) -----------------------
 # A module runs whole on one worker, so its module-scoped fixtures are built once; each worker keeps its own
-# shared Ray. The modules with the most tests marked slow (the real sweeps) are handed out first, then the rest
-# in file order: the longest work first keeps both workers busy to the end. (xdist's loadgroup would put every
-# sweep on one worker, but it cannot rename the tests of pytest 9.2, whose node ids are structured.)
+# shared Ray. The modules with the most real sweeps (tests on the shared Ray, or marked slow) are handed out
+# first, then the rest in file order: the longest work first keeps both workers busy to the end. (xdist's
+# loadgroup would put every sweep on one worker, but it cannot rename the tests of pytest 9.2, whose node ids
+# are structured.)
+def _runs_sweeps(item: pytest.Item) -> bool:
+    return item.get_closest_marker("slow") is not None or "ray_session" in getattr(item, "fixturenames", ())
+
+
 @pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config, items):
     if not os.environ.get("PYTEST_XDIST_WORKER"):
         return
-    slow: dict[str, int] = {}
+    sweeps: dict[str, int] = {}
     for item in items:
         module = item.nodeid.split("::")[0]
-        slow[module] = slow.get(module, 0) + (item.get_closest_marker("slow") is not None)
-    items.sort(key=lambda item: -slow[item.nodeid.split("::")[0]])  # stable: file order otherwise
+        sweeps[module] = sweeps.get(module, 0) + _runs_sweeps(item)
+    items.sort(key=lambda item: -sweeps[item.nodeid.split("::")[0]])  # stable: file order otherwise
 
 
 def find_real_data(*needed: str) -> Path:
