@@ -17,7 +17,7 @@ export BIOPLAUS_DATA := $(abspath ../shared/data)
 endif
 endif
 
-.PHONY: setup test test-load train sweep report bench lint clean
+.PHONY: setup test test-load train sweep report bench bench-gpu lint clean
 
 setup: $(STAMP)
 
@@ -53,6 +53,12 @@ report: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/bioplaus bench $(ARGS)
+
+# The one-step GPU bench (docs/benchmarks.md, "GPU bench"): results in $(OUT). It needs no .venv: on a bare
+# GPU machine it runs with python3 and the wheels carried in .whl (cluster/bench-gpu.sh).
+OUT ?= runs/bench-gpu
+bench-gpu:
+	PYTHON=$(if $(wildcard $(BIN)/python),$(BIN)/python,python3) bash cluster/bench-gpu.sh $(OUT) $(ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

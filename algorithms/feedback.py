@@ -22,11 +22,19 @@ from bioplaus.algorithms.arch import Block
 
 
 class _LinearFeedback(torch.autograd.Function):
+    # forward and setup_context apart, and a generated vmap rule: torch.func (grad, vmap) can transform it, which
+    # trains a population of networks as one batched computation (algorithms/population.py).
+    generate_vmap_rule = True
+
     @staticmethod
-    def forward(ctx, x, weight, bias, feedback):
+    def forward(x, weight, bias, feedback):
+        return F.linear(x, weight, bias)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, _, bias, feedback = inputs
         ctx.save_for_backward(x, feedback)  # not the weight: backward must not be able to read it
         ctx.has_bias = bias is not None
-        return F.linear(x, weight, bias)
 
     @staticmethod
     def backward(ctx, grad):
@@ -43,11 +51,17 @@ class _LinearFeedback(torch.autograd.Function):
 
 
 class _Conv2dFeedback(torch.autograd.Function):
+    generate_vmap_rule = True  # see _LinearFeedback
+
     @staticmethod
-    def forward(ctx, x, weight, bias, feedback, stride, padding, dilation, groups):
+    def forward(x, weight, bias, feedback, stride, padding, dilation, groups):
+        return F.conv2d(x, weight, bias, stride, padding, dilation, groups)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, _, bias, feedback, stride, padding, dilation, groups = inputs
         ctx.save_for_backward(x, feedback)
         ctx.conf = (stride, padding, dilation, groups, bias is not None)
-        return F.conv2d(x, weight, bias, stride, padding, dilation, groups)
 
     @staticmethod
     def backward(ctx, grad):

@@ -69,7 +69,7 @@ def local_layout(net: Network, group_size: int, readout_pool: int) -> list[dict]
 
 
 def attach_local_readouts(rule: Rule, hp, info: RunInfo) -> None:
-    """Give a perturbation rule its local losses: the group layout (``_n_groups``, ``_cells`` and the
+    """Give a perturbation rule its local losses: the group layout (``_n_groups``, ``_cells``, ``_one_per_group``, the
     per-stage buffers ``unit_group<i>``, ``feature_group<i>``, ``channel_group<i>``, ``rows<i>``,
     ``cols<i>``), ``eye``, one linear readout per hidden block (``readouts``) and one optimiser per
     stage (``opts``: a block's update is self-contained, Adam state included)."""
@@ -77,6 +77,8 @@ def attach_local_readouts(rule: Rule, hp, info: RunInfo) -> None:
     layout = local_layout(net, hp.group_size, hp.readout_pool)
     rule._n_groups = [stage["n_groups"] for stage in layout]
     rule._cells = [stage["cells"] for stage in layout]
+    # Groups of one feature each, in order (dense blocks with group_size 1, the output block): nothing to sum.
+    rule._one_per_group = [torch.equal(stage["feature_group"], torch.arange(stage["n_groups"])) for stage in layout]
     # Layout tensors as non-persistent buffers: they follow .to(device) and are rebuilt from the config.
     for i, stage in enumerate(layout):
         for key in ("unit_group", "feature_group", "channel_group", "rows", "cols"):

@@ -17,6 +17,7 @@ from torch import nn
 from torch.func import functional_call
 
 from bioplaus.algorithms.arch import Block, Network
+from bioplaus.algorithms.forward_reads import forward_weight
 from bioplaus.algorithms.local_readout import attach_local_readouts
 from bioplaus.algorithms.rule import (BlockLocalRule, RunInfo, output_error, set_delta_rule_grads,
                                       validate_hparams)
@@ -71,11 +72,14 @@ class StageUpdate:
         self.batch = self.z.shape[0]
         self.norm = {k: p.detach() for k, p in stage.norm.named_parameters()}
         self.readout = None if self.is_head else rule.readouts[i]
-        self.weight = rule.eye if self.is_head else self.readout.weight  # the output block's readout: identity
+        # The readout's weights as its forward evaluations read them (the output block's readout: identity).
+        self.weight = rule.eye if self.is_head else forward_weight(self.readout.weight)
+        self.one_per_group = rule._one_per_group[i]
         self.h: torch.Tensor | None = None
         self.feats: torch.Tensor | None = None
         self.logits: torch.Tensor | None = None
-        self.labels: torch.Tensor | None = None
+        self.probs: torch.Tensor | None = None
+        self._buffers: dict[str, torch.Tensor] = {}
 
     def features(self, h: torch.Tensor) -> torch.Tensor:
         """The local readout's input: the output itself (dense blocks) or its band averages (conv blocks)."""
@@ -84,29 +88,49 @@ class StageUpdate:
         return torch.einsum("bchw,ph,qw->bcpq", h, self.rows, self.cols).flatten(1)
 
     def clean_pass(self) -> None:
-        """The clean output (running statistics kept: one pass per step), its features and local logits, and
-        the labels of the groups' copies of the local loss (the batch's labels repeated per group)."""
+        """The clean output (running statistics kept: one pass per step), its features, local logits and
+        their softmax (what every group's copy of the local loss is measured from)."""
         self.h, _ = post(self.stage, self.z, self.norm, keep_stats=True)
         self.feats = self.features(self.h)
         self.logits = self.feats if self.is_head else self.readout(self.feats)
-        self.labels = self.y.repeat_interleave(self.n_groups)
+        self.probs = self.logits.softmax(1)
 
-    def group_losses(self, u: torch.Tensor, norm_params: dict[str, torch.Tensor]) -> torch.Tensor:
-        """[batch, group] cross-entropies of the groups' copies of the local loss for weight-layer output
-        ``u``: each copy sees only its own features' change from the clean ones (after :meth:`clean_pass`)."""
+    def group_loss_changes(self, u: torch.Tensor, norm_params: dict[str, torch.Tensor]) -> torch.Tensor:
+        """[batch, group]: for weight-layer output ``u``, each group's copy of the local cross-entropy minus the
+        clean one, where a copy sees only its own features' change from the clean ones (after :meth:`clean_pass`).
+
+        With ``s`` a copy's logit shift and ``p`` the clean softmax, CE(l + s) - CE(l) = log sum_c p_c e^(s_c) - s_y:
+        computed from the shifts alone, laid out [batch, class, group] so the sums over the few classes run
+        across the many groups at once (a cross-entropy per row of 10 logits is the slow case of the kernel),
+        and without subtracting two losses of order log(classes) whose difference is of order sigma."""
         change = self.features(post(self.stage, u, norm_params)[0]) - self.feats
-        n_classes = self.logits.shape[1]
-        shift = torch.zeros(self.batch, self.n_groups, n_classes, device=self.z.device, dtype=self.z.dtype)
-        shift.index_add_(1, self.feature_group, change.unsqueeze(2) * self.weight.t().unsqueeze(0))
-        noisy = (self.logits.unsqueeze(1) + shift).flatten(0, 1)
-        return F.cross_entropy(noisy, self.labels, reduction="none").view(self.batch, self.n_groups)
+        # [batch, class, feature] products, then [batch, class, group] shifts, in buffers reused across the step's
+        # evaluations (fresh allocations of this size cost more than the arithmetic on them).
+        contrib = self._buffer("contrib", (self.batch, self.weight.shape[0], change.shape[1]), change)
+        torch.mul(change.unsqueeze(1), self.weight.unsqueeze(0), out=contrib)
+        shift = contrib
+        if not self.one_per_group:
+            shift = self._buffer("shift", (self.batch, self.weight.shape[0], self.n_groups), change).zero_()
+            shift.index_add_(2, self.feature_group, contrib)
+        label = self.y.view(-1, 1, 1).expand(-1, 1, self.n_groups)
+        at_label = shift.gather(1, label).squeeze(1)
+        top = shift.amax(1, keepdim=True)  # no overflow in exp, however large a shift
+        mixed = shift.sub_(top).exp_().mul_(self.probs.unsqueeze(2)).sum(1).log_().add_(top.squeeze(1))
+        return mixed - at_label
+
+    def _buffer(self, name: str, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+        """A scratch tensor of ``shape``, allocated on first use and reused by this step's later evaluations."""
+        buf = self._buffers.get(name)
+        if buf is None:
+            buf = self._buffers[name] = like.new_empty(shape)
+        return buf
 
     def loss_change(self, dz: torch.Tensor, d_norm: dict[str, torch.Tensor], sigma: float) -> torch.Tensor:
         """[batch, group]: each group's loss change along (``dz`` in the weight layer's output, ``d_norm`` in
         the norm's parameters), ``(L+ - L-) / (2 sigma)`` from the antithetic pair ``+-sigma``."""
         norm = self.norm
-        plus = self.group_losses(self.z + sigma * dz, {n: p + sigma * d_norm[n] for n, p in norm.items()})
-        minus = self.group_losses(self.z - sigma * dz, {n: p - sigma * d_norm[n] for n, p in norm.items()})
+        plus = self.group_loss_changes(self.z + sigma * dz, {n: p + sigma * d_norm[n] for n, p in norm.items()})
+        minus = self.group_loss_changes(self.z - sigma * dz, {n: p - sigma * d_norm[n] for n, p in norm.items()})
         return (plus - minus) / (2 * sigma)
 
     def per_channel(self, change: torch.Tensor) -> torch.Tensor:
@@ -148,6 +172,9 @@ class PerturbationRule(BlockLocalRule):
         validate_hparams(type(self), hp)
         hp.validate()
         attach_local_readouts(self, hp, info)
+
+    def local_heads(self) -> dict[int, list[nn.Module]]:
+        return {i: [readout] for i, readout in enumerate(self.readouts)}
 
     def step_metrics(self, out: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
         # The output block's clean output is its local loss's logits (its readout is the identity).

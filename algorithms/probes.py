@@ -12,7 +12,8 @@ autograd and module hooks, so a rule's declaration can be checked against its be
 * :func:`layer_calls` (C3): how many times each block's weight layer was evaluated in one step.
 
 The probes see what autograd and the modules see. A rule that computes its updates by hand (no
-autograd, no module calls) is invisible to them and must prove its claims with its own tests.
+autograd, no module calls) is invisible to them; ``bioplaus.algorithms.criteria`` measures every rule's
+criteria (weight transport by perturbation, ``bioplaus.algorithms.transport``, which needs no autograd).
 """
 
 from __future__ import annotations

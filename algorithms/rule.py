@@ -46,6 +46,9 @@ class Claim:
     """One sentence: the mechanism that makes it hold or fail."""
     test: str
     """pytest node id of the test that proves this claim (and fails for a rule where it is false)."""
+    probe_cannot_see: str = ""
+    """Why the generic probes (``bioplaus.algorithms.criteria``) cannot judge this claim, which ``test`` then
+    establishes alone; empty: the probes measure it on every supported architecture and must agree."""
 
 
 @dataclass(frozen=True)
@@ -114,6 +117,9 @@ class Rule(nn.Module):
     arch_defaults: ClassVar[dict[str, dict[str, Any]]] = {}
     """Architecture name -> model settings the rule runs with unless the run sets them (e.g. a per-sample
     norm on deep_cnn, whose own default is batch norm, for a rule whose math forbids batch statistics)."""
+    arch_hparams: ClassVar[dict[str, dict[str, Any]]] = {}
+    """Architecture name -> hyperparameters the rule runs with there unless the run sets them (where the defaults
+    that work on the other networks fail on that one; the rule's docstring says why)."""
     forbidden_norms: ClassVar[dict[str, str]] = {}
     """``model.norm`` value -> why the rule's math cannot use it (refused before training, on any architecture)."""
     forbidden_pools: ClassVar[dict[str, str]] = {}
@@ -155,6 +161,50 @@ class Rule(nn.Module):
         :meth:`train_step` returns; the pipeline trainer reports it stage by stage."""
         return None
 
+    def local_heads(self) -> dict[int, list[nn.Module]]:
+        """Hidden block index -> the modules of that block's own local head (auxiliary classifiers, local readouts):
+        rule state that reads the block's output to form the block's learning signal. The weight-transport probe
+        reports transport inside a block's own head apart from transport of other blocks' weights."""
+        return {}
+
+    # --- populations (algorithms/population.py) -------------------------------------------------
+    population_hparams: ClassVar[tuple[str, ...]] = ()
+    """HParams fields, beyond the optimiser's (each member has its own lr, optimizer, momentum, weight decay and
+    schedule), that may differ between the members of one stack of a population: :meth:`member_loss` and
+    :meth:`member_update` read them from their ``hp`` argument (0-d float64 tensors), never from ``self.hp``, or
+    they only shape the rule's buffers when it is built (each member's buffers are its own). Members differing in
+    any other field train as separate stacks of the population."""
+
+    def member_loss(self, hp: dict[str, torch.Tensor], x: torch.Tensor,
+                    y: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Population training: one member's objective, whose gradient with respect to the rule's parameters is the
+        update :meth:`train_step` hands its optimiser, and the step's metrics as :meth:`train_step` returns them.
+
+        Runs under torch.func (``functional_call`` with the member's weights, ``grad``, ``vmap`` over the members):
+        no ``.backward()``, no optimiser, no in-place change of parameters or buffers, no ``.item()``. A rule that
+        does not implement it trains alone (a population of one).
+        """
+        raise NotImplementedError(f"rule {self.name!r} has no member_loss")
+
+    def member_update(self, grads: dict[str, torch.Tensor], hp: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Population training: the gradients the optimiser receives, from :meth:`member_loss`'s (default: as they are)."""
+        return grads
+
+    @classmethod
+    def population_support(cls, model_cfg: Any) -> str | None:
+        """Why this rule cannot train as a population with this architecture config (None: it can)."""
+        if cls.member_loss is Rule.member_loss:
+            return f"rule {cls.name!r} has no functional member update (Rule.member_loss)"
+        step_owner = next(c for c in cls.__mro__ if "train_step" in vars(c))
+        loss_owner = next(c for c in cls.__mro__ if "member_loss" in vars(c))
+        if step_owner is not loss_owner and issubclass(step_owner, loss_owner):
+            return f"rule {cls.name!r} changes train_step but not the member_loss it inherits"
+        if not issubclass(cls.HParams, OptimHParams):
+            return f"rule {cls.name!r} has no optimiser settings for the batched optimiser"
+        if getattr(model_cfg, "norm", "none") == "batch":
+            return "batch norm updates its running statistics in place, which a batched member step cannot"
+        return None
+
     # --- inference ------------------------------------------------------------------------------
     @torch.no_grad()
     def predict(self, x: torch.Tensor) -> torch.Tensor:
@@ -178,6 +228,7 @@ class Rule(nn.Module):
             "summary": cls.summary,
             "block_local": cls.block_local,
             "archs": dict(cls.archs),
+            "arch_hparams": {a: dict(v) for a, v in cls.arch_hparams.items()},
             "criteria": {k: dataclasses.asdict(v) for k, v in cls.criteria.items()},
             "hparams": {f.name: _default_of(f) for f in dataclasses.fields(cls.HParams)},
         }

@@ -25,10 +25,13 @@ from pathlib import Path
 import polars as pl
 
 from bioplaus.analysis import figures, optuna_figures, plots, tables
+from bioplaus.analysis.criteria_report import criteria_section, criteria_table
 from bioplaus.analysis.load import SweepData, load_sweep
 from bioplaus.analysis.report_format import Cell, Figure, Section, md_table, text_of
+from bioplaus.analysis.report_budget import budget_part, open_compare
+from bioplaus.analysis.report_estimate import estimate_section
 from bioplaus.analysis.report_render import render_html, render_markdown
-from bioplaus.analysis.report_sections import (brain_part, cost_section, criteria_section, data_section,
+from bioplaus.analysis.report_sections import (brain_part, cost_section, data_section,
                                                main_section, optuna_section, rank_section, tuning_section)
 
 
@@ -71,7 +74,7 @@ def compute_tables(d: SweepData) -> SweepTables:
     cells = [(a, x) for x in datasets for a in archs
              if cells_df.filter((pl.col("arch") == a) & (pl.col("dataset") == x)).height]
     rules = tables.rule_order(main)
-    crit, crit_error = tables.criteria_table(rules)
+    crit, crit_error = criteria_table(d, rules)
     return SweepTables(cells_df, main, tables.rank_table(main), tables.cost_table(d, main), crit, crit_error,
                        tables.tuning_table(d, cells_df), tables.data_table(d), rules, cells)
 
@@ -151,7 +154,8 @@ def build_sections(d: SweepData, t: SweepTables, figs: dict[str, Figure], brain_
     sections = [main_sec, data_section(t.data), rank_section(t.ranks), cost_sec,
                 criteria_section(t.criteria, t.rules, t.criteria_error), tuning_section(t.tuning, t.rules, t.cells),
                 Section("Learning curves", plots=[figs["curves"]]), optuna_section(views, optuna_notes)]
-    return sections + ([brain_sec] if brain_sec is not None else [])
+    estimate_sec = estimate_section(d)
+    return sections + [s for s in (estimate_sec, brain_sec) if s is not None]
 
 
 def terminal_summary(name: str, main_sec: Section, rank_sec: Section, out: Path) -> str:
@@ -162,10 +166,12 @@ def terminal_summary(name: str, main_sec: Section, rank_sec: Section, out: Path)
                       f"         {out / 'report.md'}; tables: {out / 'tables'}/*.parquet"])
 
 
-def build_report(sweep_dir: str | Path, out: str | Path | None = None) -> Report:
-    """Compute every table and figure of a sweep folder and write the report; returns where it went."""
+def build_report(sweep_dir: str | Path, out: str | Path | None = None, compare: str | Path | None = None) -> Report:
+    """Compute every table and figure of a sweep folder and write the report; returns where it went.
+    ``compare``: a sweep of the other budget kind over the same cells (analysis/report_budget.py)."""
     tick = time.perf_counter()
     d = load_sweep(sweep_dir)
+    other = open_compare(d, compare)
     out = Path(out) if out else d.dir / "report"
     (out / "tables").mkdir(parents=True, exist_ok=True)
     (out / "plots").mkdir(parents=True, exist_ok=True)
@@ -174,14 +180,18 @@ def build_report(sweep_dir: str | Path, out: str | Path | None = None) -> Report
     colors = plots.rule_colors(t.rules)
     brain_sec, brain, brain_notes = brain_part(d, out, colors)
     notes += brain_notes
-    saved = t.saved() | ({"brain_best": brain} if brain is not None else {})
+    budget = budget_part(d, t.main, other, t.rules, t.cells, colors, out)
+    notes += budget.notes
+    saved = t.saved() | budget.tables | ({"brain_best": brain} if brain is not None else {})
     paths = {name: out / "tables" / f"{name}.parquet" for name in saved}
     for name, df in saved.items():
         df.write_parquet(paths[name])
 
     figs = draw_figures(d, t, colors, out)
     sections = build_sections(d, t, figs, brain_sec)
-    pngs = {k: f.png for k, f in figs.items()}
+    at = next((i + 1 for i, s in enumerate(sections) if s.title == "Cost"), len(sections))
+    sections[at:at] = budget.sections  # the budget views and the rank test follow the cost table
+    pngs = {k: f.png for k, f in figs.items()} | budget.pngs
     if brain_sec is not None:
         pngs.update({f"brain{i}": p for i, (_, p) in enumerate(brain_sec.figures)})
     title = f"bioplaus sweep report: {d.name}"

@@ -11,7 +11,7 @@ import polars as pl
 
 from bioplaus.analysis import plots, tables
 from bioplaus.analysis.load import SweepData
-from bioplaus.analysis.report_format import Cell, Figure, Section, fmt, fmt_big, fmt_hp, frame_rows, short_test
+from bioplaus.analysis.report_format import Cell, Figure, Section, fmt, fmt_big, fmt_hp, frame_rows
 from bioplaus.orchestrator.errors import one_line
 
 
@@ -95,34 +95,6 @@ def cost_section(cost: pl.DataFrame, rules: list[str], cells: list[tuple[str, st
               "weights, auxiliary heads).")]
     return Section("Cost", header=["cell", "rule", "samples/s", "cost vs bp", "epochs to 95 %", "train s",
                                    "peak MB", "mem vs bp", "params (+rule)"], rows=rows, notes=notes)
-
-
-def criteria_section(crit: pl.DataFrame, rules: list[str], error: str | None) -> Section:
-    from_registry = crit.filter(pl.col("criterion").is_not_null())
-    codes = sorted(set(from_registry["criterion"])) if from_registry.height else []
-    lookup = {(r["rule"], r["criterion"]): r for r in from_registry.iter_rows(named=True)}
-    summaries = {r["rule"]: r["summary"] for r in crit.iter_rows(named=True)}
-    rows = []
-    for rule in rules:
-        row = [Cell(rule, summaries.get(rule))]
-        for code in codes:
-            r = lookup.get((rule, code))
-            row.append(Cell(("✓ " if r["holds"] else "✗ ") + short_test(r["test"]),
-                            f"{r['why']} — proved by {r['test']}") if r else Cell("not declared"))
-        rows.append(row)
-    texts = {r["criterion"]: r["criterion_text"] for r in from_registry.iter_rows(named=True)}
-    notes = [f"{c}: {texts.get(c)}" for c in codes]
-    notes.insert(0, "✓ = the rule satisfies the criterion, ✗ = it does not, as each rule declares it; every claim "
-                    "names the pytest test that proves it (full node ids and reasons below, and in "
-                    "tables/criteria.parquet).")
-    if error:
-        notes.insert(0, f"**{error}**")
-    details = [("What each rule does", ["rule", "summary"], [[r, summaries.get(r) or "—"] for r in rules]),
-               ("All claims with their reasons and tests", ["rule", "criterion", "holds", "why", "test"],
-                [[r["rule"], r["criterion"], "yes" if r["holds"] else "no", r["why"], r["test"]]
-                 for r in from_registry.iter_rows(named=True)])]
-    return Section("Plausibility criteria", header=["rule", *codes], rows=rows, notes=notes,
-                   details=details, css_class="criteria")
 
 
 def tuning_section(tuning: pl.DataFrame, rules: list[str], cells: list[tuple[str, str]]) -> Section:

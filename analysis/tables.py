@@ -13,8 +13,8 @@ report so it can be queried further; the report formats them for reading. Defini
 * **cost**: per rule x cell: training throughput, its ratio to ``bp`` (``bp`` samples/s over the rule's:
   2.0 = twice as slow), epochs for the final runs' validation accuracy to first reach 95 % of its best,
   peak memory and parameter counts.
-* **criteria**: each rule's plausibility claims (C1...C5) as declared in the rule registry, with the
-  test that proves each one.
+* **criteria** (``analysis/criteria_report.py``): each rule's plausibility criteria as measured on each cell,
+  with the declared claims beside them.
 * **tuning**: per cell: tuning trials run, ok, pruned, failed, diverged, and the selected trial (the
   orchestrator's rule: fully trained trials first, then best validation accuracy, then lowest number)
   with its hyperparameters.
@@ -34,7 +34,6 @@ import numpy as np
 import polars as pl
 
 from bioplaus.analysis.load import SweepData
-from bioplaus.orchestrator.errors import one_line
 
 CELL = ["arch", "dataset"]
 KEYS = ["rule", "arch", "dataset"]
@@ -202,33 +201,6 @@ def cost_table(d: SweepData, main: pl.DataFrame) -> pl.DataFrame:
     return t.select(*KEYS, "samples_per_second_mean", "cost_ratio_vs_bp", "train_seconds_mean", "epochs",
                     "epochs_to_95_mean", "epochs_to_95_max", "peak_mem_mb_max", "mem_ratio_vs_bp", "mem_kind",
                     "n_params", "n_rule_params").sort(KEYS).collect()
-
-
-# --- criteria ------------------------------------------------------------------------------------------
-CRITERIA_SCHEMA = {"rule": pl.String, "registered": pl.Boolean, "summary": pl.String, "criterion": pl.String,
-                   "holds": pl.Boolean, "why": pl.String, "test": pl.String, "criterion_text": pl.String}
-
-
-def criteria_table(rules: list[str]) -> tuple[pl.DataFrame, str | None]:
-    """(each rule's declared claims, an error line if the registry could not be loaded)."""
-    try:
-        from bioplaus.algorithms.registry import load_rules
-        from bioplaus.algorithms.rule import CRITERIA
-
-        registry = load_rules()
-    except Exception as e:  # noqa: BLE001  (a rule module being edited must not take the whole report down)
-        return pl.DataFrame(schema=CRITERIA_SCHEMA), f"rule registry could not be loaded: {one_line(e)}"
-    rows = []
-    for rule in rules:
-        cls = registry.get(rule)
-        if cls is None:
-            rows.append({"rule": rule, "registered": False, "summary": "not in the rule registry of this checkout"})
-            continue
-        for code, claim in sorted(cls.criteria.items()):
-            rows.append({"rule": rule, "registered": True, "summary": cls.summary, "criterion": code,
-                         "holds": bool(claim.holds), "why": claim.why, "test": claim.test,
-                         "criterion_text": CRITERIA.get(code)})
-    return pl.DataFrame(rows, schema=CRITERIA_SCHEMA), None
 
 
 # --- tuning --------------------------------------------------------------------------------------------

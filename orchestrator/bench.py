@@ -214,3 +214,54 @@ def _run_at_once(args: list[str], n: int) -> list[dict]:
         return {k: record[k] for k in ("samples_per_second", "test_acc")}
 
     return ray.get([train.remote(args) for _ in range(n)], timeout=3600)
+
+
+def step_cost(overrides: list[str], rounds: int = 5, steps: int = 5) -> dict:
+    """A rule's training cost per step against bp's, side by side in one process: both built from the same trial
+    config (bp with its default hyperparameters), stepped alternately (``rounds`` x ``steps`` batches each, the
+    first round's order swapped every round) on the same training batches, on the CPU with the config's
+    ``train.threads``. The medians of the per-step times and of the per-round ratios; a ratio measured this way
+    sees the same machine load for both rules, which one-epoch runs one after the other do not."""
+    import torch
+
+    from bioplaus.orchestrator.build import build_rule
+    from bioplaus.orchestrator.feed import TrainFeed
+    from bioplaus.orchestrator.trial import load_splits
+
+    spec = resolve(parse_overrides(overrides))
+    bp_spec = resolve(parse_overrides(["rule=bp", *(o for o in overrides if not o.startswith(("rule=", "hp.")))]))
+    cfg = spec.cfg
+    if cfg.train.threads:
+        torch.set_num_threads(int(cfg.train.threads))
+    splits = load_splits(cfg)
+    feed, size = TrainFeed(splits, "none", int(cfg.seed)), int(cfg.train.batch_size)
+    order = torch.randperm(len(splits.train_y), generator=torch.Generator().manual_seed(int(cfg.seed)))
+    batches = [feed.batch(order[i * size:(i + 1) * size]) for i in range(steps + 1)]
+    per_epoch = math.ceil(len(splits.train_y) / size)
+    device = torch.device("cpu")
+    models = {name: build_rule(s, tuple(splits.train_x.shape[1:]), len(splits.classes), per_epoch, device)
+              for name, s in ((cfg.rule, spec), ("bp", bp_spec))}
+    times: dict[str, list[float]] = {name: [] for name in models}
+    for name, model in models.items():
+        model.train_step(*batches[-1])  # warm-up, outside the timing
+    for r in range(rounds):
+        for name in (list(models) if r % 2 == 0 else list(models)[::-1]):
+            tick = time.perf_counter()
+            for x, y in batches[:steps]:
+                models[name].train_step(x, y)
+            times[name].append((time.perf_counter() - tick) / steps)
+    ratios = [a / b for a, b in zip(times[cfg.rule], times["bp"])]
+    return {"rule": cfg.rule, "arch": cfg.arch, "dataset": cfg.dataset, "batch_size": size,
+            "threads": torch.get_num_threads(), "rounds": rounds, "steps_per_round": steps,
+            "rule_ms_per_step": 1000 * statistics.median(times[cfg.rule]),
+            "bp_ms_per_step": 1000 * statistics.median(times["bp"]), "cost_vs_bp": statistics.median(ratios),
+            "cost_vs_bp_per_round": ratios}
+
+
+if __name__ == "__main__":  # python -m bioplaus.orchestrator.bench step-cost rule=R arch=A dataset=D [key=value ...]
+    if sys.argv[1:2] != ["step-cost"]:
+        sys.exit("usage: python -m bioplaus.orchestrator.bench step-cost rule=R arch=A dataset=D [rounds=N] [key=value]")
+    chosen = [a for a in sys.argv[2:] if a.startswith("rounds=")]
+    result = step_cost([a for a in sys.argv[2:] if a not in chosen],
+                       rounds=int(chosen[0].split("=", 1)[1]) if chosen else 5)
+    print(json.dumps(result))

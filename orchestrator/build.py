@@ -37,6 +37,17 @@ def seed_everything(seed: int, deterministic: bool) -> None:
     torch.backends.cudnn.benchmark = not deterministic
 
 
+def start_trial(cfg: Any) -> torch.device:
+    """What a trial does first in its process: pick its device, set torch's threads (``train.threads``), seed
+    every random number generator with the run seed. Returns the device."""
+    t = cfg.train
+    device = pick_device(t.device)
+    if t.threads:
+        torch.set_num_threads(t.threads)
+    seed_everything(int(cfg.seed), t.deterministic)
+    return device
+
+
 def build_network(arch: ArchSpec, model_cfg: Any, input_shape: tuple[int, ...], num_classes: int,
                   seed: int) -> Network:
     """The architecture initialised from torch's global RNG seeded with the run seed (a trial's initial

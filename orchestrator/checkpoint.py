@@ -14,7 +14,14 @@ from omegaconf import OmegaConf
 
 from bioplaus.algorithms.arch import ARCHS, Network
 from bioplaus.orchestrator.config import typed
-from bioplaus.orchestrator.results import atomic_write
+
+
+def atomic_write(path: str | Path, write) -> Path:
+    """The results writer's atomic write, imported when a network is written: training itself must not need
+    the results layer's table libraries (a machine that only times trials may lack them)."""
+    from bioplaus.orchestrator.results import atomic_write as write_atomically
+
+    return write_atomically(path, write)
 
 
 def save_network(path: str | Path, net: Network, config: dict, mean: torch.Tensor, std: torch.Tensor,

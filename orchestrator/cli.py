@@ -15,7 +15,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+from bioplaus.orchestrator.bench_fairness import add_fairness_argument
+from bioplaus.orchestrator.cli_listing import cmd_archs, cmd_config, cmd_datasets, cmd_rules, cmd_space
 from bioplaus.orchestrator.errors import UsageError
+from bioplaus.orchestrator.estimate_cli import add_estimate_arguments
 
 JSON_KEYS = ("rule", "arch", "dataset", "seed", "status", "epochs", "val_acc", "test_acc", "train_seconds",
              "samples_per_second", "best_epoch", "test_loss", "val_loss", "peak_mem_mb", "mem_kind", "n_params",
@@ -62,68 +65,6 @@ def cmd_train(args) -> int:
               f"(best epoch {record['best_epoch']}/{record['epochs_run']}) train {record['train_seconds']:.1f}s "
               f"{record['samples_per_second']:.0f} samples/s" + (f"; results in {cfg.out}" if cfg.out else ""))
     return 1 if record["status"] == "failed" else 0
-
-
-def cmd_rules(args) -> int:
-    from bioplaus.algorithms.registry import load_rules
-
-    described = [cls.describe() for cls in load_rules().values()]
-    if args.json:
-        print(json.dumps(described))
-        return 0
-    for d in described:
-        crit = " ".join(f"{c}{'+' if v['holds'] else '-'}" for c, v in sorted(d["criteria"].items()))
-        archs = ", ".join(a for a, why in d["archs"].items() if why is None)
-        print(f"{d['name']:<20} {crit:<24} archs: {archs}{'  [block-local]' if d['block_local'] else ''}")
-        print(f"{'':<20} {d['summary']}")
-    return 0
-
-
-def cmd_datasets(args) -> int:
-    from bioplaus.orchestrator.data import DATASETS
-
-    if args.json:
-        print(json.dumps([{"name": s.name, "summary": s.summary, "folder": s.dirname,
-                           "files": [f.name for f in s.files]} for s in DATASETS.values()]))
-        return 0
-    for spec in DATASETS.values():
-        print(f"{spec.name:<15} {spec.summary}")
-    return 0
-
-
-def cmd_archs(args) -> int:
-    import dataclasses
-
-    from bioplaus.algorithms.arch import ARCHS
-
-    if args.json:
-        print(json.dumps([{"name": s.name, "summary": s.summary, "model": dataclasses.asdict(s.config())}
-                          for s in ARCHS.values()], default=str))
-        return 0
-    for spec in ARCHS.values():
-        print(f"{spec.name:<10} {spec.summary}")
-    return 0
-
-
-def cmd_config(args) -> int:
-    """The fully resolved config (defaults <- preset <- overrides) as YAML, or JSON with ``--json``."""
-    import dataclasses
-
-    import yaml
-
-    from bioplaus.orchestrator.config import parse_overrides, to_plain
-
-    if args.train:
-        from bioplaus.orchestrator.spec import resolve
-
-        spec = resolve(parse_overrides(args.overrides))
-        plain = {**to_plain(spec.cfg), "hp": dataclasses.asdict(spec.hp)}  # every hyperparameter, defaults included
-    else:
-        from bioplaus.orchestrator.sweep import parse_sweep
-
-        plain = to_plain(parse_sweep(args.overrides))
-    print(json.dumps(plain, indent=1) if args.json else yaml.safe_dump(plain, sort_keys=False), end="\n" if args.json else "")
-    return 0
 
 
 def brain_step(cfg):
@@ -185,33 +126,6 @@ def cmd_cells(args) -> int:
     return 0
 
 
-def _range(p: dict) -> str:
-    if p["type"] == "categorical":
-        return "{" + ", ".join(map(str, p["choices"])) + "}"
-    extra = (" log" if p.get("log") else "") + (f" step {p['step']}" if p.get("step") else "")
-    return f"[{p['low']:g}, {p['high']:g}]{extra}"
-
-
-def cmd_space(args) -> int:
-    from bioplaus.algorithms.registry import load_rules
-    from bioplaus.orchestrator.search_space import load_search_space
-
-    rules = load_rules()
-    unknown = [r for r in args.rules if r not in rules]
-    if unknown:
-        raise UsageError(f"unknown rule {unknown[0]!r}; known rules: {', '.join(rules)}")
-    spaces = {name: {k: p.describe() for k, p in load_search_space(rules[name]).items()}
-              for name in (args.rules or rules)}
-    if args.json:
-        print(json.dumps(spaces))
-        return 0
-    for name, space in spaces.items():
-        print(name)
-        for knob, p in space.items():
-            print(f"  {knob:<18} {p['type']:<12} {_range(p):<36} {p['source']}")
-    return 0
-
-
 def cmd_faults(args) -> int:
     """``bioplaus bench --faults``: every fault case on a small sweep; exit 1 if any row is not OK."""
     from bioplaus.orchestrator.faults import json_rows, markdown_table, run_faults, select, write_docs
@@ -252,21 +166,21 @@ def cmd_bench(args) -> int:
                                      staleness=args.staleness, markdown=args.markdown)
         print(json.dumps(result))
         return 0
+    if args.population:  # measured against as many separate trials, side by side
+        from bioplaus.orchestrator.bench_population import run
+        return run(args.overrides, args.population, args.markdown)
     from bioplaus.orchestrator.bench import run_bench
-
     return run_bench(args.rule, args.only, args.overrides, args.markdown, as_json=args.json)
 
 
 def cmd_brain(args) -> int:
     from bioplaus.analysis.brain import run_command
-
     return run_command(args.sweep_dir, args.overrides, rsa92=args.rsa92, plot=args.plot)
 
 
 def cmd_report(args) -> int:
     from bioplaus.analysis.report import build_report
-
-    report = build_report(args.sweep_dir, out=args.out)
+    report = build_report(args.sweep_dir, out=args.out, compare=args.compare)
     if not args.quiet:
         print(report.summary)
     for note in report.notes:
@@ -284,6 +198,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_commands(sub)
     _add_bench_command(sub)
     _add_analysis_commands(sub)
+    from bioplaus.orchestrator.criteria import add_command as add_criteria_command
+    add_criteria_command(sub)
     return p
 
 
@@ -320,6 +236,7 @@ def _add_run_commands(sub) -> None:
     c.add_argument("overrides", nargs="*")
     c.add_argument("--json", action="store_true", help="one JSON list of every cell: rule, arch, dataset, supported, reason")
     c.set_defaults(func=cmd_cells)
+    add_estimate_arguments(c)
 
     sp = sub.add_parser("space", help="the effective search space of each rule (shared knobs and its own, with "
                                       "the file each range comes from)")
@@ -349,13 +266,13 @@ def _add_bench_command(sub) -> None:
                                                     "(case-insensitive, repeatable)")
     b.add_argument("--write-docs", metavar="FILE", help="with --faults: rewrite the table section of FILE "
                                                         "(docs/reliability.md) from this run")
+    b.add_argument("--population", nargs="?", const="1,4,16", metavar="SIZES", help="populations of SIZES members "
+                   "(default 1,4,16) of one cell (default bp mlp digits) vs as many trials alone: speed per member")
     b.add_argument("--stages", type=int, default=2, help="pipeline stages for --pipeline (default 2)")
     b.add_argument("--rounds", type=int, default=3, help="interleaved rounds for --pipeline (default 3)")
-    b.add_argument("--staleness", type=int, default=1,
-                   help="staleness bound of the pipelined modes of --pipeline (default 1)")
-    b.add_argument("--chunk", type=int, default=8, help="micro-batches per message of the chunked pipeline mode "
-                                                        "of --pipeline (default 8)")
-    b.set_defaults(func=cmd_bench)
+    b.add_argument("--staleness", type=int, default=1, help="staleness bound of --pipeline's pipelined modes (default 1)")
+    b.add_argument("--chunk", type=int, default=8, help="micro-batches per message of --pipeline's chunked mode (default 8)")
+    add_fairness_argument(b, cmd_bench)  # sets the command's function: cmd_bench, or the fairness measurement
 
 
 def _add_analysis_commands(sub) -> None:
@@ -370,6 +287,7 @@ def _add_analysis_commands(sub) -> None:
     rp = sub.add_parser("report", help="tables, figures and an HTML/Markdown report of a sweep folder")
     rp.add_argument("sweep_dir", help="a sweep folder, e.g. runs/sweeps/local")
     rp.add_argument("--out", help="where to write the report (default: SWEEP_DIR/report)")
+    rp.add_argument("--compare", metavar="OTHER_SWEEP_DIR", help="a sweep of the other budget.kind, same cells")
     rp.add_argument("--quiet", action="store_true", help="do not print the summary tables")
     rp.set_defaults(func=cmd_report)
 

@@ -80,6 +80,13 @@ RUN_SCHEMA = pa.schema([
     ("finished_at", pa.timestamp("ms", tz="UTC")),
     ("bioplaus_version", pa.string()),
     ("git_commit", pa.string()),
+    # A sweep's training budget (orchestrator/sweep/budget.py): its kind (epochs | compute), the run's counted
+    # training FLOPs per sample and bp's on the same cell (where counted), and the compute the run was given in
+    # bp-epochs (epochs_planned x its FLOPs / bp's).
+    ("budget_kind", pa.string()),
+    ("train_flops_per_sample", pa.float64()),
+    ("bp_train_flops_per_sample", pa.float64()),
+    ("budget_bp_epochs", pa.float64()),
 ])
 
 EPOCH_SCHEMA = pa.schema([
@@ -139,6 +146,10 @@ class RunRecord:
     device: str | None = None
     started_at: float | None = None
     finished_at: float | None = None
+    budget_kind: str | None = None
+    train_flops_per_sample: float | None = None
+    bp_train_flops_per_sample: float | None = None
+    budget_bp_epochs: float | None = None
     hp: dict[str, Any] = field(default_factory=dict)
     config: dict[str, Any] = field(default_factory=dict)
     epochs: list[dict[str, Any]] = field(default_factory=list)

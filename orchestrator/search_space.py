@@ -169,10 +169,10 @@ def missing_shared_knobs(rule_cls, space: dict[str, Param], spaces_dir: Path | N
     return out
 
 
-def defaults_in_space(rule_cls, space: dict[str, Param]) -> dict[str, Any]:
-    """The rule's defaults as a point of the space (a sweep's first trial): numbers clipped to
-    [low, high], a categorical default that is not a choice replaced by the first choice."""
-    hp = rule_cls.HParams()
+def defaults_in_space(rule_cls, space: dict[str, Param], arch: str | None = None) -> dict[str, Any]:
+    """The rule's defaults (on ``arch``: with its ``arch_hparams``) as a point of the space (a sweep's first
+    trial): numbers clipped to [low, high], a categorical default that is not a choice replaced by the first."""
+    hp = rule_cls.HParams(**rule_cls.arch_hparams.get(arch, {}))
     point = {}
     for name, p in space.items():
         value = getattr(hp, name)

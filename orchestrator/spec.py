@@ -49,6 +49,7 @@ def resolve(cfg: DictConfig) -> TrialSpec:
         supported = [a for a, r in rule_cls.archs.items() if r is None]
         raise UsageError(f"unsupported cell: rule {cfg.rule!r} on arch {cfg.arch!r} ({why}); "
                          f"use arch={' or arch='.join(supported)}")
+    apply_arch_defaults(cfg, rule_cls)
     hp = typed(rule_cls.HParams, cfg.hp, "hp")
     try:
         validate_hparams(rule_cls, hp)
@@ -57,7 +58,6 @@ def resolve(cfg: DictConfig) -> TrialSpec:
     except ValueError as e:
         raise UsageError(str(e)) from None
     arch = ARCHS[cfg.arch]
-    apply_arch_defaults(cfg, rule_cls)
     model_cfg = typed(arch.config, cfg.model, "model")
     for key, known, forbidden in (("norm", NORMS, rule_cls.forbidden_norms), ("pool", POOLS, rule_cls.forbidden_pools)):
         value = getattr(model_cfg, key, None)
@@ -93,11 +93,13 @@ def resolve(cfg: DictConfig) -> TrialSpec:
 
 
 def apply_arch_defaults(cfg: DictConfig, rule_cls: type[Rule]) -> None:
-    """Fill ``cfg.model`` with the rule's settings for this architecture (``Rule.arch_defaults``) where the run
-    sets none, so the recorded config (and every network rebuilt from it) says what was trained."""
-    for key, value in rule_cls.arch_defaults.get(cfg.arch, {}).items():
-        if key not in cfg.model:
-            cfg.model[key] = value
+    """Fill ``cfg.model`` and ``cfg.hp`` with the rule's settings for this architecture (``Rule.arch_defaults``,
+    ``Rule.arch_hparams``) where the run sets none, so the recorded config (and every network and rule rebuilt
+    from it) says what was trained."""
+    for section, defaults in (("model", rule_cls.arch_defaults), ("hp", rule_cls.arch_hparams)):
+        for key, value in defaults.get(cfg.arch, {}).items():
+            if key not in cfg[section]:
+                cfg[section][key] = value
 
 
 def _model_size_checks(model_cfg: Any, arch: str) -> list[tuple[bool, str]]:

@@ -44,7 +44,8 @@ class NoProgress:
 @dataclass
 class FitPlan:
     """How a trial's epochs run: full batches only (fixed shapes, no 1-sample batch-norm batches), in an
-    order drawn from ``order`` (seeded with the run seed, its own stream)."""
+    order drawn from ``order`` (seeded with the run seed, its own stream, on the training device: see
+    :func:`epoch_order`)."""
 
     epochs: int
     batch: int
@@ -59,7 +60,13 @@ class FitPlan:
     def of(cls, train_cfg: Any, n_train: int, device: torch.device, seed: int) -> "FitPlan":
         batch = min(train_cfg.batch_size, n_train)
         return cls(train_cfg.epochs, batch, n_train // batch, n_train, train_cfg.eval_batch_size,
-                   train_cfg.select, device, torch.Generator().manual_seed(seed))
+                   train_cfg.select, device, torch.Generator(device=device).manual_seed(seed))
+
+
+def epoch_order(plan: FitPlan) -> torch.Tensor:
+    """The next epoch's permutation of the training set, drawn where the plan's generator lives (the
+    training device: no host copy on a GPU; on CPU the stream it always was)."""
+    return torch.randperm(plan.n_train, generator=plan.order, device=plan.order.device).to(plan.device)
 
 
 @dataclass
@@ -118,7 +125,7 @@ class Trainer(ABC):
         progress = progress or NoProgress()
         for epoch in range(1, plan.epochs + 1):
             rule.train()
-            perm = torch.randperm(plan.n_train, generator=plan.order).to(plan.device)
+            perm = epoch_order(plan)
             batch_indices = (perm[b * plan.batch:(b + 1) * plan.batch] for b in range(plan.steps))
             row = self._train_one_epoch(batch_indices, plan, epoch, progress)
             history.train_seconds += row["epoch_seconds"]

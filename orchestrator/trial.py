@@ -19,7 +19,7 @@ import torch
 from omegaconf import DictConfig
 
 from bioplaus.algorithms.rule import Rule
-from bioplaus.orchestrator.build import build_rule, pick_device, seed_everything
+from bioplaus.orchestrator.build import build_rule, pick_device, seed_everything, start_trial
 from bioplaus.orchestrator.checkpoint import save_network
 from bioplaus.orchestrator.config import to_plain
 from bioplaus.orchestrator.data import DataSplits, load_raw, make_splits
@@ -67,25 +67,27 @@ def run_trial(cfg: DictConfig | TrialSpec, report: Report | None = None, progres
     """
     spec = cfg if isinstance(cfg, TrialSpec) else resolve(cfg)
     cfg = spec.cfg
-    t, seed = cfg.train, int(cfg.seed)
-    device = pick_device(t.device)
-    if t.threads:
-        torch.set_num_threads(t.threads)
-    seed_everything(seed, t.deterministic)
-    started = time.time()
-    if splits is None:
-        splits = load_splits(cfg)
-    splits.to(device)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-
-    plan = FitPlan.of(t, len(splits.train_y), device, seed)
+    device, started, splits, plan = prepare_trial(spec, splits)
     rule = build_rule(spec, splits.input_shape, splits.num_classes, plan.steps, device)
-    feed = TrainFeed(splits, cfg.data.augment, aug_seed=seed + 1)
+    feed = TrainFeed(splits, cfg.data.augment, aug_seed=int(cfg.seed) + 1)
     record = _new_record(spec, rule, splits, device, started)
     history = _train(spec, rule, splits, plan, feed, record, report, progress)
     _finish_record(record, spec, rule, splits, history, device, evaluate_test, save_model)
     return record
+
+
+def prepare_trial(spec: TrialSpec, splits: DataSplits | None) -> tuple[torch.device, float, DataSplits, FitPlan]:
+    """What every trial starts with: the device, threads and seeds set, the start time, the data on the device
+    (loaded unless given) and the epoch plan."""
+    t, seed = spec.cfg.train, int(spec.cfg.seed)
+    device = start_trial(spec.cfg)
+    started = time.time()
+    if splits is None:
+        splits = load_splits(spec.cfg)
+    splits.to(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    return device, started, splits, FitPlan.of(t, len(splits.train_y), device, seed)
 
 
 def _new_record(spec: TrialSpec, rule: Rule, splits: DataSplits, device: torch.device,

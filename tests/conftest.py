@@ -186,6 +186,16 @@ def pytest_collection_modifyitems(config, items):
     items.sort(key=lambda item: -sweeps[item.nodeid.split("::")[0]])  # stable: file order otherwise
 
 
+@pytest.fixture
+def one_thread():
+    """One torch thread for the test, restored after: training many small ops, one thread is faster than two on
+    a shared machine (two spin against each other and against the machine's other jobs)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def find_real_data(*needed: str) -> Path:
     """The first candidate data root holding every path in ``needed`` (relative to the root); where none
     does, the test skips, naming every place it looked."""
@@ -251,7 +261,7 @@ def small_rule(name: str, arch: str = "mlp", input_shape=(1, 8, 8), num_classes:
     given = {**rule_cls.arch_defaults.get(arch, {}), **small, **(model or {})}
     net = spec.build(typed(spec.config, given, "model"), input_shape, num_classes)
     info = RunInfo(num_classes, tuple(input_shape), epochs, steps_per_epoch, torch.device("cpu"), seed)
-    return rule_cls(net, typed(rule_cls.HParams, hp or {}, "hp"), info)
+    return rule_cls(net, typed(rule_cls.HParams, {**rule_cls.arch_hparams.get(arch, {}), **(hp or {})}, "hp"), info)
 
 
 def batch(n: int = 32, input_shape=(1, 8, 8), num_classes: int = 10, seed: int = 0):

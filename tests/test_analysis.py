@@ -117,6 +117,7 @@ def sweep(tmp_path_factory):
             record.update(phase="final", epochs_planned=FINAL_EPOCHS)
             write_run(d, record, run_id=f"{key}.final{seed}", runs_table="final_runs")
     write_finals(d, FINAL_EPOCHS)
+    s.criteria(lambda _: None)  # the sweep's criteria step: every cell measured at its best configuration
 
     out = io.StringIO()
     tick = time.perf_counter()
@@ -236,22 +237,33 @@ def test_cost_table(sweep, data, main_df):
     assert bp["epochs_to_95_mean"] == pytest.approx(sum(firsts) / len(firsts))
 
 
-def test_criteria_table_matches_the_registry(sweep):
+def test_criteria_table_is_measured_with_the_declared_claims_beside(sweep, data):
+    from types import SimpleNamespace
+
     from bioplaus.algorithms.registry import load_rules
+    from bioplaus.analysis.criteria_report import criteria_section, criteria_table
 
     rules = ["bp", sweep["other"], "no_such_rule"]
-    crit, error = tables.criteria_table(rules)
-    assert error is None
+    crit, note = criteria_table(data, rules)
+    assert note is None
     registry = load_rules()
     for rule in rules[:2]:
-        mine = crit.filter(pl.col("rule") == rule).sort("criterion")
-        declared = registry[rule].criteria
-        assert mine["criterion"].to_list() == sorted(declared)
-        assert mine["holds"].to_list() == [declared[c].holds for c in sorted(declared)]
-        assert mine["test"].to_list() == [declared[c].test for c in sorted(declared)]
-        assert mine["criterion_text"].null_count() == 0
-    assert crit.filter(pl.col("rule") == "no_such_rule")["registered"].to_list() == [False]
-    assert not crit.filter(pl.col("rule") == "bp")["holds"].any()  # the reference violates every criterion
+        mine = crit.filter(pl.col("rule") == rule)
+        assert set(mine.select("arch", "dataset").unique().rows()) == {("mlp", "digits"), ("cnn", "digits")}
+        for r in mine.filter(pl.col("criterion").is_in(["C1", "C2", "C3", "C4"])).iter_rows(named=True):
+            assert r["declared"] == registry[rule].criteria[r["criterion"]].holds and r["agree"] is True, r
+            assert math.isfinite(r["bp_value"]) and r["criterion_text"]
+    bp = crit.filter((pl.col("rule") == "bp") & pl.col("criterion").is_in(["C1", "C2", "C3", "C4"]))
+    assert not bp["holds"].any() and (bp["bp_value"] > bp["threshold"]).all()  # the reference violates every criterion
+    assert crit.filter(pl.col("rule") == "no_such_rule").is_empty()
+    # A disagreement is flagged at the top of the section; a folder without the table falls back to declarations.
+    flipped = crit.with_columns(agree=pl.when((pl.col("rule") == "bp") & (pl.col("criterion") == "C1"))
+                                .then(False).otherwise(pl.col("agree")))
+    section = criteria_section(flipped, rules[:2], None)
+    assert "disagree with the measurement" in section.notes[0] and "bp C1 on" in section.notes[0]
+    declared, note = criteria_table(SimpleNamespace(dir=sweep["dir"] / "no_such_folder"), ["bp"])
+    assert "no criteria table" in note and declared["holds"].null_count() == declared.height
+    assert declared["declared"].to_list() == [registry["bp"].criteria[c].holds for c in declared["criterion"]]
 
 
 def test_tuning_table_counts_and_selection(sweep, data):
@@ -293,8 +305,8 @@ def test_report_files_tables_and_figures(sweep, main_df):
     assert "digits / mlp" in sweep["stdout"] and "ranking across cells" in sweep["stdout"]
     html = (d / "index.html").read_text()
     md = (d / "report.md").read_text()
-    for title in ("Main table", "Data used", "Ranking", "Cost", "Plausibility criteria", "Tuning", "Learning curves",
-                  "Optuna studies"):
+    for title in ("Main table", "Data used", "Ranking", "Cost", "Equal epochs and equal compute", "Rank test across cells",
+                  "Plausibility criteria", "Tuning", "Learning curves", "Optuna studies"):
         assert title in html and title in md
     assert "Brain similarity" not in html  # no brain/ table in this sweep
     assert "declared unsupported (test)" in html and "no result" in html
@@ -305,14 +317,15 @@ def test_report_files_tables_and_figures(sweep, main_df):
     rest = html.replace(get_plotlyjs(), "")
     assert not re.search(r"<script[^>]*\ssrc=|(src|href)=[\"']?(https?:)?//", rest)
     figs = _figures(html)
-    assert {"accuracy heatmap", "accuracy vs cost", "learning curves"} <= set(figs["plotly"])
+    assert {"accuracy heatmap", "accuracy vs cost", "accuracy vs compute (Pareto front)",
+            "learning curves"} <= set(figs["plotly"])
     assert "bp.mlp.digits: optimisation history" in figs["plotly"] and figs["image"] == []
     # The Markdown report links the static twins: decodable PNGs of a readable size.
     import matplotlib.image as mpimg
 
     refs = re.findall(r"!\[[^]]*\]\(([^)]+)\)", md)
-    assert sorted(Path(r).name for r in refs) == ["accuracy_heatmap.png", "accuracy_vs_cost.png",
-                                                   "learning_curves.png"]
+    assert sorted(Path(r).name for r in refs) == ["accuracy_heatmap.png", "accuracy_vs_compute.png",
+                                                   "accuracy_vs_cost.png", "learning_curves.png"]
     for ref in refs:
         raw = (d / ref).read_bytes()
         h, w = mpimg.imread(io.BytesIO(raw)).shape[:2]
@@ -467,7 +480,7 @@ def test_partial_sweep_reports_without_finals(sweep, tmp_path):
     assert pl.read_parquet(report.tables["tuning"])["trials"].sum() == 7
     assert pl.read_parquet(report.tables["cost"]).height == 0
     html = report.html.read_text()
-    assert len(_figures(html)["plotly"]) == 3 and "optuna.journal does not exist" in html
+    assert len(_figures(html)["plotly"]) == 4 and "optuna.journal does not exist" in html
 
 
 def test_report_cli_errors_are_one_line(tmp_path, capsys):

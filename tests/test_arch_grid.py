@@ -18,7 +18,7 @@ from bioplaus.algorithms.resnet import ResidualBlock
 from bioplaus.orchestrator.config import parse_overrides, typed
 from bioplaus.orchestrator.errors import UsageError
 from bioplaus.orchestrator.trial import resolve, run_trial
-from tests.conftest import batch, small_rule
+from conftest import batch, small_rule
 
 DEEP_CNN_RULES = ["dtp", "ep", "pc", "ff", "softhebb"]
 RESNET_RULES = ["bp", "fa", "dfa", "sign_symmetry", "local_losses", "pc"]
@@ -27,22 +27,24 @@ NEW_CELLS = ([(r, "deep_cnn") for r in DEEP_CNN_RULES] + [(r, "resnet20") for r 
 RESNET = ["model.channels=[8,16]", "hp.lr=1e-2", "train.epochs=3"]
 # Per-cell settings of the learning check (the rules' tuned recipes are their bench cases; these only show learning).
 EXTRA = {("dtp", "deep_cnn"): ["model.activation=tanh", "model.channels=[8,8,16,16]"],
-         ("ep", "deep_cnn"): ["data.train_limit=400", "hp.free_steps=10", "hp.nudged_steps=4", "hp.lr=3e-3"],
+         # 3 epochs of the 1,000 images: 2 epochs of 400 (26 steps) were too few to leave chance (val 0.125)
+         ("ep", "deep_cnn"): ["hp.free_steps=10", "hp.nudged_steps=4", "hp.lr=3e-3", "train.epochs=3"],
          ("pc", "deep_cnn"): ["hp.lr=3e-3"], ("softhebb", "deep_cnn"): ["hp.lr=1e-2", "train.epochs=3"],
          ("ff", "deep_cnn"): ["model.channels=[16,16,32,32]", "train.epochs=3"],
          **{(r, a): RESNET for r in RESNET_RULES for a in ("resnet20", "resnet18")},
+         # DFA's alignment phase takes two epochs before the loss falls (val 0.49 after 4 epochs, 0.58 after 5)
+         ("dfa", "resnet20"): ["model.channels=[8,16]", "hp.lr=1e-2", "train.epochs=5"],
          # lr 1e-2 diverges; 8 inference steps instead of 20 keep the check short (val 0.59 against 0.68)
          ("pc", "resnet20"): ["model.channels=[8,16]", "hp.lr=3e-3", "hp.inference_steps=8"]}
 # Cells that run but were not seen to learn in this budget: an open question, not a passing claim.
-NOT_YET_LEARNING = {("dfa", "resnet20"): "DFA's loss stays at chance on the small ResNet (lr 1e-3 and 1e-2, 3 epochs)",
-                    ("ff", "deep_cnn"): "FF's goodness loss falls but the accuracy stays near chance in 3 epochs",
-                    ("ep", "deep_cnn"): "EP's loss falls but val accuracy is 0.125 after 2 short-relaxation epochs"}
+NOT_YET_LEARNING: dict[tuple[str, str], str] = {}
 
 def trial(*overrides):
     return run_trial(resolve(parse_overrides(["smoke=true", "data.train_limit=1000", "train.epochs=2",
                                               "train.batch_size=32", *overrides])))
 
 
+@pytest.mark.usefixtures("one_thread")
 @pytest.mark.parametrize("name,arch", [
     pytest.param(n, a, marks=pytest.mark.xfail(reason=NOT_YET_LEARNING[(n, a)], strict=False))
     if (n, a) in NOT_YET_LEARNING else (n, a) for n, a in NEW_CELLS])
@@ -121,7 +123,7 @@ def test_c1_no_weight_transport_on_residual_blocks(name):
 def test_generic_criteria_probes_agree_with_the_claims_on_resnet20(name):
     """Every claim a ResNet rule proves with the generic probes also holds, as declared, on residual blocks; bp
     (every criterion false) is the control on which each probe must see the violation."""
-    from tests.test_criteria import GENERIC, measured
+    from test_criteria import GENERIC, measured
 
     claims = {c: k for c, k in load_rules()[name].criteria.items() if k.test.startswith(GENERIC)}
     assert claims or name not in ("bp", "pc"), name
@@ -168,3 +170,43 @@ def test_unsupported_resnet_cells_say_why():
         for arch in ("resnet20", "resnet18"):
             assert arch in cls.archs, f"{name} does not declare {arch}"
             assert name in RESNET_RULES or cls.archs[arch], name
+
+
+def test_rule_hparams_per_architecture_are_defaults_the_run_can_override_and_the_record_keeps():
+    ff = resolve(parse_overrides(["rule=ff", "arch=deep_cnn", "smoke=true"]))
+    assert (ff.hp.loss, ff.hp.alpha, ff.hp.goodness) == ("symba", 4.0, "position")
+    assert ff.cfg.hp.loss == "symba"  # recorded as trained
+    assert resolve(parse_overrides(["rule=ff", "arch=deep_cnn", "hp.loss=threshold"])).hp.loss == "threshold"
+    assert resolve(parse_overrides(["rule=ff", "arch=cnn"])).hp.loss == "threshold"  # Hinton's elsewhere
+    assert resolve(parse_overrides(["rule=dfa", "arch=resnet20"])).hp.feedback_layout == "shared"
+    assert resolve(parse_overrides(["rule=dfa", "arch=cnn"])).hp.feedback_layout == "dense"
+    from bioplaus.orchestrator.search_space import defaults_in_space, load_search_space
+
+    ff_cls = load_rules()["ff"]  # a sweep's first point on deep_cnn is the rule's deep_cnn defaults
+    assert defaults_in_space(ff_cls, load_search_space(ff_cls), "deep_cnn")["loss"] == "symba"
+    assert defaults_in_space(ff_cls, load_search_space(ff_cls), "cnn")["loss"] == "threshold"
+    with pytest.raises(UsageError, match="feedback_layout='wide' is not one of dense, shared"):
+        resolve(parse_overrides(["rule=dfa", "arch=resnet20", "hp.feedback_layout=wide"]))
+
+
+def test_dfa_shared_feedback_is_what_global_pooling_hands_the_last_residual_block():
+    """Through global average pooling, bp gives every position of the last block's map the same error, e W / (H W):
+    DFA's shared layout with B = W_head / (H W) (and B = W inside the block) updates that block exactly as bp."""
+    x, y = batch(input_shape=(3, 8, 8))
+    bp, dfa = (small_rule(n, "resnet20", input_shape=(3, 8, 8), model={"norm": "none"}) for n in ("bp", "dfa"))
+    assert dfa.hp.feedback_layout == "shared"
+    dfa.net.load_state_dict(bp.net.state_dict())
+    last = len(dfa.net.blocks) - 1
+    _, height, width = dfa.block_shapes[last]
+    with torch.no_grad():  # plain copies: the feedback must not join the graph of the weights it copies
+        getattr(dfa, f"feedback_{last}").copy_(dfa.net.head.layer.weight / (height * width))
+        getattr(dfa, f"inner_feedback_{last}_1").copy_(dfa.net.blocks[last].conv2.weight)
+    bp.opt.zero_grad()
+    torch.nn.functional.cross_entropy(bp.net(x), y).backward()
+    dfa.gradients(x, y)
+    compared = 0
+    for (name, p), q in zip(bp.net.named_parameters(), dfa.net.parameters()):
+        if name.startswith((f"blocks.{last}.", "head.")):
+            assert torch.allclose(p.grad, q.grad, atol=1e-6), name
+            compared += 1
+    assert compared >= 4  # conv1, conv2, the projection and the head

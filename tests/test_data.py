@@ -326,3 +326,24 @@ def test_affine_augmentation_trains_through_the_trial_and_is_refused_when_misspe
     assert record["test_acc"] != run_trial(resolve(parse_overrides(over)))["test_acc"]
     with pytest.raises(UsageError, match="data.augment='afine' must be one of none, shift, crop_flip, affine"):
         resolve(parse_overrides([*over, "data.augment=afine"]))
+
+
+def test_channel_stats_are_exact_whatever_the_thread_count():
+    """Standardisation statistics come from exact integer sums: the same float32 values with 1 or 2 threads, and
+    equal to a float64 computation rounded once."""
+    import torch
+
+    from bioplaus.orchestrator.data.datasets import channel_stats
+
+    x = torch.randint(0, 256, (3000, 3, 17, 19), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = channel_stats(x)
+        torch.set_num_threads(2)
+        two = channel_stats(x)
+    finally:
+        torch.set_num_threads(threads)
+    ref = x.double().div(255).transpose(0, 1).reshape(3, -1)
+    assert torch.equal(one[0], two[0]) and torch.equal(one[1], two[1])
+    assert torch.equal(one[0], ref.mean(1).float()) and torch.allclose(one[1], ref.std(1).float(), rtol=1e-6)

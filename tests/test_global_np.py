@@ -20,7 +20,7 @@ from bioplaus.algorithms import probes
 from bioplaus.orchestrator.config import parse_overrides
 from bioplaus.orchestrator.errors import UsageError
 from bioplaus.orchestrator.trial import resolve, run_trial
-from tests.conftest import batch, reverse_mode_use, small_rule
+from conftest import batch, reverse_mode_use, small_rule
 
 NAME = "global_node_perturbation"
 SGD = {"optimizer": "sgd", "momentum": 0.0, "lr": 1.0}

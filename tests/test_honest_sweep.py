@@ -23,7 +23,7 @@ from bioplaus.algorithms.registry import load_rules
 from bioplaus.orchestrator.errors import UsageError
 from bioplaus.orchestrator.sweep import Sweep, SweepLock, parse_sweep, read_table
 from bioplaus.orchestrator.sweep import driver as sweep_driver
-from tests.conftest import FAULTY_ENV
+from conftest import FAULTY_ENV
 
 BIN = Path(sys.executable).parent / "bioplaus"
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tests.conftest import batch, small_rule
+from conftest import batch, small_rule
 
 SGD = {"optimizer": "sgd", "lr": 1.0, "momentum": 0.0}
 TOL = 1e-10

@@ -13,8 +13,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tests.conftest import small_rule
-from tests.test_parity import SGD, assert_parity, double_batch, onehot, sgd_update
+from conftest import small_rule
+from test_parity import SGD, assert_parity, double_batch, onehot, sgd_update
 
 SEED = 1234
 

@@ -163,3 +163,17 @@ def test_bad_hyperparameters_are_refused_before_training(name, override):
 
     with pytest.raises(UsageError, match=override.split("=")[0]):
         resolve(parse_overrides([f"rule={name}", override]))
+
+
+def test_step_cost_times_the_rule_and_bp_side_by_side():
+    """``python -m bioplaus.orchestrator.bench step-cost``: both rules stepped in alternating rounds on the same
+    batches; a ratio per round and their median (the docs' weight_perturbation overhead comes from it)."""
+    import math
+
+    from bioplaus.orchestrator.bench import step_cost
+
+    out = step_cost(["rule=weight_perturbation", "arch=mlp", "dataset=digits", "model.widths=[16]",
+                     "train.batch_size=16", "train.threads=1"], rounds=2, steps=1)
+    assert (out["rule"], out["threads"], out["batch_size"], out["rounds"]) == ("weight_perturbation", 1, 16, 2)
+    assert len(out["cost_vs_bp_per_round"]) == 2 and all(math.isfinite(r) and r > 0 for r in out["cost_vs_bp_per_round"])
+    assert out["rule_ms_per_step"] > 0 and out["bp_ms_per_step"] > 0

@@ -18,7 +18,7 @@ from bioplaus.algorithms.schedules import SCHEDULES
 from bioplaus.orchestrator.errors import UsageError
 from bioplaus.orchestrator.search_space import (OPTIMISER_FRAGMENT, SEARCH_SPACES, load_fragment,
                                                  load_search_space, missing_shared_knobs)
-from tests.conftest import REPO, batch, small_rule
+from conftest import REPO, batch, small_rule
 
 # The rules of the comparison (the tests' fault-injection rule lives elsewhere and keeps its tiny space).
 RULES = [n for n, cls in load_rules().items() if cls.__module__.startswith("bioplaus.algorithms.rules.")]

@@ -57,6 +57,10 @@ def test_sweep_end_to_end_resume_and_extend(ray_session, tmp_path):
     assert set(epochs["phase"]) == {"tune", "final"}
     assert pl.read_parquet(s.dir / "manifest.parquet")["status"][0] == "complete"
     assert pl.read_parquet(s.dir / "cells.parquet").height == 1
+    crit = pl.scan_parquet(s.dir / "criteria").collect()  # measured at the settings the finals ran with
+    assert set(crit.select("rule", "arch", "dataset").unique().rows()) == {("bp", "mlp", "digits")}
+    assert {"C1", "C2", "C3", "C4"} <= set(crit["criterion"]) and crit["hp_json"].n_unique() == 1
+    assert crit.filter(pl.col("criterion").is_in(["C1", "C2", "C3", "C4"]))["holds"].to_list() == [False] * 4
     # W&B offline: one run per trial and per final run, never merged
     assert len(list((s.dir / "wandb").glob("offline-run-*"))) == 3 + 2
 

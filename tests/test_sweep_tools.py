@@ -157,3 +157,35 @@ def test_trial_outcome_is_the_state_the_trials_table_records(result, error, stat
     got, value = trial_outcome(result, error, planned_epochs=3)
     assert got.name == state
     assert value == (result["best_val_acc"] if state == "COMPLETE" else None)
+
+
+def test_arch_model_settings_reach_only_their_architectures_cells_and_a_resume_sees_them():
+    from bioplaus.orchestrator.sweep.cells import Cell, trial_config, trial_spec
+    from bioplaus.orchestrator.sweep.lifecycle import resume_differences
+
+    cfg = parse_sweep(["preset=smoke", "archs=[mlp,cnn]", "arch_model.mlp.widths=[24]",
+                       "arch_model.cnn.channels=[4,8]"])
+    mlp = trial_config(cfg, Cell("bp", "mlp", "digits"), {}, 0, 1)
+    cnn = trial_config(cfg, Cell("bp", "cnn", "digits"), {}, 0, 1)
+    assert mlp["model"]["widths"] == [24] and "channels" not in mlp["model"]
+    assert cnn["model"]["channels"] == [4, 8] and "widths" not in cnn["model"]
+    trial_spec(mlp), trial_spec(cnn)  # both resolve: no key of one architecture reaches the other
+    from bioplaus.orchestrator.config import to_plain
+
+    other = parse_sweep(["preset=smoke", "archs=[mlp,cnn]", "arch_model.mlp.widths=[32]",
+                         "arch_model.cnn.channels=[4,8]"])
+    assert resume_differences(to_plain(cfg), to_plain(other)) == ["arch_model.mlp.widths [24] -> [32]"]
+
+
+def test_excluded_cells_are_listed_with_the_pattern_and_reason_and_a_pattern_matching_nothing_is_refused():
+    from bioplaus.orchestrator.errors import UsageError
+    from bioplaus.orchestrator.sweep.cells import plan_cells
+
+    cfg = parse_sweep(["preset=smoke", "rules=[bp,fa,ep]", "archs=[mlp,cnn]", "exclude=['ep.cnn.*: too slow here', fa.mlp.*]"])
+    cells, skipped = plan_cells(cfg)
+    assert {c.key for c in cells} == {"bp.mlp.digits", "bp.cnn.digits", "fa.cnn.digits", "ep.mlp.digits"}
+    reasons = {c.key: why for c, why in skipped}
+    assert reasons == {"ep.cnn.digits": "excluded by the sweep's exclude=ep.cnn.*: too slow here",
+                       "fa.mlp.digits": "excluded by the sweep's exclude=fa.mlp.*"}
+    with pytest.raises(UsageError, match="exclude=epp.\\* matches no cell"):
+        plan_cells(parse_sweep(["preset=smoke", "exclude=[epp.*]"]))

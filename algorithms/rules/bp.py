@@ -69,8 +69,16 @@ class Backprop(Rule):
         super().__init__(net, hp, info)
         self.opt = make_optimizer(net.parameters(), hp, info.epochs * info.steps_per_epoch)
 
-    def train_step(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
+    def objective(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The output cross-entropy and the step's metrics."""
         logits = self.net(x)
         loss = F.cross_entropy(logits, y, label_smoothing=self.hp.label_smoothing)
+        return loss, {"loss": loss.detach(), "correct": (logits.argmax(1) == y).sum()}
+
+    def train_step(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
+        loss, metrics = self.objective(x, y)
         self.opt.minimize(loss)
-        return {"loss": loss.detach(), "correct": (logits.argmax(1) == y).sum()}
+        return metrics
+
+    def member_loss(self, hp, x, y):
+        return self.objective(x, y)

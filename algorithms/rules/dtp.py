@@ -113,7 +113,9 @@ class DifferenceTargetPropagation(Rule):
                     _OWN + "test_dtp_c1_no_weight_transport"),
         "C2": Claim(False, "each block regresses onto a target delivered to it, but that target is the output "
                     "target relayed through every later block's inverse, so the error is chained through "
-                    "later blocks' (feedback) weights", _OWN + "test_dtp_c2_error_is_chained_through_later_blocks"),
+                    "later blocks' (feedback) weights", _OWN + "test_dtp_c2_error_is_chained_through_later_blocks",
+                    probe_cannot_see="the targets are relayed through the inverses by hand, under no_grad: no autograd "
+                    "gradient crosses a block boundary for the crossing probe to see"),
         "C3": Claim(False, "a top-down target sweep through the inverses follows the forward pass, and each "
                     "block runs again on corrupted input to train its inverse, before any weight changes",
                     _PROBE),

@@ -52,6 +52,7 @@ class FeedbackAlignment(Rule):
     name = "fa"
     summary = "feedback alignment: errors travel down through fixed random matrices B instead of W^T (Lillicrap 2016)"
     HParams = FAHParams
+    population_hparams = ("feedback_scale",)  # it only scales the feedback buffers, stacked per member
     archs = {"mlp": None, "cnn": None, "deep_cnn": None, "resnet20": None, "resnet18": None}
     criteria = {
         "C1": Claim(True, "the error goes down through fixed random B_l; the forward weights are not even "
@@ -98,12 +99,20 @@ class FeedbackAlignment(Rule):
         """The fixed matrix of each of stage ``i``'s weight layers (None where its input needs no error)."""
         return [getattr(self, _name(i, j), None) for j in range(len(self.net.stages[i].weight_layers()))]
 
-    def gradients(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Forward pass, then the FA backward sweep into every parameter's ``.grad``; (loss, logits)."""
+    def objective(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(loss, logits) of a forward pass whose backward is the FA sweep (errors down through B)."""
         h = x
         for i, stage in enumerate(self.net.stages):
             h = feedback_forward(stage, h, self.feedbacks(i))
-        loss = F.cross_entropy(h, y, label_smoothing=self.hp.label_smoothing)
+        return F.cross_entropy(h, y, label_smoothing=self.hp.label_smoothing), h
+
+    def member_loss(self, hp, x, y):
+        loss, logits = self.objective(x, y)
+        return loss, {"loss": loss.detach(), "correct": (logits.argmax(1) == y).sum()}
+
+    def gradients(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Forward pass, then the FA backward sweep into every parameter's ``.grad``; (loss, logits)."""
+        loss, h = self.objective(x, y)
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         return loss.detach(), h.detach()

@@ -90,8 +90,9 @@ class GlobalNodePerturbation(Rule):
         "C2": Claim(True, "each block learns from its input, its own noise and the broadcast scalar reward "
                     "change; no error vector is chained through later blocks",
                     f"{_TESTS}::test_update_is_scalar_reward_change_times_noise_times_input"),
-        "C3": Claim(False, "with the default clean baseline the whole network runs twice per step (unperturbed, "
-                    "then perturbed) before the update; baseline=running runs it once",
+        "C3": Claim(False, "with the default clean baseline the network runs on the batch, then on hp.perturbations "
+                    "noisy copies of it, before the update (1 + 8 passes by default); baseline=running drops the clean "
+                    "pass, and only with perturbations=1 as well is the step a single pass",
                     f"{_TESTS}::test_passes_per_step"),
         "C4": Claim(False, "the reward is the label cross-entropy of the output, broadcast to the hidden blocks",
                     "tests/test_criteria.py::test_claims_match_probes[global_node_perturbation]"),

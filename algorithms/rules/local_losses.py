@@ -144,12 +144,18 @@ def _aux_modules(shape: tuple[int, ...], num_classes: int, hp: LocalLossesHParam
     return mods
 
 
+def _as(weight: torch.Tensor | float, like: torch.Tensor) -> torch.Tensor | float:
+    """A loss weight in the loss's dtype: a population member's (a float64 tensor) rounded once, as a Python float is."""
+    return weight.to(like.dtype) if isinstance(weight, torch.Tensor) else weight
+
+
 @register
 class LocalLosses(BlockLocalRule):
     name = "local_losses"
     summary = ("per-block auxiliary losses (pred/sim/predsim, Nøkland & Eidnes 2019; DGL heads, Belilovsky et "
                "al. 2020), gradients stopped between blocks")
     HParams = LocalLossesHParams
+    population_hparams = ("beta",)
     archs = {"mlp": None, "cnn": None, "deep_cnn": None, "resnet20": None, "resnet18": None}
     criteria = {
         "C1": Claim(True, "a block's error comes from its own auxiliary head; no later block's forward weights "
@@ -207,32 +213,53 @@ class LocalLosses(BlockLocalRule):
         self._metrics: dict[int, torch.Tensor] = {}
         self._correct = torch.zeros(())
 
-    def local_loss(self, index: int, h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """The auxiliary loss of hidden block ``index`` on its output ``h``."""
+    def local_loss(self, index: int, h: torch.Tensor, y: torch.Tensor, beta: torch.Tensor | float | None = None
+                   ) -> torch.Tensor:
+        """The auxiliary loss of hidden block ``index`` on its output ``h`` (``beta``: a population member's own)."""
         mods, hp = self.aux[index], self.hp
+        beta = hp.beta if beta is None else beta
         loss = h.new_zeros(())
         if "pred" in mods:
             pred = F.cross_entropy(mods["pred"](h), y)
-            loss = loss + (pred if hp.loss == "pred" else (1 - hp.beta) * pred)
+            loss = loss + (pred if hp.loss == "pred" else _as(1 - beta, pred) * pred)
         if "sim" in mods:
             target = similarity(F.one_hot(y, self.info.num_classes).to(h.dtype))
             sim = F.mse_loss(similarity(mods["sim"](h), hp.conv_similarity), target)
-            loss = loss + (sim if hp.loss == "sim" else hp.beta * sim)
+            loss = loss + (sim if hp.loss == "sim" else _as(beta, sim) * sim)
         return loss
 
-    def block_step(self, index: int, h_in: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        stage = self.net.stages[index]
-        h = stage(h_in.detach())  # detached input: the gradient stops at this block's lower boundary
+    def local_heads(self) -> dict[int, list[nn.Module]]:
+        return {i: [mods] for i, mods in enumerate(self.aux)}
+
+    def stage_loss(self, index: int, h_in: torch.Tensor, y: torch.Tensor,
+                   beta: torch.Tensor | float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(loss, output) of stage ``index`` on its detached input: a hidden block's local loss, the output
+        block's cross-entropy (scaled by 1 - beta under predsim with head_scale=one_minus_beta)."""
+        h = self.net.stages[index](h_in.detach())  # detached input: the gradient stops at this block's lower boundary
         if index < len(self.net.blocks):
-            loss = self.local_loss(index, h, y)
-        else:
-            loss = F.cross_entropy(h, y)
-            if self.hp.loss == "predsim" and self.hp.head_scale == "one_minus_beta":
-                loss = (1 - self.hp.beta) * loss
+            return self.local_loss(index, h, y, beta), h
+        loss = F.cross_entropy(h, y)
+        if self.hp.loss == "predsim" and self.hp.head_scale == "one_minus_beta":
+            loss = _as(1 - (self.hp.beta if beta is None else beta), loss) * loss
+        return loss, h
+
+    def block_step(self, index: int, h_in: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        loss, h = self.stage_loss(index, h_in, y)
+        if index == len(self.net.blocks):
             self._correct = (h.argmax(1) == y).sum()
         self.opts[index].minimize(loss)
         self._metrics[index] = loss.detach()
         return h.detach()
+
+    def member_loss(self, hp, x, y):
+        """The stages' losses summed: every stage's input is detached, so the sum's gradient in a stage's
+        parameters is that stage's own loss's, the update its optimiser gets in :meth:`block_step`."""
+        total, losses, h = 0, [], x
+        for index in range(len(self.net.stages)):
+            loss, h = self.stage_loss(index, h, y, hp["beta"])
+            total, h = total + loss, h.detach()
+            losses.append(loss.detach())
+        return total, {"loss": sum(losses), "correct": (h.argmax(1) == y).sum(), "head_loss": losses[-1]}
 
     def block_loss(self, index: int) -> torch.Tensor | None:
         return self._metrics.get(index)

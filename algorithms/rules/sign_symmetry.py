@@ -54,6 +54,7 @@ class SignSymmetry(Rule):
     name = "sign_symmetry"
     summary = "sign-symmetric feedback: errors travel down through sign(W) times a constant, optional batch-manhattan (Liao 2016)"
     HParams = SignSymmetryHParams
+    population_hparams = ("batch_manhattan", "feedback_scale")
     archs = {"mlp": None, "cnn": None, "deep_cnn": None, "resnet20": None, "resnet18": None}
     criteria = {
         "C1": Claim(False, "the feedback is sign(W) of the later block: one bit of each forward weight is "
@@ -93,19 +94,35 @@ class SignSymmetry(Rule):
         return self.feedbacks(i)[0]
 
     @torch.no_grad()
-    def feedbacks(self, i: int) -> list[torch.Tensor | None]:
+    def feedbacks(self, i: int, feedback_scale: torch.Tensor | None = None) -> list[torch.Tensor | None]:
         """sign(W) * s of each of stage ``i``'s weight layers (a residual block's projection included); None
-        where the layer's input needs no error."""
+        where the layer's input needs no error. ``feedback_scale``: a population member's own (a 0-d tensor)
+        in place of ``hp.feedback_scale``."""
         stage = self.net.stages[i]
+        scales = self.scales[i] if feedback_scale is None else [
+            (feedback_scale / math.sqrt(3 * fan_in(layer.weight))).float() for layer, _ in stage.weight_layers()]
         return [torch.sign(layer.weight) * scale if needed else None for (layer, _), scale, needed
-                in zip(stage.weight_layers(), self.scales[i], feedback_slots(i, stage))]
+                in zip(stage.weight_layers(), scales, feedback_slots(i, stage))]
+
+    def objective(self, x: torch.Tensor, y: torch.Tensor,
+                  feedback_scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(loss, logits) of a forward pass whose backward sends errors down through sign(W) * s."""
+        h = x
+        for i, stage in enumerate(self.net.stages):
+            h = feedback_forward(stage, h, self.feedbacks(i, feedback_scale))
+        return F.cross_entropy(h, y, label_smoothing=self.hp.label_smoothing), h
+
+    def member_loss(self, hp, x, y):
+        loss, logits = self.objective(x, y, hp["feedback_scale"])
+        return loss, {"loss": loss.detach(), "correct": (logits.argmax(1) == y).sum()}
+
+    def member_update(self, grads, hp):
+        """Batch-manhattan where the member asks for it: each gradient replaced by its sign."""
+        return {k: torch.where(hp["batch_manhattan"] > 0, g.sign(), g) for k, g in grads.items()}
 
     def gradients(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Forward pass, then the sign-feedback backward sweep into every ``.grad``; (loss, logits)."""
-        h = x
-        for i, stage in enumerate(self.net.stages):
-            h = feedback_forward(stage, h, self.feedbacks(i))
-        loss = F.cross_entropy(h, y, label_smoothing=self.hp.label_smoothing)
+        loss, h = self.objective(x, y)
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         if self.hp.batch_manhattan:

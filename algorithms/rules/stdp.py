@@ -168,7 +168,8 @@ class STDP(BlockLocalRule):
         "C2": Claim(True, "no error reaches a hidden layer; the readout forms its own from its output and the label",
                     f"{_OWN}::test_updates_depend_on_nothing_later"),
         "C3": Claim(True, "each layer is simulated once per batch and updated from that single presentation",
-                    f"{_OWN}::test_single_phase"),
+                    f"{_OWN}::test_single_phase", probe_cannot_see="a presentation is hp.steps time steps of the "
+                    "spiking simulation, each evaluating the weight layer, which the pass-counting probe counts as passes"),
         "C4": Claim(True, "hidden plasticity is STDP on pre/post spike traces: no label, no error, no backward pass",
                     f"{_OWN}::test_hidden_updates_use_no_label_and_no_error"),
         "C5": Claim(True, "each block receives and emits binary spike trains (pooled by max, still binary); the "

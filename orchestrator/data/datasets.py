@@ -277,6 +277,18 @@ def standardize(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch
     return (x.float().div_(255.0) - mean.view(shape)) / std.view(shape)
 
 
+def channel_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel mean and (unbiased) std of uint8 images in [0, 1] pixel units, from exact integer sums: the
+    same float32 values whatever the thread count or vector width (a float32 reduction's rounding depends on
+    how the work is split, and every standardised pixel of a run inherits it)."""
+    pixels = x.transpose(0, 1).reshape(x.shape[1], -1).to(torch.int64)
+    n = pixels.shape[1]
+    total, squares = pixels.sum(1).double(), pixels.pow(2).sum(1).double()
+    mean = total / n
+    var = (squares - total * mean) / max(n - 1, 1)
+    return (mean / 255.0).float(), (var.clamp_min(0).sqrt() / 255.0).float().clamp_min(1e-3)
+
+
 def make_splits(raw: RawDataset, cfg, seed: int) -> DataSplits:
     """Carve the validation split from the training set (by ``seed``) and apply size limits."""
     gen = np.random.RandomState(seed)
@@ -291,8 +303,7 @@ def make_splits(raw: RawDataset, cfg, seed: int) -> DataSplits:
     n_test = min(cfg.test_limit or len(raw.test_y), len(raw.test_y))
     t = lambda a: torch.from_numpy(np.ascontiguousarray(a))  # noqa: E731
     train_x = t(raw.train_x[train])
-    pixels = train_x.float().div_(255.0).transpose(0, 1).reshape(train_x.shape[1], -1)
-    mean, std = pixels.mean(1), pixels.std(1).clamp_min(1e-3)
+    mean, std = channel_stats(train_x)
     splits = DataSplits(raw.name, raw.classes, train_x, t(raw.train_y[train]), t(raw.train_x[val]),
                         t(raw.train_y[val]), t(raw.test_x[:n_test]), t(raw.test_y[:n_test]), mean, std)
     splits.sizes = {"train": len(train), "val": n_val, "test": n_test}

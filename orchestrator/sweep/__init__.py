@@ -32,18 +32,32 @@ manifest status), ``finals`` (best configurations, the finals table),
 
 from bioplaus.orchestrator import ray_local  # noqa: F401, I001  (sets Ray's loopback environment before ray is imported)
 
-from bioplaus.orchestrator.results import read_table, rows_by_cell
+import importlib
+
 from bioplaus.orchestrator.sweep.cells import Cell, plan_cells, trial_config, trial_spec
 from bioplaus.orchestrator.sweep.config import (PRESETS, BudgetConfig, RayConfig, ResourcesConfig, SweepConfig,
                                                 WandbConfig, check_local_resources, parse_sweep)
-from bioplaus.orchestrator.sweep.driver import Sweep
-from bioplaus.orchestrator.sweep.finals import best_configs, final_run_id, supersede_finals, write_finals
-from bioplaus.orchestrator.sweep.lifecycle import (EXIT_CODES, STATUSES, StopSignals, SweepInterrupted, SweepLock,
-                                                   check_resume)
-from bioplaus.orchestrator.sweep.recording import TrialRecorder, WandbLogger, WriteFailureStopper, wandb_online_problem
-from bioplaus.orchestrator.sweep.search import (METRIC, CellASHA, CellSearcher, cell_search, close_stale_trials,
-                                                optuna_space, optuna_storage)
-from bioplaus.orchestrator.sweep.workers import final_task, tune_trainable
+
+# Imported on first use: these need Ray, Optuna or Polars, and planning a sweep (its config, its cells, their
+# cost estimate) must work where they are not installed, e.g. on a GPU machine that only times trials.
+_LAZY = {
+    "results": ("read_table", "rows_by_cell"),
+    "sweep.driver": ("Sweep",),
+    "sweep.finals": ("best_configs", "final_run_id", "supersede_finals", "write_finals"),
+    "sweep.lifecycle": ("EXIT_CODES", "STATUSES", "StopSignals", "SweepInterrupted", "SweepLock", "check_resume"),
+    "sweep.recording": ("TrialRecorder", "WandbLogger", "WriteFailureStopper", "wandb_online_problem"),
+    "sweep.search": ("METRIC", "CellASHA", "CellSearcher", "cell_search", "close_stale_trials", "optuna_space",
+                     "optuna_storage"),
+    "sweep.workers": ("final_task", "tune_trainable"),
+}
+_HOME = {name: module for module, names in _LAZY.items() for name in names}
+
+
+def __getattr__(name: str):
+    if name in _HOME:
+        return getattr(importlib.import_module(f"bioplaus.orchestrator.{_HOME[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "EXIT_CODES", "METRIC", "PRESETS", "STATUSES", "StopSignals", "SweepInterrupted", "SweepLock", "BudgetConfig", "Cell", "CellASHA", "CellSearcher", "RayConfig", "ResourcesConfig", "Sweep",

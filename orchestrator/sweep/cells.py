@@ -3,6 +3,7 @@ of one run of a cell: what a Ray worker receives."""
 
 from __future__ import annotations
 
+import fnmatch
 import hashlib
 from dataclasses import dataclass
 
@@ -55,7 +56,15 @@ def plan_cells(cfg: DictConfig) -> tuple[list[Cell], list[tuple[Cell, str]]]:
         for arch in cfg.archs:
             ok, why = registry[rule].supports(arch)
             for dataset in datasets:
-                (cells.append(Cell(rule, arch, dataset)) if ok else skipped.append((Cell(rule, arch, dataset), why)))
+                cell = Cell(rule, arch, dataset)
+                excluded = excluded_by(cell, cfg.get("exclude") or []) if ok else None
+                (cells.append(cell) if ok and not excluded else skipped.append((cell, excluded or why)))
+    every = [c for c, _ in skipped] + cells
+    for entry in cfg.get("exclude") or []:
+        pattern = str(entry).partition(":")[0].strip()
+        if not any(fnmatch.fnmatchcase(c.key, pattern) for c in every):
+            raise UsageError(f"exclude={pattern} matches no cell of this sweep (cells are named rule.arch.dataset, "
+                             "e.g. stdp.cnn.*); correct the pattern or drop it")
     if not cells and skipped:
         reasons = "; ".join(sorted({f"{c.rule} x {c.arch}: {why}" for c, why in skipped}))
         raise UsageError(f"the sweep has no runnable cell: {reasons} (choose another rules= or archs=; "
@@ -63,6 +72,15 @@ def plan_cells(cfg: DictConfig) -> tuple[list[Cell], list[tuple[Cell, str]]]:
     if not cells:
         raise UsageError("the sweep has no runnable cell (check rules=, archs=, datasets=; `bioplaus cells` lists them)")
     return cells, skipped
+
+
+def excluded_by(cell: Cell, patterns) -> str | None:
+    """The reason ``cell`` is left out by the sweep's ``exclude`` (``PATTERN`` or ``PATTERN: why``), or None."""
+    for entry in patterns:
+        pattern, _, why = str(entry).partition(":")
+        if fnmatch.fnmatchcase(cell.key, pattern.strip()):
+            return f"excluded by the sweep's exclude={pattern.strip()}" + (f": {why.strip()}" if why.strip() else "")
+    return None
 
 
 def sampler_seed(sweep_seed: int, cell: Cell) -> int:
@@ -75,7 +93,8 @@ def sampler_seed(sweep_seed: int, cell: Cell) -> int:
 def trial_config(cfg: DictConfig, cell: Cell, hp: dict, seed: int, epochs: int) -> dict:
     """The plain-dict trial config of one run of a cell (what a Ray worker receives)."""
     trial = OmegaConf.merge(cfg.trial, {"rule": cell.rule, "arch": cell.arch, "dataset": cell.dataset,
-                                        "seed": seed, "hp": hp, "out": None})
+                                        "seed": seed, "hp": hp, "out": None,
+                                        "model": (cfg.get("arch_model") or {}).get(cell.arch) or {}})
     smoke_model(trial)
     trial.train.epochs = epochs  # the sweep's budget decides, smoke or not
     return to_plain(trial)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 import re
 from dataclasses import dataclass, field
-from typing import List, Optional
+from typing import Any, Dict, List, Optional
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -19,18 +19,31 @@ from bioplaus.orchestrator.errors import UsageError, one_line
 class BudgetConfig:
     """The budget every cell gets (the same for every rule: fairness is the point)."""
 
+    kind: str = "epochs"
+    """What every run of a cell gets the same of. ``epochs``: budget.epochs epochs. ``compute``: budget.epochs
+    bp-epochs of training compute, the floating-point operations one epoch of bp costs on the same cell,
+    counted per configuration (orchestrator/flops.py: a count is the same on every machine, so the epochs a
+    run gets follow from its config); a run costing 3x bp per sample gets a third of the epochs, whole
+    epochs, at least 1 (its rows then say it went over), at most budget.max_epochs_factor x budget.epochs.
+    ASHA's rungs and the finals' budget are in the same unit. orchestrator/sweep/budget.py has the details."""
     trials: int = 6
     """Optuna trials per cell."""
     epochs: int = 3
-    """Maximum epochs of a tuning trial (ASHA's max_t)."""
+    """Maximum epochs of a tuning trial (ASHA's max_t); with kind=compute, bp-epochs of training compute."""
     grace_epochs: int = 1
-    """ASHA grace period: epochs before a trial can be stopped."""
+    """ASHA grace period: epochs (kind=compute: bp-epochs of compute) before a trial can be stopped."""
     reduction_factor: int = 3
     """ASHA reduction factor."""
     final_seeds: int = 3
     """Seeds the best configuration of each cell is re-run with (test set evaluated)."""
     final_epochs: Optional[int] = None
-    """Epochs of a final run (None: budget.epochs)."""
+    """Epochs of a final run (None: budget.epochs); with kind=compute, bp-epochs of training compute."""
+    max_epochs_factor: float = 4.0
+    """kind=compute: the most epochs a run cheaper than bp gets, as a multiple of its budget. A rule whose
+    work is mostly element-wise counts few FLOPs; this bounds its epochs (and the sweep's time)."""
+    pruning: bool = True
+    """ASHA stops unpromising tuning trials early; false: every trial runs its whole budget (what the ASHA
+    fairness check, `bioplaus bench --asha-fairness`, compares pruning with)."""
     trial_timeout_s: Optional[float] = None
     """Wall-clock limit of one tuning trial attempt, from the moment it starts running (None: no limit).
     A trial still running then is stopped and recorded as failed with a "timeout:" error (not
@@ -49,6 +62,11 @@ class ResourcesConfig:
     CPU and GPU requests are per stage (one GPU per stage on a cluster; 1/K each lets K stages share one)."""
     max_concurrent: Optional[int] = None
     """Cap on trials running at once (None: as many as the resources allow)."""
+    population: int = 1
+    """Tuning trials of a cell trained together in one worker as one batched computation (orchestrator/sweep/
+    population.py): each still its own Optuna trial, ASHA decision and rows; only the speed changes. 1: one trial
+    per worker. Rules that cannot train as a population (``Rule.member_loss``) keep one. The CPU and GPU requests
+    above are then per population."""
 
 
 @dataclass
@@ -98,6 +116,10 @@ class SweepConfig:
     """Datasets."""
     optional_datasets: List[str] = field(default_factory=list)
     """Datasets included only when their files are already in the data root (no download)."""
+    exclude: List[str] = field(default_factory=list)
+    """Cells left out of this sweep although their rule supports them, each ``PATTERN`` or ``PATTERN: why``
+    (shell-style on the cell key ``rule.arch.dataset``, e.g. ``"stdp.cnn.*: 100 CPU-hours at this size"``):
+    listed in the cells table with the pattern and the reason, like unsupported cells, never dropped silently."""
     seed: int = 0
     """Seed of the samplers and of the tuning trials; finals use seeds 1000, 1001, ..."""
     storage: Optional[str] = None
@@ -110,6 +132,10 @@ class SweepConfig:
     wandb: WandbConfig = field(default_factory=WandbConfig)
     trial: Config = field(default_factory=lambda: Config(out=None))
     """Base trial config (data root, batch size, model settings...); cells set rule/arch/dataset/hp/seed."""
+    arch_model: Dict[str, Dict[str, Any]] = field(default_factory=dict)
+    """Model settings per architecture, merged over ``trial.model`` in that architecture's cells only, for a sweep
+    over several architectures whose configs have different keys: ``arch_model.mlp.widths=[256,256]
+    arch_model.cnn.channels=[16,32,64]`` (``trial.model.widths`` would be refused by the cnn cells)."""
     progress: bool = True
     """Live progress view on stderr."""
     brain: bool = False
@@ -128,6 +154,18 @@ PRESETS: dict[str, list[str]] = {
     "paper": ["archs=[mlp,cnn,deep_cnn,resnet20,resnet18]", "datasets=[mnist,fashion_mnist,cifar10]",
               "optional_datasets=[cifar100,svhn]", "budget.trials=32", "budget.epochs=30", "budget.grace_epochs=3",
               "budget.final_seeds=5", "resources.gpus_per_trial=0.25", "wandb.mode=online", "brain=true"],
+    # The published comparison on the 2-core sandbox (docs/results/): every rule on mlp and cnn over MNIST,
+    # Fashion-MNIST and CIFAR-10 slices, sized with `bioplaus cells preset=study --estimate` to about 2.5 hours
+    # for both budget views (this preset, then budget.kind=compute name=study-compute). Left out for cost, with
+    # the calibration's CPU-hours: conv STDP (3.6 h for its CIFAR-10 cell alone) and conv EP on the grey-scale
+    # datasets (its CIFAR-10 cell stays, for the brain scores). W&B off: its per-run start blocks the driver.
+    "study": ["archs=[mlp,cnn]", "datasets=[mnist,fashion_mnist,cifar10]", "budget.trials=8", "budget.epochs=3",
+              "budget.final_seeds=3", "trial.data.train_limit=3000", "trial.data.test_limit=5000",
+              "arch_model.mlp.widths=[256,256]", "arch_model.cnn.channels=[16,32,64]", "trial.train.threads=1",
+              "exclude=['stdp.cnn.*: 3.6 CPU-hours for the CIFAR-10 cell alone at this size (run it on a GPU)',"
+              "'ep.cnn.mnist: 0.5 CPU-hours a cell at this size; its CIFAR-10 cell is kept for the brain scores',"
+              "'ep.cnn.fashion_mnist: 0.5 CPU-hours a cell at this size; its CIFAR-10 cell is kept for the brain scores']",
+              "brain=true", "wandb.mode=disabled"],
     # Seconds-long end-to-end check (tests, CI).
     "smoke": ["archs=[mlp]", "datasets=[digits]", "budget.trials=2", "budget.epochs=2", "budget.final_seeds=2",
               "trial.smoke=true", "wandb.mode=disabled", "progress=false"],
@@ -171,6 +209,9 @@ def _value_checks(cfg: DictConfig) -> list[tuple[bool, str]]:
         (cfg.budget.epochs >= 1, f"budget.epochs={cfg.budget.epochs} must be >= 1"),
         (1 <= cfg.budget.grace_epochs <= cfg.budget.epochs,
          f"budget.grace_epochs={cfg.budget.grace_epochs} must be in 1..budget.epochs={cfg.budget.epochs}"),
+        (cfg.budget.kind in ("epochs", "compute"), f"budget.kind={cfg.budget.kind!r} must be epochs or compute"),
+        (cfg.budget.max_epochs_factor >= 1,
+         f"budget.max_epochs_factor={cfg.budget.max_epochs_factor} must be >= 1"),
         (cfg.budget.reduction_factor >= 2, f"budget.reduction_factor={cfg.budget.reduction_factor} must be >= 2"),
         (cfg.budget.final_seeds >= 1, f"budget.final_seeds={cfg.budget.final_seeds} must be >= 1"),
         (cfg.retries >= 0, f"retries={cfg.retries} must be >= 0"),
@@ -186,6 +227,10 @@ def _value_checks(cfg: DictConfig) -> list[tuple[bool, str]]:
          f"budget.final_epochs={cfg.budget.final_epochs} must be >= 1 (or null for budget.epochs)"),
         (cfg.budget.trial_timeout_s is None or cfg.budget.trial_timeout_s > 0,
          f"budget.trial_timeout_s={cfg.budget.trial_timeout_s} must be > 0 (or null for no limit)"),
+        (cfg.resources.population >= 1, f"resources.population={cfg.resources.population} must be >= 1"),
+        (cfg.resources.population == 1 or cfg.budget.kind == "epochs",
+         f"resources.population={cfg.resources.population} trains members for equal epochs; with budget.kind="
+         f"{cfg.budget.kind} each member's epochs follow its own cost: use resources.population=1"),
         (cfg.resources.max_concurrent is None or cfg.resources.max_concurrent >= 1,
          f"resources.max_concurrent={cfg.resources.max_concurrent} must be >= 1 (or null for no cap)"),
         (cfg.ray.num_cpus is None or cfg.ray.num_cpus >= 1, f"ray.num_cpus={cfg.ray.num_cpus} must be >= 1"),

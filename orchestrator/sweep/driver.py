@@ -27,6 +27,7 @@ from ray import tune
 from bioplaus.algorithms.registry import load_rules
 from bioplaus.orchestrator.checkpoint import write_network_file
 from bioplaus.orchestrator.config import to_plain
+from bioplaus.orchestrator.criteria import measure_cells
 from bioplaus.orchestrator.data.datasets import check_dataset
 from bioplaus.orchestrator.errors import UsageError, one_line
 from bioplaus.orchestrator.pipeline import final_options, trial_resources
@@ -36,13 +37,16 @@ from bioplaus.orchestrator.results import (RunRecord, git_commit, read_table, re
                                            remove_interrupted_writes, rows_by_cell, unwritable, version, write_run,
                                            write_table)
 from bioplaus.orchestrator.search_space import defaults_in_space, load_search_space
+from bioplaus.orchestrator.sweep.budget import COMPUTE_TIME_ATTR, ComputeBudgets, RunBudget
 from bioplaus.orchestrator.sweep.cells import Cell, plan_cells, sampler_seed, trial_config, trial_spec
 from bioplaus.orchestrator.sweep.config import check_local_resources
+from bioplaus.orchestrator.sweep.estimate import manifest_estimate
 from bioplaus.orchestrator.sweep.finals import (SUPERSEDED, best_configs, final_run_id, row_hash, supersede_finals,
                                                 write_finals)
 from bioplaus.orchestrator.sweep.journal import check_journal, journal_path, reconciled_storage
 from bioplaus.orchestrator.sweep.lifecycle import (StopSignals, SweepInterrupted, SweepLock, cell_outcomes,
                                                    check_resume, sweep_status)
+from bioplaus.orchestrator.sweep.population import PopulationPlan
 from bioplaus.orchestrator.sweep.recording import TrialRecorder, WandbLogger, WriteFailureStopper
 from bioplaus.orchestrator.sweep.search import CellASHA, CellSearcher, cell_search
 from bioplaus.orchestrator.sweep.workers import final_task, tune_trainable
@@ -69,6 +73,7 @@ class Sweep:
         check_resume(self.dir, to_plain(cfg))  # a folder made with other settings is refused before anything else
         self.cells, self.skipped = plan_cells(cfg)
         check_local_resources(cfg)
+        self.estimate = manifest_estimate(cfg, self.cells)  # from a stored calibration: arithmetic only
         if cfg.brain and after_finals is None:
             raise UsageError("brain=true needs the brain step, which `bioplaus sweep` adds; from Python pass "
                              "Sweep(cfg, after_finals=...), or set brain=false and run `bioplaus brain SWEEP_DIR`")
@@ -83,16 +88,33 @@ class Sweep:
                        for c in self.cells}
         self._check_spaces_not_empty()
         self.final_epochs = cfg.budget.final_epochs or cfg.budget.epochs
-        # Every trial config a sweep will build is checked now, before Ray starts.
+        # budget.kind=compute: each run's epochs follow from its counted training FLOPs (orchestrator/sweep/budget.py)
+        self.budgets = ComputeBudgets(cfg) if cfg.budget.kind == "compute" else None
+        # Every trial config a sweep will build is checked now, before Ray starts (and, with budget.kind=compute,
+        # every cell's costs are counted: a rule that cannot be counted is refused here).
         for cell in self.cells:
-            point = defaults_in_space(self.rules[cell.rule], self.spaces[cell.rule])
-            trial_spec(trial_config(cfg, cell, point, cfg.seed, cfg.budget.epochs))
+            point = defaults_in_space(self.rules[cell.rule], self.spaces[cell.rule], cell.arch)
+            trial_spec(self.run_config(cell, point, cfg.seed, cfg.budget.epochs))
         # Data too, once, here and not in every worker: missing files are downloaded, every file is hashed
         # where its digest is known and parsed whole, so a corrupt or hostile file is refused before Ray starts.
         for name in sorted({c.dataset for c in self.cells}):
             check_dataset(name, cfg.trial.data)
         check_journal(journal_path(cfg, self.dir))  # a corrupt study file is refused before anything is written
         ray_local.check_address(cfg.ray.address)  # a cluster that cannot be joined is refused in seconds
+
+    def run_config(self, cell: Cell, hp: dict, seed: int, budget: int) -> dict:
+        """The trial config of a run of ``cell``: ``budget`` epochs, or with budget.kind=compute ``budget``
+        bp-epochs of training compute turned into the run's own whole epochs."""
+        if self.budgets is None:
+            return trial_config(self.cfg, cell, hp, seed, budget)
+        return self.budgets.plan(cell, hp, seed, budget)[0]
+
+    def run_budget(self, plain: dict) -> RunBudget:
+        """What the run of trial config ``plain`` is given, as its rows record it (costs counted with compute)."""
+        epochs = int(plain["train"]["epochs"])
+        if self.budgets is None:
+            return RunBudget("epochs", epochs)
+        return RunBudget("compute", epochs, *self.budgets.costs(plain))
 
     def _check_spaces_not_empty(self) -> None:
         empty = sorted({c.rule for c in self.cells if not self.spaces[c.rule]})
@@ -124,7 +146,7 @@ class Sweep:
                "started_at": started, "updated_at": time.time(), "bioplaus_version": version(),
                "git_commit": git_commit(), "python": platform.python_version(), "torch": torch.__version__,
                "ray": ray.__version__, "optuna": optuna.__version__, "polars": pl.__version__,
-               "cells": len(self.cells), "skipped_cells": len(self.skipped), **(extra or {})}
+               "cells": len(self.cells), "skipped_cells": len(self.skipped), **self.estimate, **(extra or {})}
         write_table(pa.Table.from_pylist([row]), self.dir / "manifest.parquet")
         try:
             (self.dir / "manifest.json").write_text(json.dumps(row, indent=2, default=str) + "\n")
@@ -149,10 +171,10 @@ class Sweep:
                 continue
             space = self.spaces[cell.rule]
             # The rule's defaults are the first point tried in a fresh study.
-            first = None if len(rows) else defaults_in_space(self.rules[cell.rule], space)
+            first = None if len(rows) else defaults_in_space(self.rules[cell.rule], space, cell.arch)
             searchers[cell.key] = cell_search(cell.key, space, storage, seed=sampler_seed(cfg.seed, cell),
                                               first_point=first)
-            configs[cell.key] = (lambda hp, cell=cell: trial_config(cfg, cell, hp, cfg.seed, cfg.budget.epochs))
+            configs[cell.key] = (lambda hp, cell=cell: self.run_config(cell, hp, cfg.seed, cfg.budget.epochs))
         return searchers, remaining, configs
 
     def tune(self, log: Log) -> None:
@@ -167,20 +189,26 @@ class Sweep:
             + (f"; pinned, not searched: {self.pinned}" if self.pinned else ""))
         if not total:
             return
-        scheduler = CellASHA(cfg.budget.epochs, cfg.budget.grace_epochs, cfg.budget.reduction_factor,
-                             cfg.budget.trial_timeout_s)
-        recorder = TrialRecorder(self.dir, cfg, self.wandb_logger(log), total, timed_out=scheduler.timed_out,
-                                 interrupted=lambda: self.signals.received is not None)
+        # resources.population > 1: P study trials per Tune trial, trained as one batched computation
+        pop = PopulationPlan(cfg, self.cells, self.rules, self.spaces, log) if cfg.resources.population > 1 else None
+        Scheduler, Recorder, Searcher, train = pop.parts() if pop else (CellASHA, TrialRecorder, CellSearcher,
+                                                                         tune_trainable)
+        scheduler = Scheduler(cfg.budget.epochs, cfg.budget.grace_epochs, cfg.budget.reduction_factor,
+                              cfg.budget.trial_timeout_s, pruning=cfg.budget.pruning,
+                              time_attr=COMPUTE_TIME_ATTR if self.budgets else "training_iteration")
+        recorder = Recorder(self.dir, cfg, self.wandb_logger(log), total, timed_out=scheduler.timed_out,
+                            interrupted=lambda: self.signals.received is not None)
         # train.mode=pipeline: a placement group with one bundle per stage group (orchestrator/pipeline.py)
-        trainable = tune.with_resources(tune_trainable, trial_resources(
+        trainable = tune.with_resources(train, trial_resources(
             cfg.trial.train, cfg.resources.cpus_per_trial, cfg.resources.gpus_per_trial))
         tuner = tune.Tuner(
             trainable,
             tune_config=tune.TuneConfig(
-                search_alg=CellSearcher(searchers, remaining, configs, scheduler.timed_out, recorder.retried,
-                                        stopping=WriteFailureStopper(recorder).stop_all),
-                scheduler=scheduler,
-                num_samples=total, max_concurrent_trials=cfg.resources.max_concurrent, reuse_actors=True,
+                search_alg=Searcher(searchers, remaining, configs, scheduler.timed_out, recorder.retried,
+                                    stopping=WriteFailureStopper(recorder).stop_all,
+                                    budgets=(lambda p: self.run_budget(p).tune_config()) if self.budgets else None),
+                scheduler=scheduler, num_samples=pop.tune_trials(remaining) if pop else total,
+                max_concurrent_trials=cfg.resources.max_concurrent, reuse_actors=True,
                 trial_dirname_creator=lambda t: f"{t.config['cell']}.t{t.config['trial_number']}-{t.trial_id}"),
             run_config=tune.RunConfig(
                 name=f"tune-{time.strftime('%Y%m%d-%H%M%S')}",
@@ -196,6 +224,8 @@ class Sweep:
             tuner.fit()
         finally:
             recorder.close()
+            if pop:
+                pop.close()
             os.environ.pop("TUNE_DISABLE_SIGINT_HANDLER") if saved is None else os.environ.update(
                 TUNE_DISABLE_SIGINT_HANDLER=saved)
         if recorder.write_error is not None:
@@ -211,7 +241,7 @@ class Sweep:
         for cell in self.cells:
             if cell.key in best:
                 hp = json.loads(best[cell.key]["hp_json"])
-                plain = {seed: trial_config(self.cfg, cell, hp, seed, self.final_epochs) for seed in seeds}
+                plain = {seed: self.run_config(cell, hp, seed, self.final_epochs) for seed in seeds}
                 out[cell.key] = (cell, config_hash(plain[seeds[0]]), plain)
         return out
 
@@ -231,7 +261,9 @@ class Sweep:
             record, model = ray.get(ref)
         except Exception as e:  # worker died more often than retries allow
             record, model = RunRecord(**cell.record(), seed=seed, status="failed", error=one_line(e)), None
-        record.phase, record.epochs_planned = "final", self.final_epochs
+        record.phase, record.epochs_planned = "final", int(plain["train"]["epochs"])
+        for name, value in self.run_budget(plain).columns().items():
+            setattr(record, name, value)
         record.rule, record.arch, record.dataset = cell.rule, cell.arch, cell.dataset
         record.config = plain  # the configuration the run id's hash names
         run_id = final_run_id(cell.key, seed, plain)
@@ -274,6 +306,18 @@ class Sweep:
             bar.close()
             wandb.close()
         write_finals(self.dir, self.final_epochs, current)
+
+    def criteria(self, log: Log) -> None:
+        """The ``criteria`` table: every cell's criteria measured at the settings its finals ran with (its best trial's;
+        the rule's defaults for a cell without one), seconds per cell on this process's CPU."""
+        best = best_configs(self.dir)
+        specs = []
+        for cell in self.cells:
+            hp = (json.loads(best[cell.key]["hp_json"]) if cell.key in best
+                  else defaults_in_space(self.rules[cell.rule], self.spaces[cell.rule], cell.arch))
+            specs.append(trial_spec(trial_config(self.cfg, cell, hp, self.cfg.seed, self.final_epochs)))
+        log(f"criteria: measuring {len(specs)} cells (tables in {self.dir / 'criteria'})")
+        measure_cells(specs, self.dir, log, keep_going=True)
 
     # whole sweep -------------------------------------------------------------------------------------
     def run(self, log: Log = _stderr) -> Path:
@@ -320,6 +364,7 @@ class Sweep:
             raise
         finally:
             ray_local.stop(ray_started)
+        self.criteria(log)
         missing = cell_outcomes([c.key for c in self.cells], self._done("trials"), self._done("final_runs"),
                                 self._done("finals"))
         status, extra = sweep_status(len(self.cells), missing)

@@ -112,6 +112,20 @@ def write_finals(sweep_dir: Path, final_epochs: int, current: dict[str, str] | N
                "samples_per_second_mean": rows["samples_per_second"].mean(),
                "peak_mem_mb_max": rows["peak_mem_mb"].max(), "n_params": first["n_params"],
                "best_trial_number": b.get("trial_number"), "best_trial_val_acc": b.get("val_acc"),
-               "hp_json": b.get("hp_json"), "epochs": final_epochs, "config_hash": digest,
-               "final_run_ids_json": json.dumps(sorted(rows["run_id"].to_list()))}
+               "hp_json": b.get("hp_json"), "epochs": _planned(rows, final_epochs), "config_hash": digest,
+               "final_run_ids_json": json.dumps(sorted(rows["run_id"].to_list())), **_budget(first)}
         write_table(pa.Table.from_pylist([row]), partition_dir(Path(sweep_dir), "finals", _cell(key)) / "finals.parquet")
+
+
+BUDGET_COLUMNS = ("budget_kind", "train_flops_per_sample", "bp_train_flops_per_sample", "budget_bp_epochs")
+
+
+def _planned(rows: pl.DataFrame, default: int) -> int:
+    """The epochs the cell's final runs were given (their own with budget.kind=compute), else ``default``."""
+    planned = rows["epochs_planned"].drop_nulls() if "epochs_planned" in rows.columns else pl.Series([], dtype=pl.Int64)
+    return int(planned.max()) if len(planned) else default
+
+
+def _budget(first: dict) -> dict:
+    """The budget the cell's final runs had (one configuration: the same for every seed); None where not recorded."""
+    return {k: first.get(k) for k in BUDGET_COLUMNS}

@@ -148,9 +148,12 @@ NOT_RESULT_PREFIXES = ("ray.", "resources.", "wandb.")
 # Budgets a rerun may raise: the sweep is extended (more trials, more final seeds), nothing done is invalid.
 EXTENDABLE = ("budget.trials", "budget.final_seeds")
 # Open mappings: a key given on one side only is a difference (elsewhere it is a setting a new version added).
-OPEN = ("trial.hp.", "trial.model.")
+OPEN = ("trial.hp.", "trial.model.", "arch_model.")
 # Lists whose order does not matter (a cell's tuning does not depend on the other cells).
-SETS = ("rules", "archs", "datasets")
+SETS = ("rules", "archs", "datasets", "exclude")
+# Result-changing settings added after sweeps were already recorded without them: a manifest that lacks one
+# was made with this value (a folder from before budget.kind existed trained every run for budget.epochs epochs).
+RECORDED_BEFORE = {"budget.kind": "epochs", "budget.pruning": True}
 
 
 def _result_keys(config: dict) -> dict:
@@ -167,7 +170,7 @@ def _result_keys(config: dict) -> dict:
 def resume_differences(old: dict, new: dict) -> list[str]:
     """``key old -> new`` for each setting of the sweep config ``new`` that changes results relative to the
     folder's ``old`` one (raising an :data:`EXTENDABLE` budget is not a change)."""
-    a, b = _result_keys(old), _result_keys(new)
+    a, b = {**RECORDED_BEFORE, **_result_keys(old)}, {**RECORDED_BEFORE, **_result_keys(new)}
     differ = []
     for k in sorted({*(set(a) & set(b)), *(k for k in set(a) ^ set(b) if k.startswith(OPEN))}):
         if a.get(k) == b.get(k) or (k in EXTENDABLE and isinstance(a.get(k), int) and isinstance(b.get(k), int)

@@ -29,6 +29,7 @@ from bioplaus.orchestrator.errors import UsageError, last_line, one_line
 from bioplaus.orchestrator.progress import runs_bar
 from bioplaus.orchestrator.config import to_plain
 from bioplaus.orchestrator.results import RunRecord, git_commit, refuse_other_config, version, write_run
+from bioplaus.orchestrator.sweep.budget import RunBudget
 from bioplaus.orchestrator.sweep.cells import Cell
 from bioplaus.orchestrator.sweep.search import METRIC
 
@@ -231,10 +232,15 @@ class TrialRecorder(Callback):
         self._write(trial, trials, error=None)
 
     def on_trial_error(self, iteration, trials, trial, **info):
+        self._write(trial, trials, error=self.error_message(trial), errored=True)
+
+    @staticmethod
+    def error_message(trial) -> str:
+        """The last line of the error a trial ended with (what its row records)."""
         message = "worker failed"
         if trial.error_file and Path(trial.error_file).is_file():
             message = last_line(Path(trial.error_file).read_text()) or message
-        self._write(trial, trials, error=message, errored=True)
+        return message
 
     def _record(self, trial, error: str | None, errored: bool = False) -> RunRecord:
         """The trial's run record, from its config and its reports (the last report carries the totals).
@@ -253,7 +259,8 @@ class TrialRecorder(Callback):
         status = "failed" if error else last.get("status", "failed")
         if status == "ok" and len(epochs) < plain["train"]["epochs"]:
             status = "pruned"
-        return RunRecord(
+        budget = RunBudget.from_tune_config(trial.config.get("budget"), self.cfg.budget.kind, plain["train"]["epochs"])
+        return RunRecord(**budget.columns(),
             **Cell.from_key(trial.config["cell"]).record(), phase="tune", seed=plain["seed"], status=status,
             error=error, trial_number=trial.config["trial_number"], node_id=last.get("node_id"),
             attempts=max(1, trial.num_failures) if errored else trial.num_failures + 1, epochs_planned=plain["train"]["epochs"], epochs_run=len(epochs),

@@ -136,13 +136,16 @@ class CellSearcher(Searcher):
     ``timed_out``: the scheduler's record of trials it stopped for running too long (shared, filled later);
     ``retried``: Tune trial id -> times it was retried (the recorder's, shared): the study trial's ``attempts``;
     ``stopping()``: whether the sweep is being stopped (a stop signal, a failed write): trials ending then
-    are not recorded (a resume runs them again), so the study marks them FAIL rather than learn from them.
+    are not recorded (a resume runs them again), so the study marks them FAIL rather than learn from them;
+    ``budgets``: trial config -> its budget for the Tune config's ``budget`` key (None: no such key).
     """
 
     def __init__(self, searchers: dict[str, Any], remaining: dict[str, int],
                  configs: dict[str, Callable[[dict], dict]], timed_out: dict[str, float],
-                 retried: dict[str, int] | None = None, stopping: Callable[[], bool] = lambda: False):
+                 retried: dict[str, int] | None = None, stopping: Callable[[], bool] = lambda: False,
+                 budgets: Callable[[dict], dict | None] | None = None):
         super().__init__(metric=METRIC, mode="max")
+        self.budgets = budgets  # trial config -> what its Tune config says of its budget (budget.kind=compute)
         self.searchers, self.remaining, self.configs = searchers, dict(remaining), configs
         self.timed_out = timed_out
         self.retried = {} if retried is None else retried
@@ -163,11 +166,21 @@ class CellSearcher(Searcher):
 
     def suggest(self, trial_id: str):
         """Tune hook: the next trial's config, from the cell with the most budget left (ties: the first cell)."""
-        open_cells = [k for k in self.order if self.remaining[k] > 0]
-        if not open_cells:
+        key = self.next_cell()
+        if key is None:
             return Searcher.FINISHED
-        key = max(open_cells, key=lambda k: (self.remaining[k], -self.order.index(k)))
         self.remaining[key] -= 1
+        number, plain = self.ask(key, trial_id)
+        budget = self.budgets(plain) if self.budgets else None
+        return {"cell": key, "trial_number": number, "trial": plain, **({"budget": budget} if budget else {})}
+
+    def next_cell(self) -> str | None:
+        """The cell with the most budget left (ties: the first cell); None when every cell is done."""
+        open_cells = [k for k in self.order if self.remaining[k] > 0]
+        return max(open_cells, key=lambda k: (self.remaining[k], -self.order.index(k))) if open_cells else None
+
+    def ask(self, key: str, trial_id: str) -> tuple[int, dict]:
+        """A new study trial of cell ``key``, known here as ``trial_id``: its number and its trial config."""
         searcher = self.searchers[key]
         hp = searcher.suggest(trial_id)
         self.owner[trial_id] = key
@@ -175,7 +188,7 @@ class CellSearcher(Searcher):
         number = searcher._ot_trials[trial_id].number
         plain = self.configs[key](hp)
         self.planned[trial_id] = int(plain["train"]["epochs"])
-        return {"cell": key, "trial_number": number, "trial": plain}
+        return number, plain
 
     def on_trial_result(self, trial_id: str, result: dict):
         """Tune hook: an epoch's report, the study trial's intermediate value at that epoch."""
@@ -197,16 +210,20 @@ class CellSearcher(Searcher):
         key = self.owner.get(trial_id)
         if key is None:
             return
+        if trial_id in self.timed_out or self.stopping():
+            result, error = None, True
+        self.tell(key, trial_id, result, error, self.retried.get(trial_id, 0) + 1)
+
+    def tell(self, key: str, trial_id: str, result: dict | None, error: bool, attempts: int) -> None:
+        """Tell study trial ``trial_id`` of cell ``key`` its end (once): its last value, state and row attributes."""
         searcher = self.searchers[key]
         if trial_id in searcher._completed_trials:
             return
-        if trial_id in self.timed_out or self.stopping():
-            result, error = None, True
         # Tune hands the searcher no on_trial_result for the report that ends a trial (ASHA's stop, the last
         # epoch): that epoch's value arrives here.
         self._report(searcher, trial_id, result)
         ot_trial = searcher._ot_trials[trial_id]
-        for name, value in run_attributes(f"{key}.t{ot_trial.number}", self.retried.get(trial_id, 0) + 1).items():
+        for name, value in run_attributes(f"{key}.t{ot_trial.number}", attempts).items():
             ot_trial.set_user_attr(name, value)
         state, value = trial_outcome(result, error, self.planned.get(trial_id, 0))
         try:
@@ -220,15 +237,19 @@ class CellSearcher(Searcher):
 class CellASHA(FIFOScheduler):
     """ASHA per cell: a trial is only ever compared with trials of its own cell.
 
+    ``time_attr``: the result key ASHA's rungs count (epochs, or bp-epochs of compute spent with
+    budget.kind=compute); ``pruning=False``: no trial is stopped early (every one runs its whole budget).
     Also enforces ``budget.trial_timeout_s``: Tune asks the scheduler which trial to run next at every
     step of its loop, so that is where running trials are timed (a hung trial sends no result that a
     result-based stopper could act on). A trial over the limit is stopped and noted in ``timed_out``.
     """
 
-    def __init__(self, max_t: int, grace: int, reduction_factor: int, trial_timeout_s: float | None = None):
+    def __init__(self, max_t: int, grace: int, reduction_factor: int, trial_timeout_s: float | None = None,
+                 time_attr: str = "training_iteration", pruning: bool = True):
         super().__init__()
-        self.kwargs = dict(time_attr="training_iteration", metric=METRIC, mode="max", max_t=max_t,
+        self.kwargs = dict(time_attr=time_attr, metric=METRIC, mode="max", max_t=max_t,
                            grace_period=grace, reduction_factor=reduction_factor)
+        self.pruning = pruning
         self.by_cell: dict[str, AsyncHyperBandScheduler] = {}
         self.trial_timeout_s = trial_timeout_s
         self.running_since: dict[str, float] = {}
@@ -247,7 +268,7 @@ class CellASHA(FIFOScheduler):
                 self.running_since.pop(trial.trial_id, None)  # a retry gets the whole limit again
                 continue
             ran = now - self.running_since.setdefault(trial.trial_id, now)
-            if ran > self.trial_timeout_s and trial.trial_id not in self.timed_out:
+            if ran > self.time_limit(trial) and trial.trial_id not in self.timed_out:
                 self.timed_out[trial.trial_id] = ran
                 # A hung step never returns, so the actor would never run Tune's polite stop and keep
                 # its CPUs until Tune's final clean-up: kill its process once Tune has let go of it.
@@ -255,6 +276,10 @@ class CellASHA(FIFOScheduler):
                 tune_controller.stop_trial(trial)
                 if actor is not None:
                     ray.kill(actor, no_restart=True)
+
+    def time_limit(self, trial) -> float:
+        """Seconds ``trial`` may run: ``budget.trial_timeout_s``."""
+        return self.trial_timeout_s
 
     def _of(self, trial) -> AsyncHyperBandScheduler:
         key = trial.config["cell"]
@@ -268,6 +293,8 @@ class CellASHA(FIFOScheduler):
 
     def on_trial_result(self, tune_controller, trial, result):
         """Tune hook: an epoch's report; the cell's ASHA decides whether the trial continues."""
+        if not self.pruning:
+            return FIFOScheduler.CONTINUE
         return self._of(trial).on_trial_result(tune_controller, trial, result)
 
     def on_trial_complete(self, tune_controller, trial, result):

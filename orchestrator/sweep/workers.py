@@ -11,6 +11,7 @@ import ray
 from ray import tune
 
 from bioplaus.orchestrator.results import RunRecord
+from bioplaus.orchestrator.sweep.budget import compute_spent
 from bioplaus.orchestrator.sweep.cells import trial_spec
 from bioplaus.orchestrator.trial import run_trial
 
@@ -18,8 +19,9 @@ from bioplaus.orchestrator.trial import run_trial
 def tune_trainable(config: dict) -> None:
     """Ray Tune function trainable: one tuning trial, reporting every epoch (never touches the test set)."""
     node = ray.get_runtime_context().get_node_id()
-    record = run_trial(trial_spec(config["trial"]), report=lambda row: tune.report({**row, "node_id": node}),
-                       evaluate_test=False)
+    spent = compute_spent(config)  # budget.kind=compute: what ASHA's rungs count
+    record = run_trial(trial_spec(config["trial"]),
+                       report=lambda row: tune.report({**row, "node_id": node, **spent(row)}), evaluate_test=False)
     if record["status"] == "failed":  # let Tune retry it, then record it as failed
         raise RuntimeError(record["error"])
 
