@@ -28,13 +28,19 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q -e '.[dev]'
 	touch $(STAMP)
 
+# The suite on two pytest-xdist workers, a test module to a worker (tests/conftest.py says in which order):
+# a sweep test waits on process starts and Ray much of its time, and the other worker computes meanwhile.
+# TEST_WORKERS=0 runs it in one process.
+TEST_WORKERS ?= 2
+PYTEST := $(BIN)/pytest -q $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder)
+
 test: $(STAMP)
-	$(BIN)/pytest -q $(ARGS)
+	$(PYTEST) $(ARGS)
 
 # The same suite with two CPU-bound processes beside it (started and stopped by .ci/under-load): no verdict
 # may depend on how busy the machine is.
 test-load: $(STAMP)
-	PYTHON=$(BIN)/python .ci/under-load $(BIN)/pytest -q $(ARGS)
+	PYTHON=$(BIN)/python .ci/under-load $(PYTEST) $(ARGS)
 
 train: $(STAMP)
 	$(BIN)/bioplaus train $(ARGS)

@@ -7,6 +7,7 @@ when ``BIOPLAUS_RULE_MODULES=bioplaus.algorithms.faulty`` is set (the tests set 
 from __future__ import annotations
 
 import os
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +40,9 @@ class FaultyHParams(BPHParams):
     hang_skip: int = 0
     """With hang_once_marker: the first this many runs to get there go on (each creates ``<marker>.skip<i>``)
     and the next one hangs, so a test can hold a sweep at a known point (after that many runs)."""
+    hang_released_by: str = ""
+    """With hang_at_step: the hang ends once this file exists (a test holds a run at a known point, then lets it
+    go on)."""
     hang_on_node: str = ""
     """With hang_at_step: only runs on the Ray node with this id hang (that node is then busy when it dies)."""
     started_dir: str = ""
@@ -48,6 +52,9 @@ class FaultyHParams(BPHParams):
     """With started_dir: at its first step a run waits until this many runs have written their file there
     (raising after ``WAIT_LIMIT_S``), so that many are under way at once: on nodes that each fit one run,
     on that many nodes, whatever order the scheduler starts them in."""
+    say: str = ""
+    """If set: at its first step a run prints this line to its stderr (as a library's warning would), so a test
+    sees what the driver makes of a worker's output."""
     frozen_while: str = ""
     """If set and this file exists: the weights are set to zero and never updated (every input gets class 0, so
     accuracy is that class's share); removing the file between two runs of a sweep makes a later trial the best."""
@@ -68,6 +75,8 @@ class Faulty(Backprop):
     def train_step(self, x, y):
         self.steps += 1
         hp = self.hp
+        if hp.say and self.steps == 1:
+            print(hp.say, file=sys.stderr, flush=True)
         if hp.started_dir and self.steps == 1:
             Path(hp.started_dir, f"{_node_id()}-{os.getpid()}").write_text(str(time.time()))
             if hp.wait_for_started:
@@ -75,8 +84,9 @@ class Faulty(Backprop):
         if hp.sleep_per_step_s:
             time.sleep(hp.sleep_per_step_s)
         if self.steps == hp.hang_at_step and self._hangs_here():
-            while True:  # a hung step: only a timeout (budget.trial_timeout_s) or a kill ends it
-                time.sleep(1.0)
+            # a hung step: only a timeout (budget.trial_timeout_s), a kill or the release file ends it
+            while not (hp.hang_released_by and Path(hp.hang_released_by).exists()):
+                time.sleep(0.2)
         if self.steps == hp.raise_at_step:
             raise RuntimeError(f"injected failure at step {self.steps}")
         if hp.die_once_marker and self.steps == 2 and not Path(hp.die_once_marker).exists():

@@ -16,6 +16,7 @@ import os
 import shutil
 import signal
 import socket
+import sys
 import tempfile
 import threading
 from pathlib import Path
@@ -139,6 +140,14 @@ def apply_run_env(run_dir: Path) -> None:
     (run_dir / "wandb").mkdir(parents=True, exist_ok=True)
 
 
+def plain_worker_log_prefixes() -> None:
+    """Ray colours the ``(pid=...)`` prefix of every line a worker prints, terminal or not; through a pipe or
+    into a log file those colours are control sequences in the text. Plain prefixes there (unless the user
+    set RAY_COLOR_PREFIX); Ray reads it whenever it prints a worker's line."""
+    if not sys.stderr.isatty():
+        os.environ.setdefault("RAY_COLOR_PREFIX", "0")
+
+
 def start(run_dir: Path, address: str | None = None, num_cpus: int | None = None, num_gpus: int | None = None,
           timeout_s: float = 120.0) -> dict:
     """``ray.init`` for a sweep: embedded local (loopback-only) when ``address`` is None, else connect.
@@ -150,6 +159,7 @@ def start(run_dir: Path, address: str | None = None, num_cpus: int | None = None
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     apply_run_env(run_dir)
+    plain_worker_log_prefixes()
     if ray.is_initialized():  # someone else (a test fixture, a notebook) owns this Ray session
         return {"address": None, "temp_dir": None, "local": False, "owned": False}
     local = address in (None, "", "local")

@@ -180,6 +180,7 @@ def test_stimuli_tensor_shapes_and_normalisation():
 
 
 # --- end to end: a trained network vs its untrained self, through the CLI ----------------------------------
+@pytest.mark.slow
 def test_trained_and_untrained_profiles_differ(rsa92_dir, tmp_path):
     import polars as pl
 
@@ -194,7 +195,9 @@ def test_trained_and_untrained_profiles_differ(rsa92_dir, tmp_path):
     record = run_trial(resolve(cfg), save_model=str(model))
     assert record["status"] == "ok" and record["test_acc"] > 0.5
 
-    rc = main(["brain", str(tmp_path / "sweep"), "--rsa92", str(rsa92_dir), "n_boot=20", "n_boot_kendall=5",
+    # small bootstraps (the defaults are 1000/100/500): this checks the step end to end, not the intervals' width
+    small = {"n_boot": 20, "n_boot_kendall": 5, "n_boot_dual": 20}
+    rc = main(["brain", str(tmp_path / "sweep"), "--rsa92", str(rsa92_dir), *(f"{k}={v}" for k, v in small.items()),
                "--plot", str(tmp_path / "fig.png")])
     assert rc == 0 and (tmp_path / "fig.png").stat().st_size > 0
     files = list((tmp_path / "sweep" / "brain" / "rule=bp" / "arch=cnn" / "dataset=digits").glob("*.parquet"))
@@ -227,10 +230,9 @@ def test_trained_and_untrained_profiles_differ(rsa92_dir, tmp_path):
 
     # already done -> skipped; overwrite -> recomputed (same numbers: seeded bootstrap)
     mtime = files[0].stat().st_mtime_ns
-    brain.brain_table(tmp_path / "sweep", rsa92_dir, BrainConfig(n_boot=20, n_boot_kendall=5), log=lambda m: None)
+    brain.brain_table(tmp_path / "sweep", rsa92_dir, BrainConfig(**small), log=lambda m: None)
     assert files[0].stat().st_mtime_ns == mtime
-    brain.brain_table(tmp_path / "sweep", rsa92_dir, BrainConfig(n_boot=20, n_boot_kendall=5, overwrite=True),
-                      log=lambda m: None)
+    brain.brain_table(tmp_path / "sweep", rsa92_dir, BrainConfig(**small, overwrite=True), log=lambda m: None)
     again = brain.read_brain(tmp_path / "sweep")
     key = ["control", "layer", "target", "method"]
     assert again.sort(key)["ci_low"].to_list() == df.sort(key)["ci_low"].to_list()

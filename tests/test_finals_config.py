@@ -87,6 +87,7 @@ def test_a_final_row_is_never_overwritten_by_another_configuration(tmp_path):
         refuse_other_config(tmp_path, other, "x", runs_table="final_runs")
 
 
+@pytest.mark.slow
 def test_rerun_that_moves_the_best_trial_reruns_the_finals_and_supersedes_the_old(ray_session, tmp_path):
     # While the marker exists the faulty rule learns nothing (zero weights); without it the third trial learns,
     # so it becomes the best one.
@@ -147,6 +148,7 @@ def test_cells_without_finals_make_the_sweep_partial_with_the_reason_per_cell(ra
 SIGNALS_IN_FINALS = ["SIGINT to the driver during finals", "SIGTERM to the driver during finals"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", SIGNALS_IN_FINALS, ids=["SIGINT", "SIGTERM"])
 def test_stop_signal_during_finals_exits_128_plus_signal_and_the_same_command_resumes(name, tmp_path):
     row = run_case(load_cases()[name], tmp_path, log=lambda m: None)

@@ -10,6 +10,7 @@ clean baseline, one with the running baseline), with backprop as the negative co
 from __future__ import annotations
 
 import copy
+import time
 
 import pytest
 import torch
@@ -103,12 +104,15 @@ def test_running_baseline_starts_at_the_first_loss_and_tracks_it():
 @pytest.mark.parametrize("baseline", ["clean", "running"])
 def test_learns_digits_above_chance_in_a_few_epochs(baseline):
     """Well above chance (10 %) on held-out digits after a few epochs (seconds of training)."""
+    cpu = time.process_time()
     record = run_trial(resolve(parse_overrides([
         f"rule={NAME}", "arch=mlp", "dataset=digits", "model.widths=[64]", "train.epochs=6", "train.batch_size=64",
         "data.train_limit=1000", "data.test_limit=500", "hp.lr=3e-3", "hp.perturbations=4", f"hp.baseline={baseline}",
         # the running baseline's reward change carries the examples' loss spread: it needs larger noise
         f"hp.sigma={0.01 if baseline == 'clean' else 0.3}"])))
-    assert record["status"] == "ok" and record["train_seconds"] < 60
+    cpu = time.process_time() - cpu
+    assert record["status"] == "ok"
+    assert cpu < 60  # CPU seconds (all threads), not wall: processes beside this one stretch wall time only
     assert record["test_acc"] > (0.7 if baseline == "clean" else 0.4), record["test_acc"]
 
 

@@ -28,55 +28,65 @@ from conftest import FAULTY_ENV
 BIN = Path(sys.executable).parent / "bioplaus"
 
 
-def slow_sweep_args(root: Path, trials: int, sleep_s: float) -> list[str]:
-    """A CLI sweep of one-at-a-time faulty trials, slow enough to be signalled mid-tuning."""
+def held_sweep_args(root: Path, trials: int) -> list[str]:
+    """A CLI sweep of one-at-a-time faulty trials held at a known point: the first trial runs to its end, the
+    second hangs at its first step until the driver is signalled (it creates ``root/hung``). The same command
+    run again finds the marker, and no trial hangs."""
+    hung = root / "hung"
     return [str(BIN), "sweep", "preset=smoke", "rules=[faulty]", f"root={root}", "name=k", f"budget.trials={trials}",
-            f"trial.hp.sleep_per_step_s={sleep_s}", "resources.max_concurrent=1", "ray.num_cpus=2"]
+            "trial.hp.hang_at_step=1", f"trial.hp.hang_once_marker={hung}", "trial.hp.hang_skip=1",
+            "resources.max_concurrent=1", "ray.num_cpus=2"]
 
 
-def wait_for_first_trial(proc: subprocess.Popen, trials_dir: Path) -> None:
-    deadline = time.time() + 120
-    while time.time() < deadline and not (trials_dir.exists() and list(trials_dir.rglob("*.parquet"))):
+def wait_until_held(proc: subprocess.Popen, root: Path) -> None:
+    """Until one trial is committed and the next hangs; the limit is a guard against a sweep that never gets
+    there, not a measure of how fast it does."""
+    trials_dir, hung = root / "k" / "trials", root / "hung"
+    deadline = time.monotonic() + 600
+    while not (hung.exists() and trials_dir.exists() and list(trials_dir.rglob("*.parquet"))):
         assert proc.poll() is None, "the sweep ended before it could be signalled"
-        time.sleep(0.3)
-    assert proc.poll() is None, "the sweep ended before it could be signalled"
+        assert time.monotonic() < deadline, "the sweep did not reach its second trial within 600 s"
+        time.sleep(0.2)
 
 
 def manifest(sweep_dir: Path) -> dict:
     return json.loads((sweep_dir / "manifest.json").read_text())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 def test_stop_signal_during_tuning_exits_128_plus_signal_interrupted_without_finals(sig, tmp_path):
-    # SIGTERM's case also starts a second driver meanwhile, and does not resume: more, never-finished trials.
-    trials, sleep_s = (4, 0.3) if sig == signal.SIGINT else (12, 0.5)
-    args = slow_sweep_args(tmp_path, trials, sleep_s)
+    # SIGTERM's case also starts a second driver meanwhile, and does not resume.
+    trials = 4
+    args = held_sweep_args(tmp_path, trials)
     env = {**os.environ, **FAULTY_ENV}
-    proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+    err_file = tmp_path / "driver.err"  # a file, not a pipe: nobody reads a pipe while the sweep is held
+    with open(err_file, "w") as err_out:
+        proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=err_out, start_new_session=True)
     d = tmp_path / "k"
     try:
-        wait_for_first_trial(proc, d / "trials")
+        wait_until_held(proc, tmp_path)
         if sig == signal.SIGTERM:  # the lock: a second driver on the live folder is refused, naming the first
-            second = subprocess.run(args, env=env, capture_output=True, text=True, timeout=120)
+            second = subprocess.run(args, env=env, capture_output=True, text=True, timeout=600)
             lines = second.stderr.strip().splitlines()
             assert second.returncode == 2 and len(lines) == 1, second.stderr[-2000:]
             assert f"pid {proc.pid} on host {socket.gethostname()}" in lines[0] and "another sweep" in lines[0]
         os.kill(proc.pid, sig)  # the driver only, as SLURM's or Kubernetes' SIGTERM, or kill -INT
-        _, err = proc.communicate(timeout=120)
+        proc.wait(timeout=600)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
-    assert proc.returncode == 128 + sig, err[-3000:]
+    assert proc.returncode == 128 + sig, err_file.read_text()[-3000:]
     assert manifest(d)["status"] == "interrupted" and manifest(d)["signal"] == sig
     assert read_table(d, "final_runs").is_empty() and read_table(d, "finals").is_empty()
     assert not list(d.glob("models/*.pt"))
     done = read_table(d, "trials")
     assert 1 <= done.height < trials and done["trial_number"].n_unique() == done.height
+    assert done.height == 1  # held at its second trial: signalled mid-tuning, whatever the machine's speed
     if sig == signal.SIGTERM:
         return
-    again = subprocess.run(args, env=env, capture_output=True, text=True, timeout=300)  # the same command resumes
+    again = subprocess.run(args, env=env, capture_output=True, text=True, timeout=600)  # the same command resumes
     assert again.returncode == 0, again.stderr[-3000:]
     assert manifest(d)["status"] == "complete"
     resumed = read_table(d, "trials")
@@ -99,10 +109,8 @@ def test_second_driver_is_refused_while_the_lock_is_held(tmp_path):
     assert not (tmp_path / "s" / "manifest.json").exists()  # refused before it wrote or cleaned anything
 
 
-def test_trial_failing_every_attempt_counts_its_attempts_and_the_sweep_is_failed(ray_session, tmp_path):
-    s = Sweep(parse_sweep(["preset=smoke", f"root={tmp_path}", "name=s", "rules=[faulty]", "budget.trials=1",
-                           "budget.final_seeds=1", "trial.hp.raise_at_step=2", "retries=1"]))
-    s.run(log=lambda m: None)
+def test_trial_failing_every_attempt_counts_its_attempts_and_the_sweep_is_failed(failing_trial_sweep):
+    s = failing_trial_sweep  # faulty, 1 trial raising at step 2, retries=1, 1 final seed
     trial = s.table("trials").row(0, named=True)
     assert trial["status"] == "failed" and trial["attempts"] == 2  # the first try and its one retry
     assert s.status == "failed"

@@ -42,6 +42,7 @@ def assert_extended(s: Sweep, before: dict[Path, bytes], trials: int) -> pl.Data
     return t
 
 
+@pytest.mark.slow
 def test_torn_journal_tail_is_cut_back_with_one_warning_and_the_sweep_resumes(ray_session, tmp_path):
     s = sweep(tmp_path, "budget.trials=2")
     journal = s.dir / "optuna.journal"
@@ -57,6 +58,7 @@ def test_torn_journal_tail_is_cut_back_with_one_warning_and_the_sweep_resumes(ra
     assert_extended(again, before, trials=3)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["journal", "sqlite"])
 def test_lost_study_is_rebuilt_from_the_tables_no_trial_number_repeats_no_row_replaced(ray_session, tmp_path, kind):
     db = tmp_path / "optuna.db"

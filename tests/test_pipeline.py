@@ -1,4 +1,4 @@
-"""Layer-parallel pipeline (orchestrator/pipeline.py) on the real Ray, loopback-only, one session per module.
+"""Layer-parallel pipeline (orchestrator/pipeline.py) on the real Ray, loopback-only, one session for the module.
 
 The pipeline must compute exactly what sequential block-local training computes on the same data
 order (weights, per-epoch losses and accuracies), and a stage actor that dies must end the trial as
@@ -24,7 +24,9 @@ BASE = ["dataset=digits", "arch=mlp", "model.widths=[32,24]", "train.batch_size=
 
 
 @pytest.fixture(scope="module")
-def ray_session(tmp_path_factory):
+def pipeline_ray(tmp_path_factory, shared_ray):
+    """A Ray of this module's own (4 CPUs: a stage per CPU); the session's shared one is stopped first."""
+    shared_ray.down()
     started = ray_local.start(tmp_path_factory.mktemp("ray"), num_cpus=4, timeout_s=240)
     yield
     ray_local.stop(started)
@@ -39,7 +41,7 @@ def _net_weights(path) -> dict[str, torch.Tensor]:
 @pytest.mark.parametrize("rule,stages,staleness,chunk,augment", [
     ("local_losses", 2, 0, 1, "none"), ("ff", 3, 0, 8, "none"), ("local_losses", 3, 2, 1, "none"),
     ("local_losses", 2, 1, 3, "shift")])
-def test_pipeline_equals_sequential_block_local_training(ray_session, tmp_path, rule, stages, staleness, chunk,
+def test_pipeline_equals_sequential_block_local_training(pipeline_ray, tmp_path, rule, stages, staleness, chunk,
                                                          augment):
     over = [f"rule={rule}", *BASE, "train.epochs=2", f"data.augment={augment}"]
     seq = run_trial(parse_overrides(over), save_model=str(tmp_path / "seq.pt"))
@@ -68,7 +70,7 @@ def test_pipeline_equals_sequential_block_local_training(ray_session, tmp_path, 
     assert pipe["epochs"][1]["train_loss"] < pipe["epochs"][0]["train_loss"]
 
 
-def test_stage_actor_crash_is_a_failed_trial_not_a_hang(ray_session):
+def test_stage_actor_crash_is_a_failed_trial_not_a_hang(pipeline_ray):
     import ray
 
     killed: list[str] = []
@@ -100,8 +102,9 @@ def test_stage_actor_crash_is_a_failed_trial_not_a_hang(ray_session):
     assert record["status"] == "failed"
     assert "pipeline stage 1" in record["error"] and "died" in record["error"], record["error"]
     assert record["epochs_run"] < 200
-    # surfaced, not hung on the dead actor: timed from the death, so a slow start-up does not count
-    assert time.monotonic() - killed_at[0] < 120
+    # surfaced, not hung on the dead actor until the pipeline's 600-s step timeout: timed from the death, so a
+    # slow start-up does not count, and with half that timeout as the margin a busy machine does not either
+    assert time.monotonic() - killed_at[0] < 300
     # the surviving actor and the placement group were released: nothing named is left
     left = [a for a in ray.util.list_named_actors(all_namespaces=True) if a["name"] in killed]
     assert not left
@@ -134,7 +137,8 @@ def test_stage_split_balances_cost_and_sweeps_ask_one_bundle_per_stage():
     assert stage_bundles(3, 1, "cpu") == stage_bundles(3, 0, "auto") == [{"CPU": 1}] * 3
 
 
-def test_pipeline_bench_reports_efficiency_against_the_machine_ceiling(ray_session, tmp_path):
+@pytest.mark.slow
+def test_pipeline_bench_reports_efficiency_against_the_machine_ceiling(pipeline_ray, tmp_path):
     """``bench --pipeline`` end to end on digits: every mode measured, the pipelined runs learn exactly what the
     sequential one learns, and the machine ceiling (K independent runs at once) is reported beside the efficiency."""
     from bioplaus.orchestrator.bench import pipeline_efficiency

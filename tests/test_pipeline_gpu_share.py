@@ -14,7 +14,8 @@ from bioplaus.orchestrator.trial import run_trial
 
 
 @pytest.fixture(scope="module")
-def ray_with_one_gpu(tmp_path_factory):
+def ray_with_one_gpu(tmp_path_factory, shared_ray):
+    shared_ray.down()  # the session's shared Ray declares no GPU
     started = ray_local.start(tmp_path_factory.mktemp("ray"), num_cpus=2, num_gpus=1, timeout_s=240)
     yield
     ray_local.stop(started)

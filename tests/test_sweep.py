@@ -8,7 +8,6 @@ the Ray workers through BIOPLAUS_RULE_MODULES.
 from __future__ import annotations
 
 import contextlib
-import importlib
 import os
 import signal
 import subprocess
@@ -21,6 +20,7 @@ import pytest
 
 from bioplaus.orchestrator.errors import UsageError
 from bioplaus.orchestrator.sweep import Sweep, parse_sweep
+from conftest import faulty_rule_everywhere
 
 BIN = Path(sys.executable).parent / "bioplaus"
 FAULTY = {"BIOPLAUS_RULE_MODULES": "bioplaus.algorithms.faulty"}
@@ -36,6 +36,7 @@ def rows(s: Sweep, table: str) -> pl.DataFrame:
     return s.table(table)
 
 
+@pytest.mark.slow
 def test_sweep_end_to_end_resume_and_extend(ray_session, tmp_path):
     s = sweep(tmp_path, "rules=[bp]", "budget.trials=3", "wandb.mode=offline")
     trials, finals, final_runs = rows(s, "trials"), rows(s, "finals"), rows(s, "final_runs")
@@ -79,14 +80,14 @@ def test_nan_trial_is_recorded_as_diverged_and_the_sweep_finishes(ray_session, t
     assert s.summary()["trials"].to_list() == [1]  # the cell is accounted for
 
 
-def test_raising_trial_is_retried_then_recorded_as_failed_with_its_error(ray_session, tmp_path):
-    s = sweep(tmp_path, "rules=[faulty]", "budget.trials=1", "trial.hp.raise_at_step=2", "retries=1",
-              "budget.final_seeds=1")
+def test_raising_trial_is_retried_then_recorded_as_failed_with_its_error(failing_trial_sweep):
+    s = failing_trial_sweep  # faulty, 1 trial raising at step 2, retries=1, 1 final seed
     trial = rows(s, "trials").row(0, named=True)
     assert trial["status"] == "failed" and "injected failure at step 2" in trial["error"]
     assert rows(s, "final_runs").is_empty()
 
 
+@pytest.mark.slow
 def test_killed_worker_process_is_retried_and_nothing_is_lost(ray_session, tmp_path):
     marker = tmp_path / "died"
     s = sweep(tmp_path, "rules=[faulty]", "budget.trials=2", f"trial.hp.die_once_marker={marker}", "retries=2",
@@ -97,6 +98,7 @@ def test_killed_worker_process_is_retried_and_nothing_is_lost(ray_session, tmp_p
     assert rows(s, "final_runs").height == 1
 
 
+@pytest.mark.slow
 def test_killed_driver_resumes_without_repeats_or_duplicates(tmp_path):
     # One trial at a time; the first goes on, the second hangs at its first step (it creates `hung`), so the
     # driver is killed during a trial after exactly one committed trial, however fast or slow the machine.
@@ -109,7 +111,7 @@ def test_killed_driver_resumes_without_repeats_or_duplicates(tmp_path):
     proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     trials_dir = tmp_path / "k" / "trials"
     try:
-        deadline = time.monotonic() + 300  # a guard: the sweep cannot finish while the second trial hangs
+        deadline = time.monotonic() + 600  # a guard: the sweep cannot finish while the second trial hangs
         while time.monotonic() < deadline and proc.poll() is None and not (
                 hung.exists() and trials_dir.exists() and list(trials_dir.rglob("*.parquet"))):
             time.sleep(0.2)
@@ -144,6 +146,5 @@ def test_hyperparameter_set_on_the_command_line_is_pinned_not_searched(tmp_path)
     searched = {"lr": 0.5, "optimizer": "sgd"}  # what a searcher could hand over is ignored for a pinned key
     point = {k: v for k, v in searched.items() if k in s.spaces["bp"]}
     assert trial_config(s.cfg, s.cells[0], point, 0, 1)["hp"] == {"lr": 0.0123, "optimizer": "sgd"}
-    with pytest.raises(UsageError, match="pins every searched hyperparameter of faulty"):
-        importlib.import_module("bioplaus.algorithms.faulty")
+    with pytest.raises(UsageError, match="pins every searched hyperparameter of faulty"), faulty_rule_everywhere():
         Sweep(parse_sweep(["preset=smoke", "rules=[faulty]", f"root={tmp_path}", "trial.hp.lr=0.01"]))

@@ -79,6 +79,7 @@ def offline_runs(wandb_dir: Path) -> dict[str, dict]:
     return runs
 
 
+@pytest.mark.slow
 def test_smoke_sweep_logs_per_epoch_wandb_runs_with_the_full_config_and_a_study_with_pruned_trials(
         ray_session, tmp_path):
     s = sweep(tmp_path, "rules=[bp]", "wandb.mode=offline", *PRUNING)
@@ -134,9 +135,8 @@ def optuna_view(journal: Path) -> dict[int, tuple]:
     return out
 
 
-def test_failed_trial_is_a_failed_study_trial_with_its_attempts(ray_session, tmp_path):
-    s = sweep(tmp_path, "rules=[faulty]", "budget.trials=1", "trial.hp.raise_at_step=2", "retries=1",
-              "budget.final_seeds=1")
+def test_failed_trial_is_a_failed_study_trial_with_its_attempts(failing_trial_sweep):
+    s = failing_trial_sweep  # faulty, 1 trial raising at step 2, retries=1, 1 final seed
     row = s.table("trials").row(0, named=True)
     assert row["status"] == "failed" and row["attempts"] == 2
     storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(s.dir / "optuna.journal")))

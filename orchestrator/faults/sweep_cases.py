@@ -17,9 +17,16 @@ def _verdict(checks: dict[str, bool]) -> tuple[bool, str]:
     return not failed, ("" if not failed else "; NOT: " + ", ".join(failed))
 
 
-def _slow(*extra: str, trials: int = 4, sleep_s: float = 0.3) -> tuple[str, ...]:
-    """One trial at a time, slow enough to be hit mid-tuning (or mid-finals)."""
-    return (f"budget.trials={trials}", f"trial.hp.sleep_per_step_s={sleep_s}", "resources.max_concurrent=1", *extra)
+def _held(bench: Bench, *extra: str, trials: int = 4, skip: int = 1) -> tuple[str, ...]:
+    """One run at a time; the first ``skip`` runs go on and the next one hangs at its first step (it creates
+    ``<folder>/hung``), so a signal or a second driver always finds the sweep at that point, however fast or
+    slow the machine. The same command run again finds the marker: nothing hangs."""
+    return (f"budget.trials={trials}", "resources.max_concurrent=1", "trial.hp.hang_at_step=1",
+            f"trial.hp.hang_once_marker={bench.folder / 'hung'}", f"trial.hp.hang_skip={skip}", *extra)
+
+
+def _hung(bench: Bench):
+    return (bench.folder / "hung").exists
 
 
 def _stopped_then_resumed(bench: Bench, sig: int, args: list[str], until, phase: str, trials_n: int) -> Outcome:
@@ -44,16 +51,19 @@ def _stopped_then_resumed(bench: Bench, sig: int, args: list[str], until, phase:
 
 def _during_tuning(sig: int):
     def case(bench: Bench) -> Outcome:
-        return _stopped_then_resumed(bench, sig, bench.args(*_slow()), bench.has_rows("trials"), "tuning", 4)
+        # The first trial is committed and the second hangs.
+        one, hung = bench.has_rows("trials"), _hung(bench)
+        return _stopped_then_resumed(bench, sig, bench.args(*_held(bench)), lambda lines: one(lines) and hung(),
+                                     "tuning", 4)
     return case
 
 
 def _during_finals(sig: int):
     def case(bench: Bench) -> Outcome:
-        # The finals are as slow as the trials: the signal lands while they run.
-        started = lambda lines: any(line.startswith("finals:") for line in lines)  # noqa: E731
-        return _stopped_then_resumed(bench, sig, bench.args(*_slow(trials=2, sleep_s=0.5)), started, "finals",
-                                     2)
+        # Both tuning trials go on and the final run hangs: the signal lands while it runs.
+        hung = _hung(bench)
+        started = lambda lines: hung() and any(line.startswith("finals:") for line in lines)  # noqa: E731
+        return _stopped_then_resumed(bench, sig, bench.args(*_held(bench, trials=2, skip=2)), started, "finals", 2)
     return case
 
 
@@ -92,11 +102,18 @@ def driver_killed(bench: Bench) -> Outcome:
 @fault("two drivers on one sweep folder",
        "the second is refused in one line naming the first's pid and host (exit 2); the first completes")
 def two_drivers(bench: Bench) -> Outcome:
-    # Slow enough that the first driver is still running when the second one (a new process) reaches the lock.
-    args = bench.args(*_slow(trials=6, sleep_s=0.5))
+    # The first driver is held at its second trial until the second driver (a new process) has been answered.
+    release = bench.folder / "release"
+    args = bench.args(*_held(bench, f"trial.hp.hang_released_by={release}", trials=6))
+    one, hung = bench.has_rows("trials"), _hung(bench)
     second: list[tuple[Finished, int]] = []
-    first = bench.interrupt(args, bench.has_rows("trials"), sig=0, meanwhile=lambda proc: second.append(
-        (bench.sweep(args), proc.pid)))  # signal 0: none sent, the first driver runs on to its end
+
+    def second_driver(proc) -> None:
+        second.append((bench.sweep(args), proc.pid))
+        release.write_text("")
+
+    # signal 0: none sent, the first driver runs on to its end
+    first = bench.interrupt(args, lambda lines: one(lines) and hung(), sig=0, meanwhile=second_driver)
     refused, pid = second[0]
     m = bench.manifest()
     trials = bench.table("trials")
