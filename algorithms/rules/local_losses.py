@@ -172,8 +172,8 @@ class LocalLosses(BlockLocalRule):
                   "10,000 training images; bp's target 0.965; augmentation, schedule and epochs chosen on validation "
                   "accuracy (no augmentation, constant rate, 20 epochs; docs/provenance.md)"),
         Benchmark("cnn", "fashion_mnist", 0.89, ("train.epochs=5",),
-                  "project target: within 1 point of bp's target (0.90); measured 0.9066 with the deviations of the "
-                  "deep_cnn note, not yet with the (reference) defaults (val 0.889 after 2 of 5 epochs)"),
+                  "project target: within 1 point of bp's target (0.90); measured with the (reference) defaults and "
+                  "with the deviations of the deep_cnn note (docs/benchmarks.md)"),
         Benchmark("deep_cnn", "cifar10", 0.80,
                   ("train.epochs=15", "data.augment=crop_flip", "hp.optimizer=adamw", "hp.lr=2e-3", "hp.schedule=cosine",
                    "hp.weight_decay=5e-4"),
