@@ -43,6 +43,12 @@ class CellCost:
     n_test: int
     eval_s_per_sample: float = 0.0
     setup_s: float = 0.0
+    tuning_epochs_scale: float = 1.0
+    """The cell's own epochs per budget epoch in tuning: 1 under budget.kind=epochs; under compute, the epochs
+    a run at the cell's first point gets for ``budget.epochs`` bp-epochs, over ``budget.epochs`` (ASHA's rungs
+    are bp-epochs too, so a pruned trial's epochs scale the same way)."""
+    final_epochs_scale: float = 1.0
+    """The same for a final run (its budget is ``budget.final_epochs``)."""
 
 
 def asha_rungs(max_t: int, grace: int, reduction_factor: int) -> list[int]:
@@ -117,9 +123,11 @@ def epoch_seconds(cost: CellCost) -> float:
 def cell_seconds(cost: CellCost, budget: Budget, expected_epochs: float) -> dict[str, float]:
     """A cell's work alone on one device: its tuning trials and its final runs, in seconds."""
     epoch = epoch_seconds(cost)
-    tuning = budget.trials * (cost.setup_s + expected_epochs * epoch)
-    finals = budget.final_seeds * (cost.setup_s + budget.final_epochs * epoch + cost.n_test * cost.eval_s_per_sample)
-    epochs = budget.trials * expected_epochs + budget.final_seeds * budget.final_epochs
+    tuning_epochs = expected_epochs * cost.tuning_epochs_scale
+    final_epochs = budget.final_epochs * cost.final_epochs_scale
+    tuning = budget.trials * (cost.setup_s + tuning_epochs * epoch)
+    finals = budget.final_seeds * (cost.setup_s + final_epochs * epoch + cost.n_test * cost.eval_s_per_sample)
+    epochs = budget.trials * tuning_epochs + budget.final_seeds * final_epochs
     # train_s: the training steps alone, what the runs' own train_seconds measure (no set-up, no evaluation)
     return {"tuning_s": tuning, "finals_s": finals, "work_s": tuning + finals,
             "train_s": epochs * cost.steps_per_epoch * cost.step_s}

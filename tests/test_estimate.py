@@ -102,3 +102,37 @@ def test_a_sweep_without_calibration_says_why(tmp_path, monkeypatch):
                       "trial_number": 0, "epochs": []}, run_id="bp.mlp.digits.t0", runs_table="trials")
     section = estimate_section(load_sweep(s.dir))
     assert not section.rows and "no calibration found" in section.notes[0]
+
+
+def test_a_compute_budget_estimate_gives_each_cell_the_epochs_its_counted_flops_buy(tmp_path):
+    # budget.kind=compute: budget.epochs are bp-epochs, so a rule dearer per sample than bp gets fewer of its own
+    # epochs (and a cheaper one more); the estimate must price those, not budget.epochs for every cell.
+    from bioplaus.orchestrator.sweep import parse_sweep, plan_cells
+    from bioplaus.orchestrator.sweep.budget import ComputeBudgets, epochs_for
+    from bioplaus.orchestrator.sweep.estimate import first_point, sweep_estimate
+
+    rules = ["bp", "weight_perturbation"]
+    calibration = {"device": "fake device", "device_type": "cpu", "cells": {
+        f"{r}.mlp.digits": {"step_s": 0.01, "batch": 64, "eval_s_per_sample": 0.0, "setup_s": 0.0} for r in rules}}
+    common = ["preset=smoke", f"rules=[{','.join(rules)}]", "ray.num_cpus=2", "budget.epochs=6",
+              "budget.final_epochs=4", "budget.grace_epochs=6"]
+    by_epochs = parse_sweep(common)
+    by_compute = parse_sweep([*common, "budget.kind=compute"])
+    cells, _ = plan_cells(by_compute)
+    flat = {r["cell"]: r for r in sweep_estimate(by_epochs, cells, calibration)["cells"]}
+    est = sweep_estimate(by_compute, cells, calibration)
+    rows = {r["cell"]: r for r in est["cells"]}
+    assert est["budget_kind"] == "compute"
+    assert rows["bp.mlp.digits"]["tuning_epochs_scale"] == 1.0 and rows["bp.mlp.digits"]["final_epochs_scale"] == 1.0
+    cell = next(c for c in cells if c.rule == "weight_perturbation")
+    flops, bp = ComputeBudgets(by_compute).costs(
+        ComputeBudgets(by_compute).plan(cell, first_point(by_compute, cell), 0, 6)[0])
+    own = {b: epochs_for(b, flops / bp, by_compute.budget.max_epochs_factor) for b in (6, 4)}
+    assert own[6] != 6  # the case only tests something if the rule's cost differs from bp's
+    row = rows[cell.key]
+    assert row["tuning_epochs_scale"] == pytest.approx(own[6] / 6)
+    assert row["final_epochs_scale"] == pytest.approx(own[4] / 4)
+    # no ASHA stop (grace = max): every trial runs its whole budget; the training time scales with the epochs
+    b = by_compute.budget
+    assert row["train_s"] == pytest.approx(flat[cell.key]["train_s"] * (b.trials * own[6] + b.final_seeds * own[4])
+                                           / (b.trials * 6 + b.final_seeds * 4))

@@ -73,7 +73,6 @@ class Sweep:
         check_resume(self.dir, to_plain(cfg))  # a folder made with other settings is refused before anything else
         self.cells, self.skipped = plan_cells(cfg)
         check_local_resources(cfg)
-        self.estimate = manifest_estimate(cfg, self.cells)  # from a stored calibration: arithmetic only
         if cfg.brain and after_finals is None:
             raise UsageError("brain=true needs the brain step, which `bioplaus sweep` adds; from Python pass "
                              "Sweep(cfg, after_finals=...), or set brain=false and run `bioplaus brain SWEEP_DIR`")
@@ -95,6 +94,8 @@ class Sweep:
         for cell in self.cells:
             point = defaults_in_space(self.rules[cell.rule], self.spaces[cell.rule], cell.arch)
             trial_spec(self.run_config(cell, point, cfg.seed, cfg.budget.epochs))
+        # From a stored calibration and, with budget.kind=compute, the counts just made: arithmetic only.
+        self.estimate = manifest_estimate(cfg, self.cells, self.budgets)
         # Data too, once, here and not in every worker: missing files are downloaded, every file is hashed
         # where its digest is known and parsed whole, so a corrupt or hostile file is refused before Ray starts.
         for name in sorted({c.dataset for c in self.cells}):

@@ -5,7 +5,9 @@ trial's configuration: the rule's defaults, the preset's model and data settings
 (orchestrator/calibrate.py), saves that calibration under ``runs/calibration/``, and estimates the budget's
 device-hours (orchestrator/cost_model.py). A sweep records the estimate of the calibration it finds
 (``$BIOPLAUS_CALIBRATION``, else the newest calibration in ``runs/calibration/`` made on the kind of device
-its trials ask for) in its manifest, and the report sets it beside what the runs took.
+its trials ask for) in its manifest, and the report sets it beside what the runs took. Under
+``budget.kind=compute`` a cell's epochs follow from its counted training FLOPs (orchestrator/sweep/budget.py):
+the estimate counts them at each cell's first point, as the sweep does before it starts.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from bioplaus.orchestrator.cost_model import Budget, CellCost, estimate
 from bioplaus.orchestrator.data.synthetic import SHAPES, split_sizes
 from bioplaus.orchestrator.errors import UsageError
 from bioplaus.orchestrator.search_space import defaults_in_space, load_search_space
+from bioplaus.orchestrator.sweep.budget import ComputeBudgets
 from bioplaus.orchestrator.sweep.cells import Cell, trial_config, trial_spec
 
 CALIBRATION_DIR = Path("runs/calibration")
@@ -34,12 +37,17 @@ CURVES = ("cells", "packing", "population")  # the tables of a calibration file,
 Log = Callable[[str], None]
 
 
-def first_trial_config(cfg: DictConfig, cell: Cell) -> dict:
-    """The plain trial config of a cell's first tuning trial (the rule's defaults; pinned hp stay pinned)."""
+def first_point(cfg: DictConfig, cell: Cell) -> dict:
+    """A cell's first tuning trial's hyperparameters: the rule's defaults in its space (pinned hp stay pinned)."""
     rule_cls = load_rules()[cell.rule]
     pinned = set(to_plain(cfg.trial.hp))
     space = {k: p for k, p in load_search_space(rule_cls).items() if k not in pinned}
-    return trial_config(cfg, cell, defaults_in_space(rule_cls, space, cell.arch), cfg.seed, cfg.budget.epochs)
+    return defaults_in_space(rule_cls, space, cell.arch)
+
+
+def first_trial_config(cfg: DictConfig, cell: Cell) -> dict:
+    """The plain trial config of a cell's first tuning trial."""
+    return trial_config(cfg, cell, first_point(cfg, cell), cfg.seed, cfg.budget.epochs)
 
 
 def calibrate(cfg: DictConfig, cells: list[Cell], data: str = "synthetic", min_steps: int = 5,
@@ -138,8 +146,24 @@ def packing_of(cfg: DictConfig, device_type: str) -> int:
     return max(1, int(cpus / res.cpus_per_trial + 1e-9))
 
 
-def sweep_estimate(cfg: DictConfig, cells: list[Cell], calibration: dict) -> dict:
-    """The device-hours of ``cells`` under ``cfg``'s budget and resources, from ``calibration``."""
+def epochs_scales(cfg: DictConfig, cell: Cell, budgets: ComputeBudgets | None) -> tuple[float, float]:
+    """(tuning, final) own epochs per budget epoch of ``cell`` at its first point: 1 under budget.kind=epochs;
+    under compute, what its counted FLOPs give (a UsageError names a rule that cannot be counted)."""
+    if budgets is None:
+        return 1.0, 1.0
+    b = cfg.budget
+    point = first_point(cfg, cell)
+    final_budget = b.final_epochs or b.epochs
+    tuning = budgets.plan(cell, point, cfg.seed, b.epochs)[1].epochs / b.epochs
+    return tuning, budgets.plan(cell, point, cfg.seed, final_budget)[1].epochs / final_budget
+
+
+def sweep_estimate(cfg: DictConfig, cells: list[Cell], calibration: dict,
+                   budgets: ComputeBudgets | None = None) -> dict:
+    """The device-hours of ``cells`` under ``cfg``'s budget and resources, from ``calibration``. Under
+    budget.kind=compute the cells' FLOPs are counted with ``budgets`` (a new counter when None)."""
+    if cfg.budget.kind == "compute" and budgets is None:
+        budgets = ComputeBudgets(cfg)
     costs, missing = {}, []
     for cell in cells:
         row = calibration["cells"].get(cell.key)
@@ -152,27 +176,30 @@ def sweep_estimate(cfg: DictConfig, cells: list[Cell], calibration: dict) -> dic
             continue
         batch = min(int(cfg.trial.train.batch_size), sizes["train"])
         costs[cell.key] = CellCost(row["step_s"], sizes["train"] // batch, sizes["val"], sizes["test"],
-                                   row.get("eval_s_per_sample", 0.0), row.get("setup_s", 0.0))
+                                   row.get("eval_s_per_sample", 0.0), row.get("setup_s", 0.0),
+                                   *epochs_scales(cfg, cell, budgets))
     population = int(OmegaConf.select(cfg, "resources.population", default=1) or 1)
     packing = packing_of(cfg, calibration.get("device_type", "cpu"))
     out = estimate(costs, budget_of(cfg), packing, population, calibration.get("packing"),
                    calibration.get("population"))
     return {"device": calibration.get("device"), "device_type": calibration.get("device_type"),
-            "cells_estimated": len(costs), "cells_missing": missing, **out}
+            "budget_kind": cfg.budget.kind, "cells_estimated": len(costs), "cells_missing": missing, **out}
 
 
-def manifest_estimate(cfg: DictConfig, cells: list[Cell]) -> dict:
+def manifest_estimate(cfg: DictConfig, cells: list[Cell], budgets: ComputeBudgets | None = None) -> dict:
     """The manifest's estimate columns: total device-hours (NaN without a calibration) and the estimate as
-    JSON (per cell, with the calibration it came from, or why there is none)."""
+    JSON (per cell, with the calibration it came from, or why there is none). ``budgets``: the sweep's FLOP
+    counts under budget.kind=compute (already counted, so this stays arithmetic)."""
     path = find_calibration(cfg)
     if path is None or not Path(path).is_file():
         why = f"no calibration found ({path or CALIBRATION_DIR}); run `bioplaus cells ... --estimate` first"
         return {"estimate_device_hours": float("nan"), "estimate_json": json.dumps({"status": why})}
     try:
-        est = sweep_estimate(cfg, cells, load_calibration(path))
+        est = sweep_estimate(cfg, cells, load_calibration(path), budgets)
     except UsageError as e:
         return {"estimate_device_hours": float("nan"), "estimate_json": json.dumps({"status": str(e)})}
-    keep = ("cell", "device_hours", "train_device_hours", "step_s", "packing_speedup", "population_speedup")
+    keep = ("cell", "device_hours", "train_device_hours", "step_s", "packing_speedup", "population_speedup",
+            "tuning_epochs_scale", "final_epochs_scale")
     est["cells"] = [{k: r[k] for k in keep} for r in est["cells"]]
     return {"estimate_device_hours": est["device_hours"],
             "estimate_json": json.dumps({"status": "ok", "calibration": str(path), **est})}
@@ -180,14 +207,18 @@ def manifest_estimate(cfg: DictConfig, cells: list[Cell]) -> dict:
 
 def estimate_lines(est: dict) -> list[str]:
     """The estimate as a Markdown table (one row per cell) and a closing summary line."""
-    lines = ["| cell | ms / step | steps / epoch | epoch s | tuning h | finals h | gain | device-h |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| cell | ms / step | steps / epoch | epoch s | epochs x | tuning h | finals h | gain | device-h |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in sorted(est["cells"], key=lambda r: -r["device_hours"]):
         epoch = r["steps_per_epoch"] * r["step_s"] + r["n_val"] * r["eval_s_per_sample"]
         gain = max(r["packing_speedup"], r["population_speedup"])
         lines.append(f"| {r['cell']} | {r['step_s'] * 1e3:.2f} | {r['steps_per_epoch']} | {epoch:.1f} | "
-                     f"{r['tuning_s'] / 3600:.3f} | {r['finals_s'] / 3600:.3f} | {gain:.2f}x | {r['device_hours']:.3f} |")
+                     f"{r.get('tuning_epochs_scale', 1.0):.2f} | {r['tuning_s'] / 3600:.3f} | {r['finals_s'] / 3600:.3f} | "
+                     f"{gain:.2f}x | {r['device_hours']:.3f} |")
     b = est["budget"]
+    if est.get("budget_kind") == "compute":
+        lines.append("\nbudget.kind=compute: epochs are bp-epochs of compute; epochs x = the cell's own epochs per "
+                     "bp-epoch at its first point, from its counted training FLOPs")
     lines.append(f"\ntotal {est['device_hours']:.2f} device-hours on {est['device']} ({est['cells_estimated']} cells; "
                  f"alone, one trial at a time: {est['work_hours_alone']:.2f} h); budget {b['trials']} trials x <= "
                  f"{b['epochs']} epochs per cell (ASHA: {est['expected_epochs_per_trial']:.1f} epochs per trial "
