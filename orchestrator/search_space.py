@@ -155,6 +155,12 @@ def load_search_space(rule_cls, path: Path | None = None) -> dict[str, Param]:
     return params
 
 
+def searched_space(rule_cls, pinned) -> dict[str, Param]:
+    """What a sweep searches of the rule's space: every parameter but the ones pinned on the command line
+    (``trial.hp.<name>=...``, ``pinned`` their names)."""
+    return {k: p for k, p in load_search_space(rule_cls).items() if k not in pinned}
+
+
 def missing_shared_knobs(rule_cls, space: dict[str, Param], spaces_dir: Path | None = None) -> list[str]:
     """For a rule with an optimiser: the optimiser fragment's knobs its space lacks or sets differently
     (empty for a rule without one, and for a rule whose space includes the fragment)."""

@@ -36,7 +36,7 @@ from bioplaus.orchestrator.run_identity import config_hash
 from bioplaus.orchestrator.results import (RunRecord, git_commit, read_table, refuse_other_config,
                                            remove_interrupted_writes, rows_by_cell, unwritable, version, write_run,
                                            write_table)
-from bioplaus.orchestrator.search_space import defaults_in_space, load_search_space
+from bioplaus.orchestrator.search_space import defaults_in_space, load_search_space, searched_space
 from bioplaus.orchestrator.sweep.budget import COMPUTE_TIME_ATTR, ComputeBudgets, RunBudget
 from bioplaus.orchestrator.sweep.cells import Cell, plan_cells, sampler_seed, trial_config, trial_spec
 from bioplaus.orchestrator.sweep.config import check_local_resources
@@ -83,8 +83,7 @@ class Sweep:
         # A hyperparameter set on the command line (trial.hp.lr=...) is pinned: taken out of every search
         # space, so the value given is the value every trial and final run uses.
         self.pinned = dict(to_plain(cfg.trial.hp))
-        self.spaces = {c.rule: {k: p for k, p in load_search_space(self.rules[c.rule]).items() if k not in self.pinned}
-                       for c in self.cells}
+        self.spaces = {c.rule: searched_space(self.rules[c.rule], self.pinned) for c in self.cells}
         self._check_spaces_not_empty()
         self.final_epochs = cfg.budget.final_epochs or cfg.budget.epochs
         # budget.kind=compute: each run's epochs follow from its counted training FLOPs (orchestrator/sweep/budget.py)

@@ -28,7 +28,7 @@ from bioplaus.orchestrator.config import to_plain
 from bioplaus.orchestrator.cost_model import Budget, CellCost, estimate
 from bioplaus.orchestrator.data.synthetic import SHAPES, split_sizes
 from bioplaus.orchestrator.errors import UsageError
-from bioplaus.orchestrator.search_space import defaults_in_space, load_search_space
+from bioplaus.orchestrator.search_space import defaults_in_space, searched_space
 from bioplaus.orchestrator.sweep.budget import ComputeBudgets
 from bioplaus.orchestrator.sweep.cells import Cell, trial_config, trial_spec
 
@@ -40,9 +40,7 @@ Log = Callable[[str], None]
 def first_point(cfg: DictConfig, cell: Cell) -> dict:
     """A cell's first tuning trial's hyperparameters: the rule's defaults in its space (pinned hp stay pinned)."""
     rule_cls = load_rules()[cell.rule]
-    pinned = set(to_plain(cfg.trial.hp))
-    space = {k: p for k, p in load_search_space(rule_cls).items() if k not in pinned}
-    return defaults_in_space(rule_cls, space, cell.arch)
+    return defaults_in_space(rule_cls, searched_space(rule_cls, set(to_plain(cfg.trial.hp))), cell.arch)
 
 
 def first_trial_config(cfg: DictConfig, cell: Cell) -> dict:
