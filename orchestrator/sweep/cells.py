@@ -52,16 +52,16 @@ def plan_cells(cfg: DictConfig) -> tuple[list[Cell], list[tuple[Cell, str]]]:
     datasets = list(cfg.datasets) + [d for d in cfg.optional_datasets if d not in cfg.datasets and all(
         (root / DATASETS[d].dirname / f.name).is_file() for f in DATASETS[d].files)]
     cells, skipped = [], []
+    exclude = exclude_entries(cfg.get("exclude") or [])
     for rule in rules:
         for arch in cfg.archs:
             ok, why = registry[rule].supports(arch)
             for dataset in datasets:
                 cell = Cell(rule, arch, dataset)
-                excluded = excluded_by(cell, cfg.get("exclude") or []) if ok else None
+                excluded = excluded_by(cell, exclude) if ok else None
                 (cells.append(cell) if ok and not excluded else skipped.append((cell, excluded or why)))
     every = [c for c, _ in skipped] + cells
-    for entry in cfg.get("exclude") or []:
-        pattern = str(entry).partition(":")[0].strip()
+    for pattern, _ in exclude:
         if not any(fnmatch.fnmatchcase(c.key, pattern) for c in every):
             raise UsageError(f"exclude={pattern} matches no cell of this sweep (cells are named rule.arch.dataset, "
                              "e.g. stdp.cnn.*); correct the pattern or drop it")
@@ -74,12 +74,16 @@ def plan_cells(cfg: DictConfig) -> tuple[list[Cell], list[tuple[Cell, str]]]:
     return cells, skipped
 
 
-def excluded_by(cell: Cell, patterns) -> str | None:
-    """The reason ``cell`` is left out by the sweep's ``exclude`` (``PATTERN`` or ``PATTERN: why``), or None."""
-    for entry in patterns:
-        pattern, _, why = str(entry).partition(":")
-        if fnmatch.fnmatchcase(cell.key, pattern.strip()):
-            return f"excluded by the sweep's exclude={pattern.strip()}" + (f": {why.strip()}" if why.strip() else "")
+def exclude_entries(entries) -> list[tuple[str, str]]:
+    """The sweep's ``exclude`` entries (``PATTERN`` or ``PATTERN: why``) as (pattern, why) pairs."""
+    return [(pattern.strip(), why.strip()) for pattern, _, why in (str(e).partition(":") for e in entries)]
+
+
+def excluded_by(cell: Cell, exclude: list[tuple[str, str]]) -> str | None:
+    """The reason ``cell`` is left out by the sweep's ``exclude`` (:func:`exclude_entries`), or None."""
+    for pattern, why in exclude:
+        if fnmatch.fnmatchcase(cell.key, pattern):
+            return f"excluded by the sweep's exclude={pattern}" + (f": {why}" if why else "")
     return None
 
 
