@@ -63,6 +63,10 @@ class Benchmark:
     """Config overrides of the run (epochs, hyperparameters, ...), e.g. ("train.epochs=5", "hp.lr=1e-3")."""
     note: str = ""
     """Where the target comes from (paper, library figure)."""
+    test_selected: str = ""
+    """Empty when the settings were declared before any run or chosen on validation accuracy; otherwise how they
+    were chosen by reading test accuracy (docs/provenance.md). Such a case still runs, but ``bioplaus bench``
+    marks its PASS as not clean evidence until the settings are re-derived on validation."""
 
     @property
     def name(self) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import polars as pl
 import pytest
@@ -13,6 +14,8 @@ from bioplaus.algorithms.registry import load_rules
 from bioplaus.orchestrator.config import parse_overrides
 from bioplaus.orchestrator.results import EPOCH_SCHEMA, RUN_SCHEMA, write_run
 from bioplaus.orchestrator.trial import resolve, run_trial
+
+ROOT = Path(__file__).resolve().parents[1]
 
 CELLS = [(name, arch) for name, cls in load_rules().items() for arch, why in cls.archs.items() if why is None]
 
@@ -95,6 +98,24 @@ def test_failed_rule_step_is_a_recorded_result(monkeypatch):
 def test_every_declared_benchmark_is_a_valid_config(name):
     for b in load_rules()[name].benchmarks:
         resolve(parse_overrides([f"rule={name}", f"arch={b.arch}", f"dataset={b.dataset}", *b.overrides]))
+
+
+def test_a_pass_on_settings_chosen_on_test_says_so():
+    from bioplaus.algorithms.rule import Benchmark
+    from bioplaus.orchestrator.bench import verdict
+
+    clean = Benchmark("mlp", "mnist", 0.9)
+    tainted = Benchmark("mlp", "mnist", 0.9, test_selected="lr read off the test column")
+    assert verdict(True, clean) == "PASS" and verdict(False, clean) == "FAIL"
+    assert verdict(True, tainted) == "PASS (settings chosen on test)" and verdict(False, tainted) == "FAIL"
+
+
+def test_every_test_selected_case_is_in_the_provenance_audit():
+    audit = (ROOT / "docs" / "provenance.md").read_text().split("## 2.", 1)[1]
+    audited = {r.strip() for row in audit.splitlines() if row.startswith("| ")
+               for r in row.split("|")[1].split(",")}
+    marked = {name for name, cls in load_rules().items() for b in cls.benchmarks if b.test_selected}
+    assert marked and marked <= audited, f"test-selected cases of {sorted(marked - audited)} are not in the audit"
 
 
 def test_saved_network_reloads_safely_and_predicts_the_same(tmp_path):

@@ -130,19 +130,22 @@ class SoftHebb(BlockLocalRule):
                                           "hp.schedule=cosine"),
                   "project target; 10,000 training images (fully connected blocks need a larger Hebbian rate: each "
                   "unit competes once per sample, not once per position). One wide layer, Hebbian for 5 epochs, "
-                  "then the readout alone, since the 2x1000 net plastic throughout falls short"),
+                  "then the readout alone, since the 2x1000 net plastic throughout falls short",
+                  test_selected="width, plastic epochs, augmentation, schedule and epochs picked from a table of test accuracies (docs/provenance.md)"),
         Benchmark("mlp", "fashion_mnist", 0.84, ("train.epochs=2", "hp.triangle_power=2"),
                   "bp target 0.88; the default hebb_lr 0.05, since 0.5 collapses here part-way through training; "
                   "triangle power and epochs chosen on validation accuracy (docs/provenance.md)"),
         Benchmark("cnn", "mnist", 0.97, ("train.epochs=10", "hp.lr=3e-3", "hp.schedule=cosine", "model.channels=[96,384]"),
                   "project target (paper: 99.35%, 3 wider layers); 96-384 channels since the default [32,64,128] "
-                  "net falls short"),
+                  "net falls short",
+                  test_selected="channels, lr and schedule picked on test accuracy (docs/provenance.md)"),
         Benchmark("cnn", "cifar10", 0.65,
                   ("train.epochs=8", "hp.lr=3e-3", "model.channels=[96,384,1536]", "model.kernel=3",
                    "hp.plastic_epochs=1", "hp.schedule=cosine"),
                   "project target; anchor 80.3% (Journe et al. 2023: 5x5 kernels, 4x4 pools, 50 readout epochs). The "
                   "paper's widths with 3x3 kernels, Hebbian for one epoch, then the readout alone on the frozen "
-                  "features; two layers [96,384] fall short whatever the readout's lr or dropout"),
+                  "features; two layers [96,384] fall short whatever the readout's lr or dropout",
+                  test_selected="readout lr kept after a probe read on test (docs/provenance.md)"),
         Benchmark("deep_cnn", "fashion_mnist", 0.5, ("train.epochs=2", "data.train_limit=6000", "data.test_limit=2000", "model.channels=[8,8,16,16]"),
                   "CPU learning check of the norm-free deep_cnn (the rule's default here): well above chance"),
     )
