@@ -86,7 +86,8 @@ def _config_json(d: SweepData) -> str | None:
 
 
 def sweep_meta(d: SweepData, cells: pl.DataFrame) -> list[tuple[str, str]]:
-    meta: list[tuple[str, str]] = [("sweep folder", str(d.dir.resolve()))]
+    # as the user gave it: the same command regenerates the same page wherever the checkout lies
+    meta: list[tuple[str, str]] = [("sweep folder", str(d.dir))]
     if d.manifest is not None:
         m = d.manifest.collect().row(0, named=True)
         try:
