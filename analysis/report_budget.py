@@ -1,7 +1,7 @@
 """The report's budget and statistics sections: accuracy at equal epochs and at equal compute, the
 accuracy-vs-compute Pareto front (:mod:`bioplaus.analysis.budget_views`, :mod:`bioplaus.analysis.budget_figures`)
-and the Friedman/Nemenyi rank test across cells with its critical-difference diagram
-(:mod:`bioplaus.analysis.rank_stats`).
+and the Friedman/Nemenyi rank test across cells with its critical-difference diagrams
+(:mod:`bioplaus.analysis.report_ranks`).
 
 ``bioplaus report SWEEP --compare OTHER``: OTHER is a sweep of the other budget kind over the same cells;
 its results join this report's budget section and Pareto figure (the rest of the report is SWEEP's).
@@ -19,8 +19,8 @@ from bioplaus.analysis import plots, tables
 from bioplaus.analysis.budget_figures import pareto_plotly, pareto_png
 from bioplaus.analysis.budget_views import BudgetView, budget_comparison, budget_kind, final_costs
 from bioplaus.analysis.load import SweepData, load_sweep
-from bioplaus.analysis.rank_stats import RankTest, cd_diagram, rank_test
 from bioplaus.analysis.report_format import Cell, Figure, Section, fmt
+from bioplaus.analysis.report_ranks import rank_part
 from bioplaus.orchestrator.errors import UsageError
 
 
@@ -103,31 +103,6 @@ def _ordered(df: pl.DataFrame, rules: list[str], cells: list[tuple[str, str]]) -
                                                            order.get(r["rule"], 1e9), r["rule"]))
 
 
-def rank_test_section(test: RankTest, png: Path | None) -> Section:
-    rows = [[r["rule"], fmt(r["mean_rank"], 2), fmt(r["median_acc"]), str(r["n_blocks"])]
-            for r in test.rules.iter_rows(named=True)]
-    pairs = [[p["rule_a"], p["rule_b"], fmt(p["rank_difference"], 2),
-              fmt(p["critical_difference"], 2) if p["critical_difference"] is not None else f"p = {fmt(p['p_value'], 4)}",
-              f"yes: {p['better']} ranks better" if p["resolved"] else "no"] for p in test.pairs.iter_rows(named=True)]
-    if test.test:
-        head = (f"{test.test}: {test.n_blocks} (cell, seed) blocks, {test.rules.height} rules, p = "
-                f"{fmt(test.p_value, 4)}" + (f", critical difference {fmt(test.critical_difference, 2)}"
-                                             if test.critical_difference is not None else "") + f", alpha {test.alpha}.")
-    else:
-        head = "The rank test was not run."
-    notes = [head, ("Each block is one cell and one final seed; the rules are ranked by test accuracy within it (1 = "
-                    "best) and the ranks averaged. Friedman's test asks whether the mean ranks differ at all; only if "
-                    "it rejects are pairs compared (Nemenyi: resolved when the mean ranks differ by more than the "
-                    "critical difference; two rules: Wilcoxon's signed-rank test). Computed by autorank."),
-             *test.notes]
-    header = ["rule", "mean rank", "median test acc", "blocks"] if rows else []
-    return Section("Rank test across cells (Friedman, Nemenyi)", header=header, rows=rows, notes=notes,
-                   figures=[("critical-difference diagram", png)] if png else [],
-                   details=[("Pairwise differences: which are resolved", ["rule", "rule", "mean-rank difference",
-                                                                          "critical difference", "resolved"], pairs)]
-                   if pairs else [])
-
-
 def budget_part(d: SweepData, main: pl.DataFrame, other: SweepData | None, rules: list[str],
                 cells: list[tuple[str, str]], colors: dict, out: Path) -> BudgetPart:
     """The budget section (one or two sweeps), the Pareto figure and the rank-test section, with their tables."""
@@ -143,10 +118,10 @@ def budget_part(d: SweepData, main: pl.DataFrame, other: SweepData | None, rules
     comparison = budget_comparison(views)
     png = pareto_png(views, cells, colors, out / "plots" / "accuracy_vs_compute.png")
     figure = Figure("accuracy vs compute (Pareto front)", pareto_plotly(views, cells, colors), png)
-    test = rank_test(d.final_runs.collect() if d.final_runs is not None else pl.DataFrame())
-    cd_png = cd_diagram(test, out / "plots" / "critical_difference.png")
-    part.sections = [budget_section(comparison, views, budgets, rules, cells, figure), rank_test_section(test, cd_png)]
+    ranks = rank_part(d.final_runs.collect() if d.final_runs is not None else pl.DataFrame(), tables.cells_table(d),
+                      cells, out)
+    part.sections = [budget_section(comparison, views, budgets, rules, cells, figure), ranks.section]
     part.tables = {"budget_costs": pl.concat([v.costs for v in views], how="vertical_relaxed"),
-                   "budget_views": comparison, "rank_test": test.rules, "rank_test_pairs": test.pairs}
-    part.pngs = {"pareto_compute": png, **({"critical_difference": cd_png} if cd_png else {})}
+                   "budget_views": comparison, **ranks.tables}
+    part.pngs = {"pareto_compute": png, **ranks.pngs}
     return part

@@ -81,6 +81,9 @@ def test_report_shows_the_rank_test_and_its_critical_difference_diagram(report):
     resolved = {(r["rule_a"], r["rule_b"]): r["resolved"] for r in pairs.iter_rows(named=True)}
     # Mean ranks 1, 2, 3 over 6 blocks: bp vs dfa (2 apart) beats the critical difference (1.35), neighbours do not.
     assert resolved == {("bp", "fa"): False, ("bp", "dfa"): True, ("fa", "dfa"): False}
+    # Every rule has every cell: one test, no second scope and no second diagram.
+    assert set(pairs["scope"]) == {"all rules, common cells"} and "Covers all 3 rules (bp, dfa, fa) on all 2 cells" in part
+    assert not (report["out"] / "plots" / "critical_difference_all_cells.png").exists()
 
 
 def test_compare_needs_a_sweep_of_the_other_kind(report, capsys):
