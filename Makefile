@@ -17,7 +17,7 @@ export BIOPLAUS_DATA := $(abspath ../shared/data)
 endif
 endif
 
-.PHONY: setup test test-load train sweep report bench bench-gpu lint clean
+.PHONY: setup test test-load train sweep report bench study bench-gpu lint clean
 
 setup: $(STAMP)
 
@@ -53,6 +53,14 @@ report: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/bioplaus bench $(ARGS)
+
+# The published comparison (docs/results/): the study preset at equal epochs and at equal compute, each
+# resumable (a rerun finishes a cut-off sweep), then the report of both into docs/results (its Parquet
+# tables stay out of git). About 2.2 h of wall time on 2 CPU cores; ARGS are added to both sweeps.
+study: $(STAMP)
+	$(BIN)/bioplaus sweep preset=study $(if $(CLUSTER),ray.address=$(CLUSTER)) $(ARGS)
+	$(BIN)/bioplaus sweep preset=study budget.kind=compute name=study-compute $(if $(CLUSTER),ray.address=$(CLUSTER)) $(ARGS)
+	$(BIN)/bioplaus report runs/sweeps/study --compare runs/sweeps/study-compute --out docs/results
 
 # The one-step GPU bench (docs/benchmarks.md, "GPU bench"): results in $(OUT). It needs no .venv: on a bare
 # GPU machine it runs with python3 and the wheels carried in .whl (cluster/bench-gpu.sh).
