@@ -25,13 +25,14 @@ from pathlib import Path
 import polars as pl
 
 from bioplaus.analysis import figures, optuna_figures, plots, tables
+from bioplaus.analysis.brain_report import brain_part
 from bioplaus.analysis.criteria_report import criteria_section, criteria_table
 from bioplaus.analysis.load import SweepData, load_sweep
 from bioplaus.analysis.report_format import Cell, Figure, Section, md_table, text_of
 from bioplaus.analysis.report_budget import budget_part, open_compare
 from bioplaus.analysis.report_estimate import estimate_section
 from bioplaus.analysis.report_render import render_html, render_markdown
-from bioplaus.analysis.report_sections import (brain_part, cost_section, data_section,
+from bioplaus.analysis.report_sections import (cost_section, data_section,
                                                main_section, optuna_section, rank_section, tuning_section)
 
 
@@ -145,7 +146,7 @@ def draw_figures(d: SweepData, t: SweepTables, colors: dict, out: Path) -> dict[
     }
 
 
-def build_sections(d: SweepData, t: SweepTables, figs: dict[str, Figure], brain_sec: Section | None) -> list[Section]:
+def build_sections(d: SweepData, t: SweepTables, figs: dict[str, Figure], brain_secs: list[Section]) -> list[Section]:
     main_sec = main_section(t.main, t.rules, t.cells)
     main_sec.plots = [figs["heatmap"]]
     cost_sec = cost_section(t.cost, t.rules, t.cells)
@@ -156,7 +157,7 @@ def build_sections(d: SweepData, t: SweepTables, figs: dict[str, Figure], brain_
                 criteria_section(t.criteria, t.rules, t.criteria_error), tuning_section(t.tuning, t.rules, t.cells),
                 Section("Learning curves", plots=[figs["curves"]]), optuna_section(views, optuna_notes)]
     estimate_sec = estimate_section(d)
-    return sections + [s for s in (estimate_sec, brain_sec) if s is not None]
+    return sections + ([estimate_sec] if estimate_sec is not None else []) + brain_secs
 
 
 def terminal_summary(name: str, main_sec: Section, rank_sec: Section, out: Path) -> str:
@@ -179,22 +180,21 @@ def build_report(sweep_dir: str | Path, out: str | Path | None = None, compare: 
     t = compute_tables(d)
     notes = sweep_notes(d, t)
     colors = plots.rule_colors(t.rules)
-    brain_sec, brain, brain_notes = brain_part(d, out, colors)
+    brain_secs, brain_tables, brain_notes = brain_part(d, out, colors)
     notes += brain_notes
     budget = budget_part(d, t.main, other, t.rules, t.cells, colors, out)
     notes += budget.notes
-    saved = t.saved() | budget.tables | ({"brain_best": brain} if brain is not None else {})
+    saved = t.saved() | budget.tables | brain_tables
     paths = {name: out / "tables" / f"{name}.parquet" for name in saved}
     for name, df in saved.items():
         df.write_parquet(paths[name])
 
     figs = draw_figures(d, t, colors, out)
-    sections = build_sections(d, t, figs, brain_sec)
+    sections = build_sections(d, t, figs, brain_secs)
     at = next((i + 1 for i, s in enumerate(sections) if s.title == "Cost"), len(sections))
     sections[at:at] = budget.sections  # the budget views and the rank test follow the cost table
     pngs = {k: f.png for k, f in figs.items()} | budget.pngs
-    if brain_sec is not None:
-        pngs.update({f"brain{i}": p for i, (_, p) in enumerate(brain_sec.figures)})
+    pngs.update({f"brain{i}": p for i, (_, p) in enumerate(f for s in brain_secs for f in s.figures)})
     title = f"bioplaus sweep report: {d.name}"
     meta = sweep_meta(d, t.cells_df)
     meta.append(("generated", dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")))

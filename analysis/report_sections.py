@@ -5,14 +5,10 @@ Each function returns a :class:`~bioplaus.analysis.report_format.Section` that b
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import polars as pl
 
-from bioplaus.analysis import plots, tables
-from bioplaus.analysis.load import SweepData
-from bioplaus.analysis.report_format import Cell, Figure, Section, fmt, fmt_big, fmt_hp, frame_rows
-from bioplaus.orchestrator.errors import one_line
+from bioplaus.analysis import plots
+from bioplaus.analysis.report_format import Cell, Figure, Section, fmt, fmt_big, fmt_hp
 
 
 # --- sections -----------------------------------------------------------------------------------------------
@@ -112,51 +108,6 @@ def tuning_section(tuning: pl.DataFrame, rules: list[str], cells: list[tuple[str
     return Section("Tuning", header=["cell", "rule", "trials", "ok", "pruned", "failed", "diverged",
                                      "selected (val acc)", "selected hyperparameters", "first error"],
                    rows=rows, notes=notes)
-
-
-BRAIN_NOTE = ("Similarity of each network's most brain-like layer with the target's representational dissimilarity "
-              "matrix (bracketed or ci_low/ci_high: 95 % bootstrap CI over stimuli); the noise ceiling bounds what "
-              "any model could reach given the brain data's noise. Every layer's value is in the sweep's brain/ "
-              "table; this summary is in tables/brain_best.parquet.")
-
-
-def brain_part(d: SweepData, out: Path, colors: dict) -> tuple[Section | None, pl.DataFrame | None, list[str]]:
-    """The brain-similarity section, from the brain step's own summary and figure (bioplaus.analysis.brain) when
-    they run on this table, else a generic best-layer view of whatever the table holds."""
-    if d.brain is None:
-        return None, None, []
-    df = d.brain.collect()
-    notes = []
-    try:
-        from bioplaus.analysis.brain import brain_summary, plot_brain
-
-        methods = sorted(set(df["method"].drop_nulls())) if "method" in df.columns else []
-        method = "spearman" if "spearman" in methods or not methods else methods[0]
-        present = set(df["target"].drop_nulls())
-        targets = [t for t in ("human_it_mean", "monkey_it") if t in present] or sorted(present)[:2]
-        if not targets:
-            raise ValueError("no target values")
-        summaries, figures = [], []
-        for t in targets:
-            summaries.append(brain_summary(df, target=t, method=method).with_columns(
-                target=pl.lit(t), method=pl.lit(method)))
-            figures.append((f"brain similarity vs {t}", plot_brain(df, out / "plots" / f"brain_{t}.png",
-                                                                    target=t, method=method)))
-        table = pl.concat(summaries, how="diagonal_relaxed")
-        table = table.select("target", "method", pl.exclude("target", "method"))
-        if not table.height:
-            raise ValueError("the summary is empty")
-    except Exception as e:  # noqa: BLE001  (the brain step's helpers missing or not matching this table)
-        table, why = tables.brain_table(d)
-        if table is None:
-            return None, None, [why] if why else []
-        notes.append(f"brain section: generic best-layer view ({one_line(e)})")
-        roles = tables.brain_columns(df)
-        png = plots.brain_figure(table, roles, colors, out / "plots" / "brain_similarity.png")
-        figures = [("brain similarity", png)]
-    section = Section("Brain similarity", header=list(table.columns), rows=frame_rows(table), notes=[BRAIN_NOTE],
-                      figures=figures)
-    return section, table, notes
 
 
 def data_section(data: pl.DataFrame) -> Section:

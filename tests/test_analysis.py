@@ -538,6 +538,9 @@ def test_report_includes_brain_section_when_present(sweep, tmp_path, monkeypatch
     assert brain_imgs and all(p.read_bytes().startswith(PNG_MAGIC) for p in brain_imgs)
     assert len(_images(html)) == len(brain_imgs) == len(_figures(html)["image"])
     assert any("generic" in n for n in report.notes) == (helpers == "generic")
+    # The brain step's view also saves one row per network (no cross-validated scores here: in-sample only).
+    assert ("brain_cv" in report.tables) == (helpers == "brain_step")
+    assert report.markdown.read_text().count("## Brain similarity\n") == 1
 
 
 # --- the report in a real browser ------------------------------------------------------------------------------
