@@ -1,7 +1,8 @@
 """The HTML report's interactive figures (plotly): accuracy heatmap, accuracy vs cost, learning curves.
 
 Each function returns a ``plotly.graph_objects.Figure``; the report embeds them in one self-contained
-HTML file with plotly.js inlined once, so it opens offline. The static PNGs of the Markdown report
+HTML file with plotly.js inlined once (compressed: :mod:`bioplaus.analysis.report_embed`), so it opens
+offline. The static PNGs of the Markdown report
 (:mod:`bioplaus.analysis.plots`) draw the same data with the same choices: CIs clipped to [0, 1],
 labels spread so they do not collide, colour scaled per dataset.
 """

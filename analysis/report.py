@@ -5,7 +5,8 @@ the interactive figures (:mod:`bioplaus.analysis.figures`, plotly), their static
 (:mod:`bioplaus.analysis.plots`) and Optuna's views of each cell's study
 (:mod:`bioplaus.analysis.optuna_figures`), and writes, under ``SWEEP_DIR/report/``:
 
-* ``index.html`` - one self-contained file (CSS, plotly.js and any PNG inline): opens offline;
+* ``index.html`` - one self-contained file (CSS, any PNG, and plotly.js with the figures' data
+  gzip-compressed, inline): opens offline;
 * ``report.md``  - the same tables in Markdown, the static figures linked from ``plots/``;
 * ``tables/*.parquet`` - every table, tidy, for further queries (README "Querying results");
 * ``plots/*.png`` - the static figures.

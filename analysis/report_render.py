@@ -1,8 +1,9 @@
 """Drawing the report's sections: one self-contained HTML page and a Markdown file.
 
-The HTML page inlines its CSS, plotly.js (once, so the interactive figures work offline) and any PNG
-figure as a data URI. A load script marks the page with how many figures drew and shows a banner
-naming any that did not: a reader sees a broken report at once, and the browser test reads the marks.
+The HTML page inlines its CSS, any PNG figure as a data URI, and plotly.js (once, so the interactive figures
+work offline) with the figures' data, both gzip-compressed (:mod:`bioplaus.analysis.report_embed`). Once
+every figure has drawn, a script marks the page with how many did and shows a banner naming any that did
+not: a reader sees a broken report at once, and the browser test reads the marks.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import html
 import re
 from pathlib import Path
 
+from bioplaus.analysis.report_embed import figure_div, page_scripts
 from bioplaus.analysis.report_format import Section, html_table, html_text, md_table
 
 _CSS = """
@@ -37,40 +39,8 @@ table.criteria td{font-size:.8rem}
 details{margin:.5rem 0}summary{cursor:pointer;color:#333}
 """
 
-# A figure drew when its image decoded, or when plotly put an SVG with content into its div.
-_SCRIPT = """
-window.addEventListener('load', function () {
-  var figs = Array.prototype.slice.call(document.querySelectorAll('.figure'));
-  var drew = function (f) {
-    if (f.dataset.figure === 'image') {
-      var i = f.querySelector('img');
-      return !!(i && i.complete && i.naturalWidth > 0);
-    }
-    var svg = f.querySelector('.js-plotly-plot svg.main-svg');
-    return !!(svg && svg.getBoundingClientRect().width > 0 && svg.querySelectorAll('path, text').length > 0);
-  };
-  var bad = figs.filter(function (f) { return !drew(f); });
-  document.body.setAttribute('data-figures-ok', String(figs.length - bad.length));
-  document.body.setAttribute('data-figures-broken', String(bad.length));
-  if (bad.length) {
-    var b = document.getElementById('broken-figures');
-    b.textContent = bad.length + ' figure(s) failed to draw: ' + bad.map(function (f) { return f.title; }).join(', ');
-    b.style.display = 'block';
-  }
-});
-"""
-
-_PLOT_CONFIG = {"responsive": True, "displaylogo": False}
-
-
 def slug(title: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", title.lower()).strip("-")
-
-
-def _plotly_js() -> str:
-    from plotly.offline import get_plotlyjs
-
-    return get_plotlyjs()
 
 
 def _image(alt: str, png: Path, out: Path) -> str:
@@ -80,16 +50,18 @@ def _image(alt: str, png: Path, out: Path) -> str:
             f"src='data:image/png;base64,{data}'></a></div>")
 
 
-def _plots_html(s: Section, first_id: int) -> list[str]:
+def _plots_html(s: Section, figure_lines: list[str]) -> list[str]:
+    """The section's figure boxes; each figure's JSON goes onto ``figure_lines``, packed at the page's end
+    (its position there numbers its box)."""
     divs = []
-    for k, f in enumerate(s.plots):
-        body = f.plot.to_html(full_html=False, include_plotlyjs=False, div_id=f"figure-{first_id + k}",
-                              config=_PLOT_CONFIG)
-        divs.append(f"<div class='figure' data-figure='plotly' title='{html.escape(f.title)}'>{body}</div>")
+    for f in s.plots:
+        box, line = figure_div(f.plot, f"figure-{len(figure_lines)}")
+        figure_lines.append(line)
+        divs.append(f"<div class='figure' data-figure='plotly' title='{html.escape(f.title)}'>{box}</div>")
     return [f"<div class='pair'>{''.join(divs)}</div>"] if len(divs) > 1 and s.side_by_side else divs
 
 
-def _section_html(s: Section, out: Path, first_id: int) -> list[str]:
+def _section_html(s: Section, out: Path, figure_lines: list[str]) -> list[str]:
     parts = [f"<h2 id='{slug(s.title)}'>{html.escape(s.title)}</h2>"]
     if s.intro:
         parts.append(f"<p>{html_text(s.intro)}</p>")
@@ -99,27 +71,25 @@ def _section_html(s: Section, out: Path, first_id: int) -> list[str]:
     for summary, header, rows in s.details:
         if rows:
             parts.append(f"<details><summary>{html.escape(summary)}</summary>{html_table(header, rows)}</details>")
-    parts += _plots_html(s, first_id)
+    parts += _plots_html(s, figure_lines)
     parts += [_image(alt, png, out) for alt, png in s.figures]
     return parts
 
 
 def render_html(title: str, meta: list[tuple[str, str]], notes: list[str], sections: list[Section], out: Path) -> str:
-    script = f"<script>{_plotly_js()}</script>" if any(s.plots for s in sections) else ""
     parts = [(f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
               f"<meta name='viewport' content='width=device-width, initial-scale=1'>"
-              f"<style>{_CSS}</style>{script}</head><body>"),
+              f"<style>{_CSS}</style></head><body>"),
              f"<h1>{html.escape(title)}</h1>", "<div id='broken-figures'></div>",
              "<table class='meta'>" + "".join(f"<tr><td>{html.escape(k)}</td><td>{html.escape(v)}</td></tr>"
                                               for k, v in meta) + "</table>"]
     parts += [f"<p class='warning'>{html_text(n)}</p>" for n in notes]
     parts.append("<p>" + " · ".join(f"<a href='#{slug(s.title)}'>{html.escape(s.title)}</a>" for s in sections)
                  + "</p>")
-    n_plots = 0
+    figure_lines: list[str] = []
     for s in sections:
-        parts += _section_html(s, out, n_plots)
-        n_plots += len(s.plots)
-    parts.append(f"<script>{_SCRIPT}</script></body></html>")
+        parts += _section_html(s, out, figure_lines)
+    parts.append(f"{page_scripts(figure_lines)}</body></html>")
     return "\n".join(parts)
 
 

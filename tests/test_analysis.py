@@ -310,12 +310,9 @@ def test_report_files_tables_and_figures(sweep, main_df):
         assert title in html and title in md
     assert "Brain similarity" not in html  # no brain/ table in this sweep
     assert "declared unsupported (test)" in html and "no result" in html
-    # One self-contained page: plotly.js inlined once, nothing fetched from elsewhere.
-    from plotly.offline import get_plotlyjs
-
-    assert html.count(get_plotlyjs()) == 1
-    rest = html.replace(get_plotlyjs(), "")
-    assert not re.search(r"<script[^>]*\ssrc=|(src|href)=[\"']?(https?:)?//", rest)
+    # One self-contained page (plotly.js packed into it: test_report_packs_plotly_js_and_figures), nothing
+    # fetched from elsewhere.
+    assert not re.search(r"<script[^>]*\ssrc=|(src|href)=[\"']?(https?:)?//", html)
     figs = _figures(html)
     assert {"accuracy heatmap", "accuracy vs cost", "accuracy vs compute (Pareto front)",
             "learning curves"} <= set(figs["plotly"])
@@ -335,6 +332,38 @@ def test_report_files_tables_and_figures(sweep, main_df):
     assert saved.sort("rule", "arch").equals(main_df.sort("rule", "arch"))
     for name in ("cells", "ranks", "cost", "criteria", "tuning", "data"):
         assert pl.read_parquet(d / "tables" / f"{name}.parquet").height > 0
+
+
+def _packed(html: str, element_id: str) -> str:
+    """The text of the page's packed (gzip + base64) script element ``element_id``, unpacked."""
+    from bioplaus.analysis.report_embed import unpack
+
+    found = re.findall(rf"<script type='application/octet-stream' id='{element_id}'>([A-Za-z0-9+/=]+)</script>", html)
+    assert len(found) == 1, f"{len(found)} packed elements with id {element_id}"
+    return unpack(found[0])
+
+
+def test_report_packs_plotly_js_and_figures(sweep):
+    """plotly.js and the figures' data travel gzip-compressed: no plotly.js in the clear, the packed copy is
+    the installed plotly.js byte for byte, one line of figure JSON per figure box (in order), and the loader
+    that unpacks them in the browser comes after them. The packing is deterministic (gzip mtime 0)."""
+    import base64
+
+    from plotly.offline import get_plotlyjs
+
+    from bioplaus.analysis.report_embed import FIGURES_ID, PLOTLY_JS_ID, pack
+
+    html = (sweep["dir"] / "report" / "index.html").read_text()
+    js = get_plotlyjs()
+    assert all(js[k:k + 500] not in html for k in range(0, len(js), len(js) // 20))
+    assert _packed(html, PLOTLY_JS_ID) == js
+    figures = [json.loads(line) for line in _packed(html, FIGURES_ID).split("\n")]
+    boxes = re.findall(r"<div id='(figure-\d+)' class='plotly-graph-div'", html)
+    assert [f["id"] for f in figures] == boxes == [f"figure-{k}" for k in range(len(_figures(html)["plotly"]))]
+    assert all(f["data"] and f["layout"] for f in figures) and "Plotly.newPlot(\"figure-" not in html
+    loader = html.index("new DecompressionStream('gzip')")
+    assert html.index(PLOTLY_JS_ID) < html.index(FIGURES_ID) < loader < html.rindex("checkFigures(why)")
+    assert pack("x" * 100) == pack("x" * 100) and base64.b64decode(pack("x"))[4:8] == bytes(4)  # mtime 0
 
 
 def test_data_used_counts_limits_and_subsampling(sweep, data):
@@ -658,11 +687,16 @@ def test_report_draws_every_figure_in_headless_chromium(sweep, tmp_path_factory)
             assert im.size[0] == WINDOW[0] and im.size[1] > WINDOW[1]
         print(f"report screenshot: {shot}")
 
+        # The first figure's packed JSON broken: it alone fails, and says so in the console.
+        from bioplaus.analysis.report_embed import FIGURES_ID, pack
+
+        lines = _packed(html, FIGURES_ID).split("\n")
+        assert lines[0].startswith('{"id":"figure-0","data":[')
+        lines[0] = lines[0].replace('"data":[', '"data":[{]', 1)
+        packed = re.search(rf"id='{FIGURES_ID}'>([^<]+)<", html).group(1)
         broken = tmp_path_factory.mktemp("controls") / "broken.html"
-        first = re.search(r'Plotly\.newPlot\(\s*"figure-0",\s*\[', html)
-        assert first, "the report's first plotly call was not found"
-        broken.write_text(html[:first.end()] + "{]" + html[first.end():] + "<div style='width:3000px'>wide</div>")
+        broken.write_text(html.replace(packed, pack("\n".join(lines))) + "<div style='width:3000px'>wide</div>")
         bad = _open_report(driver, broken)
-        assert bad["errors"], "a broken figure's script error was not seen in the console"
-        assert bad["drew"]["accuracy heatmap"] is False and bad["marks"][1] >= 1
+        assert any("figure-0 failed to draw" in e for e in bad["errors"]), bad["errors"]
+        assert bad["drew"]["accuracy heatmap"] is False and bad["marks"] == (len(titles) - 1, 1)
         assert bad["n_wide"] >= 1 and bad["scroll_width"] > bad["width"]
