@@ -211,3 +211,21 @@ def test_stop_signals_pickle_without_the_handlers_they_saved():
     finally:
         signal.signal(signal.SIGTERM, previous)
     assert copy.received == signal.SIGINT and copy._saved == {}
+
+
+def test_a_pickled_searcher_leaves_the_sweeps_callables_behind():
+    # Tune pickles the searcher into its experiment state; what its callables close over (the driver, its
+    # recorder, locks, loggers) belongs to this process and may not pickle at all.
+    import pickle
+    import threading
+
+    from bioplaus.orchestrator.sweep.search import CellSearcher
+
+    lock = threading.Lock()
+    searcher = CellSearcher({}, {"bp.mlp.digits": 2}, {"bp.mlp.digits": lambda hp: {"lock": lock, **hp}},
+                            timed_out={"t1": 3.0}, retried={"t1": 1}, stopping=lambda: lock.locked(),
+                            budgets=lambda plain: {"lock": lock})
+    copy = pickle.loads(pickle.dumps(searcher))
+    assert copy.remaining == {"bp.mlp.digits": 2} and copy.timed_out == {"t1": 3.0} and copy.retried == {"t1": 1}
+    assert copy.configs == {} and copy.stopping is None and copy.budgets is None
+    assert searcher.configs["bp.mlp.digits"]({"lr": 1}) == {"lock": lock, "lr": 1}  # the original keeps them

@@ -158,6 +158,14 @@ class CellSearcher(Searcher):
         """Tune hook: metric and mode are fixed here (METRIC, max); accept whatever Tune passes."""
         return True
 
+    def __getstate__(self) -> dict[str, Any]:
+        """Tune pickles the searcher into its experiment state. The callables it was given are this process's
+        (trial-config builders, the stop check, the budgets: they reach the sweep driver, its signal handlers
+        and its W&B logger), and a resume rebuilds them from the tables, so a pickled copy leaves them out."""
+        state = self.__dict__.copy()
+        state.update(configs={}, stopping=None, budgets=None)
+        return state
+
     def save(self, checkpoint_path: str):
         """Tune hook: nothing to save; resume state lives in Optuna's storage and the tables."""
 
