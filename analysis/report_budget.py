@@ -118,10 +118,15 @@ def budget_part(d: SweepData, main: pl.DataFrame, other: SweepData | None, rules
     comparison = budget_comparison(views)
     png = pareto_png(views, cells, colors, out / "plots" / "accuracy_vs_compute.png")
     figure = Figure("accuracy vs compute (Pareto front)", pareto_plotly(views, cells, colors), png)
-    ranks = rank_part(d.final_runs.collect() if d.final_runs is not None else pl.DataFrame(), tables.cells_table(d),
-                      cells, out)
-    part.sections = [budget_section(comparison, views, budgets, rules, cells, figure), ranks.section]
+    ranks = [rank_part(_final_runs(d), tables.cells_table(d), cells, out)]
+    if other is not None:  # the compared view gets its own rank test: "who is best" may differ between views
+        ranks.append(rank_part(_final_runs(other), tables.cells_table(other), cells, out, view=views[1].kind))
+    part.sections = [budget_section(comparison, views, budgets, rules, cells, figure), *(r.section for r in ranks)]
     part.tables = {"budget_costs": pl.concat([v.costs for v in views], how="vertical_relaxed"),
-                   "budget_views": comparison, **ranks.tables}
-    part.pngs = {"pareto_compute": png, **ranks.pngs}
+                   "budget_views": comparison, **{k: v for r in ranks for k, v in r.tables.items()}}
+    part.pngs = {"pareto_compute": png, **{k: v for r in ranks for k, v in r.pngs.items()}}
     return part
+
+
+def _final_runs(d: SweepData) -> pl.DataFrame:
+    return d.final_runs.collect() if d.final_runs is not None else pl.DataFrame()

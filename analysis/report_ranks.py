@@ -29,16 +29,23 @@ class RankPart:
     pngs: dict[str, Path] = field(default_factory=dict)
 
 
-def rank_part(final_runs: pl.DataFrame, cells: pl.DataFrame, order: list[tuple[str, str]], out: Path) -> RankPart:
+def rank_part(final_runs: pl.DataFrame, cells: pl.DataFrame, order: list[tuple[str, str]], out: Path,
+              view: str = "") -> RankPart:
     """Every scope's rank test on ``final_runs``, described against the sweep's ``cells`` (supported or not, with
-    reasons) in the report's cell ``order``."""
+    reasons) in the report's cell ``order``. ``view``: the budget view of a compared sweep, which names its own
+    section, diagrams and tables (``rank_test_<view>``) beside the main sweep's."""
     tests = rank_tests(final_runs)
-    diagrams = [cd_diagram(t, out / "plots" / f"{DIAGRAM_FILE.get(t.scope, 'critical_difference')}.png") for t in tests]
+    tag = f"_{view}" if view else ""
+    diagrams = [cd_diagram(t, out / "plots" / f"{DIAGRAM_FILE.get(t.scope, 'critical_difference')}{tag}.png")
+                for t in tests]
     reasons = {(r["rule"], r["arch"], r["dataset"]): r["reason"] or "not supported"
                for r in cells.filter(~pl.col("supported")).iter_rows(named=True)} if cells.height else {}
     section = rank_test_section(tests, diagrams, reasons, order)
-    tables = {"rank_test": pl.concat([t.rules.select(pl.lit(t.scope).alias("scope"), pl.all()) for t in tests]),
-              "rank_test_pairs": pl.concat([t.pairs.select(pl.lit(t.scope).alias("scope"), pl.all()) for t in tests])}
+    if view:
+        section.title = f"{section.title}: equal {view}"
+    tables = {f"rank_test{tag}": pl.concat([t.rules.select(pl.lit(t.scope).alias("scope"), pl.all()) for t in tests]),
+              f"rank_test_pairs{tag}": pl.concat([t.pairs.select(pl.lit(t.scope).alias("scope"), pl.all())
+                                                 for t in tests])}
     return RankPart(section, tables, {png.stem: png for png in diagrams if png})
 
 

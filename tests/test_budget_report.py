@@ -90,3 +90,18 @@ def test_compare_needs_a_sweep_of_the_other_kind(report, capsys):
     code = cli.main(["report", str(report["epochs"].dir), "--compare", str(report["epochs"].dir), "--quiet"])
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1 and "both sweeps have budget.kind=epochs" in err
+
+
+def test_the_compared_view_gets_its_own_rank_test(report):
+    from bioplaus.analysis.rank_stats import rank_tests
+
+    part = _section(report["md"], "Rank test across cells (Friedman, Nemenyi): equal compute")
+    assert "plots/critical_difference_compute.png" in part
+    assert (report["out"] / "plots" / "critical_difference_compute.png").is_file()
+    table = pl.read_parquet(report["out"] / "tables" / "rank_test_compute.parquet")
+    from bioplaus.analysis.load import load_sweep
+
+    expected = rank_tests(load_sweep(report["compute"].dir).final_runs.collect())[0].rules
+    assert table.drop("scope").sort("rule").equals(expected.sort("rule"))
+    main = pl.read_parquet(report["out"] / "tables" / "rank_test.parquet")
+    assert not table.drop("scope").sort("rule").equals(main.drop("scope").sort("rule"))  # the two views differ
