@@ -56,7 +56,7 @@ bench: $(STAMP)
 
 # The published comparison (docs/results/): the study preset at equal epochs and at equal compute, each
 # resumable (a rerun finishes a cut-off sweep), then the report of both into docs/results (its Parquet
-# tables stay out of git). About 2.2 h of wall time on 2 CPU cores; ARGS are added to both sweeps.
+# tables stay out of git). About 5 h of wall time on a shared 2-core CPU (docs/results); ARGS go to both sweeps.
 study: $(STAMP)
 	$(BIN)/bioplaus sweep preset=study $(if $(CLUSTER),ray.address=$(CLUSTER)) $(ARGS)
 	$(BIN)/bioplaus sweep preset=study budget.kind=compute name=study-compute $(if $(CLUSTER),ray.address=$(CLUSTER)) $(ARGS)

@@ -156,8 +156,8 @@ PRESETS: dict[str, list[str]] = {
               "budget.final_seeds=5", "resources.gpus_per_trial=0.25", "wandb.mode=online", "brain=true"],
     # The published comparison on the 2-core sandbox (docs/results/): every rule on mlp and cnn over MNIST,
     # Fashion-MNIST and CIFAR-10 slices, sized with `bioplaus cells preset=study --estimate`: 2.70 device-hours of
-    # work for this preset and 1.66 for its equal-compute view (budget.kind=compute name=study-compute), about 2.2
-    # hours of wall time at two trials at once on the 2-core sandbox (docs/benchmarks.md). Left out for cost, with
+    # work for this preset and 1.66 for its equal-compute view (budget.kind=compute name=study-compute). Measured
+    # on the shared 2-core sandbox, two trials at once: 3.2 h and 1.75 h of wall time (docs/results/). Left out for cost, with
     # the calibration's CPU-hours: conv STDP (3.6 h for its CIFAR-10 cell alone) and conv EP on the grey-scale
     # datasets (its CIFAR-10 cell stays, for the brain scores). W&B off: its per-run start blocks the driver.
     "study": ["archs=[mlp,cnn]", "datasets=[mnist,fashion_mnist,cifar10]", "budget.trials=8", "budget.epochs=3",
