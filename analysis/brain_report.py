@@ -53,10 +53,15 @@ def _network(r: dict, top: set) -> str:
     return f"**{r['network']}**" if (*(r[k] for k in PANEL), r["network"]) in top else r["network"]
 
 
+def _cv_seeds(r: dict) -> str:
+    """The seeds the CV score averages, and the in-sample best layer's when a seed has no CV score."""
+    return str(r["seeds"]) if r["cv_seeds"] == r["seeds"] else f"{r['cv_seeds']} of {r['seeds']}"
+
+
 def _cv_rows(cv: pl.DataFrame) -> list[list[str]]:
     tops = {(*(r[k] for k in PANEL), r["network"]) for r in cv.filter(pl.col("control") == "none")
             .group_by(*PANEL, maintain_order=True).first().iter_rows(named=True)}
-    return [[r["target"], r["method"], _cell(r), _network(r, tops), str(r["seeds"]), fmt(r["cv_similarity"]),
+    return [[r["target"], r["method"], _cell(r), _network(r, tops), _cv_seeds(r), fmt(r["cv_similarity"]),
              _ci(r["cv_ci_low"], r["cv_ci_high"]), r["cv_layer"] or "—", _ceiling(r),
              f"{fmt(r['best_layer_similarity'])} ({r['best_layer']})"] for r in cv.iter_rows(named=True)]
 
@@ -93,7 +98,8 @@ def network_section(d: SweepData, df: pl.DataFrame, networks: pl.DataFrame, figu
     in_sample = networks.filter(pl.col("cv_similarity").is_null())
     resamples = sorted(set(df["n_boot_dual"].drop_nulls())) if "n_boot_dual" in df.columns else []
     notes = [("CV score: each network's layer chosen on half of the stimuli and scored on the other half (the "
-              "brain step's cross-validated best layer, layer_cv), mean over the network's seeds; 95 % CI: "
+              "brain step's cross-validated best layer, layer_cv), mean over the network's seeds (seeds k of n: only k "
+              "of its n seeds have one); 95 % CI: "
               f"percentile interval of that mean over {'/'.join(map(str, resamples)) or 'the'} resamples of stimuli "
               "and subjects. Sorted by CV score; **bold** = the top rule of its cell."), CONTROLS_NOTE, IN_SAMPLE_NOTE,
              ("tables/brain_cv.parquet holds these rows (from_rules: the rules a control row stands for); "

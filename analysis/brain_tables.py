@@ -86,8 +86,9 @@ def _collapse_controls(table: pl.DataFrame) -> pl.DataFrame:
 
 def network_table(df: pl.DataFrame, best: pl.DataFrame, panels: list[tuple[str, str]]) -> pl.DataFrame:
     """The ``brain_cv`` table: per panel one row per rule and one per distinct control, sorted by the
-    cross-validated score (in-sample best layer where there is none). ``best``: brain_summary's tables of
-    the ``panels`` (target, method), with target and method columns."""
+    cross-validated score (in-sample best layer where there is none). ``seeds`` counts the seeds of the
+    in-sample best layer, ``cv_seeds`` those of the cross-validated score (fewer where a seed has none).
+    ``best``: brain_summary's tables of the ``panels`` (target, method), with target and method columns."""
     best = best.rename({"similarity": "best_layer_similarity", "ci_low": "best_layer_ci_low",
                         "ci_high": "best_layer_ci_high"})
     table = best.join(cv_scores(df), on=[*PANEL, "rule", "control"], how="left")
@@ -98,9 +99,10 @@ def network_table(df: pl.DataFrame, best: pl.DataFrame, panels: list[tuple[str, 
         in_domain=pl.col("dataset").is_in(list(brain_pairs.NATURAL_DATASETS)))
     table = table.sort("panel_order", "arch", "dataset", "cv_similarity", "best_layer_similarity", "network",
                        descending=[False, False, False, True, True, False], nulls_last=True)
-    return table.select(*PANEL, "in_domain", "network", "control", "from_rules", "seeds", "cv_similarity",
-                        "cv_ci_low", "cv_ci_high", "cv_layer", "best_layer_similarity", "best_layer_ci_low",
-                        "best_layer_ci_high", "best_layer", "noise_ceiling_low", "noise_ceiling_high")
+    return table.select(*PANEL, "in_domain", "network", "control", "from_rules", "seeds", "cv_seeds",
+                        "cv_similarity", "cv_ci_low", "cv_ci_high", "cv_layer", "best_layer_similarity",
+                        "best_layer_ci_low", "best_layer_ci_high", "best_layer", "noise_ceiling_low",
+                        "noise_ceiling_high")
 
 
 # --- paired differences ---------------------------------------------------------------------------------

@@ -184,3 +184,17 @@ def test_families_too_large_for_the_resamples_are_said_to_be_unresolvable(tmp_pa
     # 500 resamples (the other tests): floors under 0.05, no such sentence
     _, saved, _ = _build(tmp_path / "enough")
     assert (saved["brain_pairs_summary"]["p_holm_floor"] < 0.05).all()
+
+
+def test_cv_table_counts_the_seeds_its_score_averages(tmp_path):
+    # zeta's second seed has no cross-validated score (its layers all NaN on a half, say): zeta's CV score is
+    # the first seed's alone, while its in-sample best layer still averages both seeds.
+    gone = (pl.col("rule") == "zeta") & (pl.col("control") == "none") & (pl.col("seed") == SEEDS[1])
+    df = brain_frame().with_columns(pl.when(gone).then(None).otherwise(pl.col(c)).alias(c)
+                                    for c in ("cv_similarity", "cv_ci_low", "cv_ci_high", "cv_boot"))
+    sections, saved, _ = _build(tmp_path, df)
+    rows = {r["network"]: r for r in _main_rows(sections[0], "cnn")}
+    assert rows["zeta"]["CV score"] == f"{_boot('cnn', 'zeta', SEEDS[0]).mean():.3f}"
+    assert rows["zeta"]["seeds"] == "1 of 2" and rows["bp"]["seeds"] == "2"
+    cv = saved["brain_cv"].filter((pl.col("arch") == "cnn") & (pl.col("target") == "human_it_mean"))
+    assert dict(cv.select("network", "cv_seeds").iter_rows())["zeta"] == 1
