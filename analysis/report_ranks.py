@@ -105,10 +105,12 @@ def resolved(test: RankTest) -> str:
     if not test.test:
         return ""
     pairs = test.pairs.filter(pl.col("resolved"))
-    by = (f"mean ranks further apart than the critical difference {fmt(test.critical_difference, 2)}"
-          if test.critical_difference is not None else f"Wilcoxon p < {test.alpha}")
+    nemenyi = test.critical_difference is not None  # else two rules: Wilcoxon's test, no omnibus test first
+    by = (f"mean ranks further apart than the critical difference {fmt(test.critical_difference, 2)}" if nemenyi
+          else f"Wilcoxon p < {test.alpha}")
     if pairs.is_empty():
-        why = by.replace("further apart than", "no two further apart than") if test.significant else "Friedman does not reject"
+        why = (by.replace("further apart than", "no two further apart than") if test.significant
+               else f"{'Friedman' if nemenyi else 'Wilcoxon'} does not reject")
         return f"Resolved pairs ({test.scope}): none ({why})."
     rank = dict(test.rules.select("rule", "mean_rank").iter_rows())
     worse: dict[str, list[str]] = {}

@@ -13,7 +13,7 @@ import polars as pl
 import pytest
 
 from bioplaus.analysis.rank_stats import ALL_CELLS, ALL_RULES, rank_tests
-from bioplaus.analysis.report_ranks import rank_part
+from bioplaus.analysis.report_ranks import rank_part, resolved
 
 MEANS = {"a": 0.9, "d": 0.8, "b": 0.7, "c": 0.6}
 CELLS = [(arch, dataset) for dataset in ("x1", "x2") for arch in ("mlp", "cnn")]
@@ -90,3 +90,13 @@ def test_the_report_shows_both_tests_with_what_each_covers_and_leaves_out(tmp_pa
            "better than b, c; d ranks better than c." in notes
     d = part.section.rows[1]  # rules in the first test's order; d has no second-test columns
     assert d[:2] == ["d", "2.00"] and d[3:] == ["6", "—", "—", "—"]
+
+
+def test_two_rules_unresolved_name_the_test_that_ran():
+    # Two rules: Wilcoxon's signed-rank test, not Friedman's; alike here, so it does not reject.
+    runs = _runs({}).filter(pl.col("rule").is_in(["a", "b"])).with_columns(
+        test_acc=pl.lit(0.8) + 0.01 * pl.Series(np.random.default_rng(1).standard_normal(24)))
+    (test,) = rank_tests(runs)
+    assert test.test == "wilcoxon" and not test.significant
+    text = resolved(test)
+    assert text.startswith(f"Resolved pairs ({ALL_RULES}): none (") and "Wilcoxon" in text and "Friedman" not in text
