@@ -55,12 +55,14 @@ def _network(r: dict, top: set) -> str:
 
 def _cv_seeds(r: dict) -> str:
     """The seeds the CV score averages, and the in-sample best layer's when a seed has no CV score."""
-    return str(r["seeds"]) if r["cv_seeds"] == r["seeds"] else f"{r['cv_seeds']} of {r['seeds']}"
+    cv_seeds = r["cv_seeds"] or 0
+    return str(r["seeds"]) if cv_seeds == r["seeds"] else f"{cv_seeds} of {r['seeds']}"
 
 
 def _cv_rows(cv: pl.DataFrame) -> list[list[str]]:
-    tops = {(*(r[k] for k in PANEL), r["network"]) for r in cv.filter(pl.col("control") == "none")
-            .group_by(*PANEL, maintain_order=True).first().iter_rows(named=True)}
+    scored_rules = cv.filter((pl.col("control") == "none") & pl.col("cv_similarity").is_not_null())
+    tops = {(*(r[k] for k in PANEL), r["network"])
+            for r in scored_rules.group_by(*PANEL, maintain_order=True).first().iter_rows(named=True)}
     return [[r["target"], r["method"], _cell(r), _network(r, tops), _cv_seeds(r), fmt(r["cv_similarity"]),
              _ci(r["cv_ci_low"], r["cv_ci_high"]), r["cv_layer"] or "—", _ceiling(r),
              f"{fmt(r['best_layer_similarity'])} ({r['best_layer']})"] for r in cv.iter_rows(named=True)]
@@ -94,8 +96,9 @@ def _model_rdm_rows(d: SweepData) -> list[list[str]]:
 
 
 def network_section(d: SweepData, df: pl.DataFrame, networks: pl.DataFrame, figures: list) -> Section:
-    cv = networks.filter(pl.col("cv_similarity").is_not_null())
-    in_sample = networks.filter(pl.col("cv_similarity").is_null())
+    # a target with CV scores keeps all its networks in the CV table, those without one included
+    has_cv = pl.col("cv_similarity").is_not_null().any().over("target", "method")
+    cv, in_sample = networks.filter(has_cv), networks.filter(~has_cv)
     resamples = sorted(set(df["n_boot_dual"].drop_nulls())) if "n_boot_dual" in df.columns else []
     notes = [("CV score: each network's layer chosen on half of the stimuli and scored on the other half (the "
               "brain step's cross-validated best layer, layer_cv), mean over the network's seeds (seeds k of n: only k "

@@ -198,3 +198,18 @@ def test_cv_table_counts_the_seeds_its_score_averages(tmp_path):
     assert rows["zeta"]["seeds"] == "1 of 2" and rows["bp"]["seeds"] == "2"
     cv = saved["brain_cv"].filter((pl.col("arch") == "cnn") & (pl.col("target") == "human_it_mean"))
     assert dict(cv.select("network", "cv_seeds").iter_rows())["zeta"] == 1
+
+
+def test_a_network_without_cv_scores_stays_in_its_targets_cv_table(tmp_path):
+    # zeta has no cross-validated score on cnn (every seed's layers NaN on a half, say); human IT has CV scores,
+    # so zeta belongs in its CV table with none, not among the targets without cross-validated scores.
+    gone = (pl.col("rule") == "zeta") & (pl.col("control") == "none") & (pl.col("arch") == "cnn")
+    df = brain_frame().with_columns(pl.when(gone).then(None).otherwise(pl.col(c)).alias(c)
+                                    for c in ("cv_similarity", "cv_ci_low", "cv_ci_high", "cv_boot"))
+    sections, _, _ = _build(tmp_path, df)
+    rows = {r["network"]: r for r in _main_rows(sections[0], "cnn")}
+    assert list(rows) == ["**ff**", "bp", "control: untrained", "control: pixels", "zeta"]
+    assert (rows["zeta"]["CV score"], rows["zeta"]["seeds"]) == ("—", "0 of 2")
+    title, _, in_sample = sections[0].details[0]
+    assert title.startswith("Targets without cross-validated scores")
+    assert {r[0] for r in in_sample} == {"monkey_it"}
