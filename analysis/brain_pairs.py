@@ -112,6 +112,12 @@ def _f(v) -> float | None:
 
 
 # --- paired comparisons ----------------------------------------------------------------------------------
+def seed_mean(rows) -> tuple[float, np.ndarray]:
+    """One network's cv rows (a row per seed) as one: the mean cross-validated score and, per resample, the
+    mean over seeds (the seeds share the resamples, so resample b stays paired with every other network's)."""
+    return float(rows["cv_similarity"].mean()), np.mean(np.stack(rows["cv_boot"].to_list()), 0)
+
+
 def _entities(df) -> dict[tuple[str, str], dict[str, dict[str, Any]]]:
     """Per (arch, dataset): entity name -> {kind, score, boot (B,), seeds, in_domain} from the cv rows."""
     import polars as pl
@@ -124,9 +130,9 @@ def _entities(df) -> dict[tuple[str, str], dict[str, dict[str, Any]]]:
             name = rule if control == "none" else "pixels" if control == "pixels" else f"{rule}/untrained"
             if name in ents:  # pixels: the same input for every network of the panel
                 continue
-            ents[name] = {"kind": "rule" if control == "none" else control, "rule": rule,
-                          "score": float(h["cv_similarity"].mean()), "boot": np.mean(np.stack(h["cv_boot"].to_list()), 0),
-                          "seeds": h.height, "in_domain": bool(h["in_domain"].all())}
+            score, boot = seed_mean(h)
+            ents[name] = {"kind": "rule" if control == "none" else control, "rule": rule, "score": score,
+                          "boot": boot, "seeds": h.height, "in_domain": bool(h["in_domain"].all())}
         out[(arch, dataset)] = ents
     return out
 

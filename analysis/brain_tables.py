@@ -18,7 +18,6 @@ shows, per target, method and cell:
 
 from __future__ import annotations
 
-import numpy as np
 import polars as pl
 
 from bioplaus.analysis import brain_pairs
@@ -56,11 +55,12 @@ def cv_scores(df: pl.DataFrame, ci: float = CI) -> pl.DataFrame:
           .sort(*PANEL, "rule", "control", "seed"))
     rows = []
     for key, g in cv.group_by(*PANEL, "rule", "control", maintain_order=True):
-        low, high = percentile_ci(np.mean(np.stack(g["cv_boot"].to_list()), 0), ci)
+        score, boot = brain_pairs.seed_mean(g)
+        low, high = percentile_ci(boot, ci)
         layers = g["layer_name"].value_counts().sort("count", "layer_name", descending=[True, False])
         rows.append(dict(zip((*PANEL, "rule", "control"), key)) | {
-            "cv_seeds": g.height, "cv_similarity": float(g["cv_similarity"].mean()), "cv_ci_low": float(low),
-            "cv_ci_high": float(high), "cv_layer": layers["layer_name"][0]})
+            "cv_seeds": g.height, "cv_similarity": score, "cv_ci_low": float(low), "cv_ci_high": float(high),
+            "cv_layer": layers["layer_name"][0]})
     return pl.DataFrame(rows, schema=CV_SCHEMA)
 
 
