@@ -16,7 +16,8 @@ from bioplaus.analysis.plots import cell_label
 from bioplaus.analysis.rank_stats import ALL_CELLS, BLOCK, CELL, RankTest, cd_diagram, rank_tests, rules_of
 from bioplaus.analysis.report_format import Section, fmt
 
-DIAGRAM_FILE = {ALL_CELLS: "critical_difference_all_cells"}  # the first scope keeps the name it always had
+# the diagram's file per scope; the first scope (every rule) gets the plain name, the default
+DIAGRAM_FILE = {ALL_CELLS: "critical_difference_all_cells"}
 NO_RESULT = "no final result: failed or missing run"
 
 
