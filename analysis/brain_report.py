@@ -145,10 +145,12 @@ def load_pairs(d: SweepData, df: pl.DataFrame) -> tuple[pl.DataFrame | None, str
 
 
 def stale_pairs(networks: pl.DataFrame, pairs: pl.DataFrame) -> str | None:
-    """A note when the pairs' scores are not the brain table's (the brain table rescored after the pairs)."""
+    """A note when the pairs' scores are not the brain table's (the brain table rescored after the pairs,
+    with other values or with no cross-validated score at all)."""
     sides = pl.concat([pairs.select(*PANEL, network=pl.col(n), score=pl.col(f"score_{n}")) for n in ("a", "b")])
     both = sides.join(networks.select(*PANEL, "network", "cv_similarity"), on=[*PANEL, "network"])
-    if both.height and (both["score"] - both["cv_similarity"]).abs().max() > 1e-9:
+    gap = (both["score"] - both["cv_similarity"]).abs()
+    if both.height and (gap.null_count() or gap.max() > 1e-9):
         return ("brain_pairs does not match the brain table's cross-validated scores (rescored since?): rerun "
                 "`bioplaus brain SWEEP_DIR` to rewrite it")
     return None

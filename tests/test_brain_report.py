@@ -213,3 +213,16 @@ def test_a_network_without_cv_scores_stays_in_its_targets_cv_table(tmp_path):
     title, _, in_sample = sections[0].details[0]
     assert title.startswith("Targets without cross-validated scores")
     assert {r[0] for r in in_sample} == {"monkey_it"}
+
+
+def test_pairs_left_from_before_a_rescoring_without_cv_scores_are_flagged(tmp_path):
+    # `bioplaus brain SWEEP overwrite=true n_boot_dual=0` rescores without cross-validation and leaves the
+    # brain_pairs table it no longer writes: the pairs have scores, the brain table none to match them.
+    df = brain_frame()
+    _sweep(tmp_path, df)
+    rescored = df.with_columns(layer_cv=pl.lit(False), n_boot_dual=pl.lit(0), cv_boot=pl.lit(None, pl.List(pl.Float64)),
+                               **{c: pl.lit(None, pl.Float64) for c in ("cv_similarity", "cv_ci_low", "cv_ci_high")})
+    sections, _, notes = brain_part(SweepData(tmp_path, None, None, None, None, rescored.lazy(), None, None),
+                                    tmp_path / "report", {})
+    assert sections[0].title == "Brain similarity" and "CV score" not in sections[0].header
+    assert any("does not match" in n for n in notes)
