@@ -14,6 +14,8 @@ import time
 import polars as pl
 import pytest
 
+from bioplaus.analysis.load import load_sweep
+from bioplaus.analysis.rank_stats import rank_tests
 from bioplaus.orchestrator import cli
 from bioplaus.orchestrator.results import RunRecord, write_run
 from bioplaus.orchestrator.sweep import Sweep, parse_sweep, write_finals
@@ -93,14 +95,10 @@ def test_compare_needs_a_sweep_of_the_other_kind(report, capsys):
 
 
 def test_the_compared_view_gets_its_own_rank_test(report):
-    from bioplaus.analysis.rank_stats import rank_tests
-
     part = _section(report["md"], "Rank test across cells (Friedman, Nemenyi): equal compute")
     assert "plots/critical_difference_compute.png" in part
     assert (report["out"] / "plots" / "critical_difference_compute.png").is_file()
     table = pl.read_parquet(report["out"] / "tables" / "rank_test_compute.parquet")
-    from bioplaus.analysis.load import load_sweep
-
     expected = rank_tests(load_sweep(report["compute"].dir).final_runs.collect())[0].rules
     assert table.drop("scope").sort("rule").equals(expected.sort("rule"))
     main = pl.read_parquet(report["out"] / "tables" / "rank_test.parquet")
