@@ -57,9 +57,11 @@ bench: $(STAMP)
 # The published comparison (docs/results/): the study preset at equal epochs and at equal compute, each
 # resumable (a rerun finishes a cut-off sweep), then the report of both into docs/results (its Parquet
 # tables stay out of git). About 5 h of wall time on a shared 2-core CPU (docs/results); ARGS go to both sweeps.
+# The compute sweep skips the brain step: the report takes brain scores from the first sweep only, and `brain`
+# is not part of a sweep's configuration, so `bioplaus brain runs/sweeps/study-compute` can add them later.
 study: $(STAMP)
 	$(BIN)/bioplaus sweep preset=study $(if $(CLUSTER),ray.address=$(CLUSTER)) $(ARGS)
-	$(BIN)/bioplaus sweep preset=study budget.kind=compute name=study-compute $(if $(CLUSTER),ray.address=$(CLUSTER)) $(ARGS)
+	$(BIN)/bioplaus sweep preset=study budget.kind=compute name=study-compute brain=false $(if $(CLUSTER),ray.address=$(CLUSTER)) $(ARGS)
 	$(BIN)/bioplaus report runs/sweeps/study --compare runs/sweeps/study-compute --out docs/results
 
 # The one-step GPU bench (docs/benchmarks.md, "GPU bench"): results in $(OUT). It needs no .venv: on a bare
