@@ -172,11 +172,11 @@ def floor_warning(counts: pl.DataFrame) -> str:
     blocked = counts.filter(pl.col("p_holm_floor") >= 0.05)
     if not blocked.height:
         return ""
-    floors = ", ".join(f"{fmt(r['p_holm_floor'])} ({r['family']}, {r['pairs']} pairs)" for r in blocked.iter_rows(named=True))
+    floors = ", ".join(f"{fmt(r['p_holm_floor'])} ({r['family']}, {r['tested']} pairs tested)" for r in blocked.iter_rows(named=True))
     return (f" With {blocked['n_boot'].max()} resamples the smallest Holm-corrected p these families can reach is "
             f"{floors}: no pair of them can be resolved whatever the data, so \"not resolved\" here says the "
             "resamples are too few, not that the networks score alike; `bioplaus brain SWEEP_DIR overwrite=true "
-            f"n_boot_dual=N` with N of at least {40 * blocked['pairs'].max()} lifts that floor below 0.05.")
+            f"n_boot_dual=N` with N of at least {40 * blocked['tested'].max()} lifts that floor below 0.05.")
 
 
 def verdict(top: pl.DataFrame, counts: pl.DataFrame) -> str:

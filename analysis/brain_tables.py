@@ -111,13 +111,15 @@ PAIR_COLUMNS = ("arch", "dataset", "target", "method", "family", "a", "b", "diff
 
 
 def family_counts(pairs: pl.DataFrame) -> pl.DataFrame:
-    """The ``brain_pairs_summary`` table: pairs and pairs resolved after Holm per panel and family, and
-    p_holm_floor, the smallest Holm-corrected p the family can reach: a bootstrap p is at least
-    2 / (resamples + 1), and Holm multiplies the smallest by the number of pairs. At or above 0.05 no pair
-    of the family can be resolved, whatever the data, until the brain step draws more resamples."""
+    """The ``brain_pairs_summary`` table: pairs, pairs tested (with a p-value: Holm counts only those) and
+    pairs resolved after Holm per panel and family, and p_holm_floor, the smallest Holm-corrected p the
+    family can reach: a bootstrap p is at least 2 / (resamples + 1), and Holm multiplies the smallest by the
+    number of pairs tested. At or above 0.05 no pair of the family can be resolved, whatever the data, until
+    the brain step draws more resamples."""
     return (pairs.group_by(*PANEL, "family")
-            .agg(pl.len().alias("pairs"), pl.col("resolved").sum().alias("resolved"), pl.col("n_boot").max())
-            .with_columns(p_holm_floor=(pl.col("pairs") * 2 / (pl.col("n_boot") + 1)).clip(upper_bound=1.0))
+            .agg(pl.len().alias("pairs"), pl.col("p").is_finite().sum().alias("tested"),
+                 pl.col("resolved").sum().alias("resolved"), pl.col("n_boot").max())
+            .with_columns(p_holm_floor=(pl.col("tested") * 2 / (pl.col("n_boot") + 1)).clip(upper_bound=1.0))
             .sort(*PANEL, "family"))
 
 

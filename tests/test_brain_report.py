@@ -14,7 +14,8 @@ import polars as pl
 import pytest
 
 from bioplaus.analysis.brain_pairs import pairs_tables
-from bioplaus.analysis.brain_report import brain_part
+from bioplaus.analysis.brain_report import brain_part, floor_warning
+from bioplaus.analysis.brain_tables import family_counts
 from bioplaus.analysis.load import SweepData
 from bioplaus.analysis.report_render import render_markdown
 from bioplaus.orchestrator.results import write_table
@@ -184,6 +185,16 @@ def test_families_too_large_for_the_resamples_are_said_to_be_unresolvable(tmp_pa
     # 500 resamples (the other tests): floors under 0.05, no such sentence
     _, saved, _ = _build(tmp_path / "enough")
     assert (saved["brain_pairs_summary"]["p_holm_floor"] < 0.05).all()
+
+
+def test_holm_floor_counts_only_the_pairs_holm_tests():
+    # three rule pairs, one without a p-value (NaN: Holm leaves it out of the family), 60 resamples
+    panel = {"target": "human_it_mean", "method": "spearman", "arch": "mlp", "dataset": "mnist", "family": "rules"}
+    pairs = pl.DataFrame([panel | {"p": p, "n_boot": 60, "resolved": False} for p in (0.2, float("nan"), 0.4)])
+    counts = family_counts(pairs)
+    assert counts["pairs"].to_list() == [3] and counts["tested"].to_list() == [2]
+    assert counts["p_holm_floor"].to_list() == pytest.approx([2 * 2 / 61])
+    assert floor_warning(counts).count("2 pairs tested") == 1
 
 
 def test_cv_table_counts_the_seeds_its_score_averages(tmp_path):
