@@ -286,6 +286,22 @@ def _write_networks(pending: list[_Scored], result: dict[str, dict[str, np.ndarr
                                          schema=BRAIN_SCHEMA), p.target)
 
 
+def _check_kept_resamples(table, rescored: set[str], cfg: BrainConfig, out_root: Path) -> None:
+    """UsageError when networks this run keeps were scored on other stimulus resamples: a paired difference
+    (brain_pairs) needs both networks on the same seeded resamples, so new rows must use the kept ones'."""
+    import polars as pl
+
+    if not cfg.n_boot_dual or table.is_empty() or "boot_seed" not in table.columns:
+        return
+    kept = table.filter(~pl.col("model").is_in(sorted(rescored)), pl.col("n_boot_dual") > 0)
+    other = kept.filter((pl.col("boot_seed") != cfg.seed) | (pl.col("n_boot_dual") != cfg.n_boot_dual))
+    if other.height:
+        seed, n = other.row(0, named=True)["boot_seed"], other.row(0, named=True)["n_boot_dual"]
+        raise UsageError(f"{out_root}: {other['model'].n_unique()} networks were scored with seed={seed}, "
+                         f"n_boot_dual={n}; pass those to score new networks on the same resamples, or "
+                         "overwrite=true to rescore every network")
+
+
 def _write_pairs(sweep_dir: Path, data: RSA92, cfg: BrainConfig, log: Callable[[str], None]) -> None:
     if cfg.n_boot_dual:
         brain_pairs.write_pairs(sweep_dir, read_brain(sweep_dir), data, cfg.inference_method, cfg.ci, log)
@@ -328,6 +344,7 @@ def brain_table(sweep_dir: str | Path, rsa92_dir: str | Path | None = None, cfg:
         log(f"brain: all {len(ckpts)} networks already in {out_root} (overwrite=true recomputes)")
         _write_pairs(sweep_dir, data, cfg, log)
         return out_root
+    _check_kept_resamples(read_brain(sweep_dir), {p.path.stem for p in pending}, cfg, out_root)
     stack = np.stack([e["rdm"] for p in pending for e in p.entries])
     log(f"brain: comparing {len(stack)} RDMs of {len(pending)} networks with human/monkey IT "
         f"({', '.join(cfg.methods)}; {cfg.n_boot} bootstrap resamples)")

@@ -7,6 +7,7 @@ naming where they looked, when none has it.
 from __future__ import annotations
 
 import functools
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -238,6 +239,12 @@ def test_trained_and_untrained_profiles_differ(rsa92_dir, tmp_path):
     assert again.sort(key)["ci_low"].to_list() == df.sort(key)["ci_low"].to_list()
     summary = brain.brain_summary(df)
     assert set(summary["control"]) == {"none", "untrained", "pixels"}
+
+    # a network added later must be scored on the kept networks' resamples (paired differences), else refused
+    shutil.copy(model, model.with_name("bp.cnn.digits.final8.pt"))
+    with pytest.raises(UsageError, match="seed=0, n_boot_dual=20; pass those"):
+        brain.brain_table(tmp_path / "sweep", rsa92_dir, BrainConfig(**small, seed=1), log=lambda m: None)
+    assert len(list(files[0].parent.glob("*.parquet"))) == 1  # refused before anything was written
 
 
 def test_untrained_control_is_the_runs_initial_network(rsa92_dir, tmp_path):
