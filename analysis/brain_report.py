@@ -265,7 +265,7 @@ def brain_part(d: SweepData, out: Path, colors: dict) -> tuple[list[Section], di
             raise ValueError("the summary is empty")
         networks = network_table(df, best, panels)
         figures = _figures(df, out, panels)
-    except Exception as e:  # noqa: BLE001  (the brain step's helpers missing or not matching this table)
+    except (ImportError, KeyError, ValueError, pl.exceptions.PolarsError) as e:  # helpers missing, or not this table's
         return _generic_part(d, df, out, colors, e)
     saved = {"brain_best": best.select("target", "method", pl.exclude("target", "method")), "brain_cv": networks}
     sections, notes = [network_section(d, df, networks, figures)], []

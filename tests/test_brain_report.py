@@ -187,6 +187,20 @@ def test_families_too_large_for_the_resamples_are_said_to_be_unresolvable(tmp_pa
     assert (saved["brain_pairs_summary"]["p_holm_floor"] < 0.05).all()
 
 
+def test_a_table_the_helpers_cannot_read_gets_the_generic_view_and_a_bug_is_not_hidden(tmp_path, monkeypatch):
+    import bioplaus.analysis.brain_report as brain_report
+
+    _, saved, notes = _build(tmp_path / "old", brain_frame().drop("layer_cv", "cv_similarity"))
+    assert "brain_cv" not in saved and any("generic" in n for n in notes)  # a table of another shape
+
+    def broken(*args, **kwargs):
+        raise TypeError("a bug in the brain view")
+
+    monkeypatch.setattr(brain_report, "network_table", broken)
+    with pytest.raises(TypeError, match="a bug in the brain view"):
+        _build(tmp_path / "bug")
+
+
 def test_holm_floor_counts_only_the_pairs_holm_tests():
     # three rule pairs, one without a p-value (NaN: Holm leaves it out of the family), 60 resamples
     panel = {"target": "human_it_mean", "method": "spearman", "arch": "mlp", "dataset": "mnist", "family": "rules"}
