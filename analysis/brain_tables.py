@@ -106,8 +106,8 @@ def network_table(df: pl.DataFrame, best: pl.DataFrame, panels: list[tuple[str, 
 
 
 # --- paired differences ---------------------------------------------------------------------------------
-PAIR_COLUMNS = ("arch", "dataset", "target", "method", "family", "a", "b", "diff", "ci_low", "ci_high", "p",
-                "n_boot", "p_holm", "resolved")
+PAIR_COLUMNS = ("arch", "dataset", "target", "method", "family", "a", "b", "score_a", "score_b", "diff", "ci_low",
+                "ci_high", "p", "n_boot", "p_holm", "resolved")
 
 
 def family_counts(pairs: pl.DataFrame) -> pl.DataFrame:

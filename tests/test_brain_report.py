@@ -201,6 +201,15 @@ def test_a_table_the_helpers_cannot_read_gets_the_generic_view_and_a_bug_is_not_
         _build(tmp_path / "bug")
 
 
+def test_a_pairs_table_without_the_scores_is_recomputed_from_the_brain_table(tmp_path):
+    df = brain_frame()
+    pairs, _ = pairs_tables(df)
+    write_table(pairs.drop("score_a", "score_b").to_arrow(), tmp_path / "brain_pairs" / "brain_pairs.parquet")
+    sections, saved, _ = brain_part(_sweep(tmp_path, df, pairs_on_disk=False), tmp_path / "report", {})
+    assert "pairs computed by the report" in str(sections[1])
+    assert saved["brain_top_rule"]["other_score"].null_count() == 0
+
+
 def test_holm_floor_counts_only_the_pairs_holm_tests():
     # three rule pairs, one without a p-value (NaN: Holm leaves it out of the family), 60 resamples
     panel = {"target": "human_it_mean", "method": "spearman", "arch": "mlp", "dataset": "mnist", "family": "rules"}
