@@ -116,6 +116,12 @@ def test_resume_with_another_budget_kind_is_refused_in_one_line(tmp_path, capsys
     assert resume_differences(old, {"budget": {"epochs": 2, "kind": "compute"}, "rules": ["bp"]}) == [
         'budget.kind "epochs" -> "compute"']
     assert resume_differences(old, {"budget": {"epochs": 2, "kind": "epochs"}, "rules": ["bp"]}) == []
+    # ... and drew its first 10 trials of a cell at random (Optuna's default, before budget.startup_trials existed)
+    assert resume_differences(old, {"budget": {"epochs": 2, "startup_trials": 10}, "rules": ["bp"]}) == []
+    assert resume_differences(old, {"budget": {"epochs": 2, "startup_trials": 4}, "rules": ["bp"]}) == [
+        "budget.startup_trials 10 -> 4"]
+    with pytest.raises(UsageError, match="budget.startup_trials=0 must be >= 1"):
+        parse_sweep(["preset=smoke", "budget.startup_trials=0"])
     with pytest.raises(UsageError, match="budget.kind='seconds' must be epochs or compute"):
         parse_sweep(["preset=smoke", "budget.kind=seconds"])
 

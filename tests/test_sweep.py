@@ -148,3 +148,19 @@ def test_hyperparameter_set_on_the_command_line_is_pinned_not_searched(tmp_path)
     assert trial_config(s.cfg, s.cells[0], point, 0, 1)["hp"] == {"lr": 0.0123, "optimizer": "sgd"}
     with pytest.raises(UsageError, match="pins every searched hyperparameter of faulty"), faulty_rule_everywhere():
         Sweep(parse_sweep(["preset=smoke", "rules=[faulty]", f"root={tmp_path}", "trial.hp.lr=0.01"]))
+
+
+@pytest.mark.slow
+def test_tuning_proposes_the_same_points_whatever_order_trials_finish_in(ray_session, tmp_path):
+    # Until budget.startup_trials have finished, a cell's points are the rule's defaults then seeded random draws
+    # in the order they are asked for: two trials at once propose what one at a time does. Past it, TPE models
+    # the results so far, which one trial at a time makes the same on every run.
+    def points(name: str, *overrides: str) -> list[str]:
+        s = sweep(tmp_path, f"name={name}", "rules=[bp]", "budget.trials=5", "budget.final_seeds=1", *overrides)
+        return rows(s, "trials").sort("trial_number")["hp_json"].to_list()
+
+    random_serial = points("random1", "resources.max_concurrent=1")
+    assert points("random2", "resources.max_concurrent=2") == random_serial
+    tpe = points("tpe1", "resources.max_concurrent=1", "budget.startup_trials=2")
+    assert points("tpe2", "resources.max_concurrent=1", "budget.startup_trials=2") == tpe
+    assert tpe[:2] == random_serial[:2] and tpe[2:] != random_serial[2:]  # the same start, then TPE's own points

@@ -28,6 +28,10 @@ class BudgetConfig:
     ASHA's rungs and the finals' budget are in the same unit. orchestrator/sweep/budget.py has the details."""
     trials: int = 6
     """Optuna trials per cell."""
+    startup_trials: int = 10
+    """Trials of a cell drawn at random (seeded) before TPE models its results (Optuna's default). The first
+    trial is the rule's defaults; with budget.trials at or below this, a cell's search is that point and
+    seeded random draws, and the draws do not depend on which trials finish first."""
     epochs: int = 3
     """Maximum epochs of a tuning trial (ASHA's max_t); with kind=compute, bp-epochs of training compute."""
     grace_epochs: int = 1
@@ -208,6 +212,7 @@ def _value_checks(cfg: DictConfig) -> list[tuple[bool, str]]:
     return [
         (cfg.budget.trials >= 1, f"budget.trials={cfg.budget.trials} must be >= 1"),
         (cfg.budget.epochs >= 1, f"budget.epochs={cfg.budget.epochs} must be >= 1"),
+        (cfg.budget.startup_trials >= 1, f"budget.startup_trials={cfg.budget.startup_trials} must be >= 1"),
         (1 <= cfg.budget.grace_epochs <= cfg.budget.epochs,
          f"budget.grace_epochs={cfg.budget.grace_epochs} must be in 1..budget.epochs={cfg.budget.epochs}"),
         (cfg.budget.kind in ("epochs", "compute"), f"budget.kind={cfg.budget.kind!r} must be epochs or compute"),

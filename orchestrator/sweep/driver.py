@@ -173,7 +173,7 @@ class Sweep:
             # The rule's defaults are the first point tried in a fresh study.
             first = None if len(rows) else defaults_in_space(self.rules[cell.rule], space, cell.arch)
             searchers[cell.key] = cell_search(cell.key, space, storage, seed=sampler_seed(cfg.seed, cell),
-                                              first_point=first)
+                                              first_point=first, startup_trials=cfg.budget.startup_trials)
             configs[cell.key] = (lambda hp, cell=cell: self.run_config(cell, hp, cfg.seed, cfg.budget.epochs))
         return searchers, remaining, configs
 

@@ -158,7 +158,7 @@ OPEN = ("trial.hp.", "trial.model.", "arch_model.")
 SETS = ("rules", "archs", "datasets", "exclude")
 # Result-changing settings added after sweeps were already recorded without them: a manifest that lacks one
 # was made with this value (a folder from before budget.kind existed trained every run for budget.epochs epochs).
-RECORDED_BEFORE = {"budget.kind": "epochs", "budget.pruning": True}
+RECORDED_BEFORE = {"budget.kind": "epochs", "budget.pruning": True, "budget.startup_trials": 10}
 
 
 def _result_keys(config: dict) -> dict:

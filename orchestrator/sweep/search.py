@@ -59,8 +59,10 @@ def optuna_storage(cfg: DictConfig, sweep_dir: Path):
     return optuna.storages.JournalStorage(JournalFileBackend(str(sweep_dir / "optuna.journal")))
 
 
-def cell_search(study_name: str, space: dict[str, Param], storage, seed: int, first_point: dict | None):
-    """The ``OptunaSearch`` of one cell: a seeded TPE study in ``storage``, trying ``first_point`` first if given.
+def cell_search(study_name: str, space: dict[str, Param], storage, seed: int, first_point: dict | None,
+                startup_trials: int = 10):
+    """The ``OptunaSearch`` of one cell: a seeded TPE study in ``storage``, trying ``first_point`` first if given,
+    then drawing at random until ``startup_trials`` trials have finished, then modelling them (TPE).
 
     A study resumed with trials in it seeds its sampler with ``seed`` and that count: with ``seed`` alone, a
     rerun would replay the draws of the run that started the study and repeat its configurations.
@@ -74,7 +76,7 @@ def cell_search(study_name: str, space: dict[str, Param], storage, seed: int, fi
         done = 0
     sampler_seed = seed if not done else (seed * 1_000_003 + done) % 2**32
     return OptunaSearch(space=optuna_space(space), metric=METRIC, mode="max", study_name=study_name, storage=storage,
-                        sampler=optuna.samplers.TPESampler(seed=sampler_seed),
+                        sampler=optuna.samplers.TPESampler(seed=sampler_seed, n_startup_trials=startup_trials),
                         points_to_evaluate=None if first_point is None else [first_point])
 
 
