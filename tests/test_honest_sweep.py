@@ -144,7 +144,7 @@ def test_unsupported_cell_named_on_the_command_line_is_refused_with_the_rules_re
 def test_cell_sampler_seed_is_the_same_with_and_without_other_cells(tmp_path, monkeypatch):
     seeds: dict[str, int] = {}
 
-    def record(study_name, space, storage, seed, first_point):
+    def record(study_name, space, storage, seed, first_point, **search_settings):
         seeds.setdefault(study_name, seed)
         assert seeds[study_name] == seed, f"{study_name}: sampler seed depends on the other cells"
 
@@ -157,7 +157,7 @@ def test_cell_sampler_seed_is_the_same_with_and_without_other_cells(tmp_path, mo
     assert len(set(seeds.values())) == len(seeds)  # and cells do not share one
     other = Sweep(parse_sweep(["preset=smoke", "rules=[bp]", f"root={tmp_path}", "name=t", "seed=1"]))
     other.dir.mkdir(parents=True)
-    monkeypatch.setattr(sweep_driver, "cell_search", lambda study_name, space, storage, seed, first_point:
+    monkeypatch.setattr(sweep_driver, "cell_search", lambda study_name, space, storage, seed, first_point, **search_settings:
                         seeds.__setitem__("seed1", seed))
     other._searchers()
     assert seeds["seed1"] != seeds["bp.mlp.digits"]  # the sweep seed still matters
