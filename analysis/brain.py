@@ -293,12 +293,12 @@ def _check_kept_resamples(table, rescored: set[str], cfg: BrainConfig, out_root:
 
     if not cfg.n_boot_dual or table.is_empty() or "boot_seed" not in table.columns:
         return
-    kept = table.filter(~pl.col("model").is_in(sorted(rescored)), pl.col("n_boot_dual") > 0)
+    kept = table.filter(~pl.col("model").is_in(list(rescored)), pl.col("n_boot_dual") > 0)
     other = kept.filter((pl.col("boot_seed") != cfg.seed) | (pl.col("n_boot_dual") != cfg.n_boot_dual))
     if other.height:
-        seed, n = other.row(0, named=True)["boot_seed"], other.row(0, named=True)["n_boot_dual"]
-        raise UsageError(f"{out_root}: {other['model'].n_unique()} networks were scored with seed={seed}, "
-                         f"n_boot_dual={n}; pass those to score new networks on the same resamples, or "
+        first = other.row(0, named=True)
+        raise UsageError(f"{out_root}: {other['model'].n_unique()} networks were scored with seed={first['boot_seed']}, "
+                         f"n_boot_dual={first['n_boot_dual']}; pass those to score new networks on the same resamples, or "
                          "overwrite=true to rescore every network")
 
 

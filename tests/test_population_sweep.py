@@ -104,7 +104,8 @@ def test_a_failed_population_keeps_its_recorded_members_and_fails_the_rest(tmp_p
     cell = Cell("bp", "mlp", "digits")
     storage = optuna.storages.InMemoryStorage()
     searcher = PopulationSearcher({cell.key: cell_search(cell.key, load_search_space(load_rules()["bp"]), storage,
-                                                         seed=0, first_point=None)},
+                                                         seed=0, first_point=None,
+                                                         startup_trials=cfg.budget.startup_trials)},
                                   {cell.key: 2}, {cell.key: lambda hp: trial_config(cfg, cell, hp, 0, 2)}, {},
                                   sizes={cell.key: 2}, book="unused")
     config = searcher.suggest("T")

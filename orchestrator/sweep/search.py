@@ -60,7 +60,7 @@ def optuna_storage(cfg: DictConfig, sweep_dir: Path):
 
 
 def cell_search(study_name: str, space: dict[str, Param], storage, seed: int, first_point: dict | None,
-                startup_trials: int = 10):
+                startup_trials: int):
     """The ``OptunaSearch`` of one cell: a seeded TPE study in ``storage``, trying ``first_point`` first if given,
     then drawing at random until ``startup_trials`` trials have finished, then modelling them (TPE).
 
