@@ -186,7 +186,7 @@ class STDP(BlockLocalRule):
         Benchmark("mlp", "fashion_mnist", 0.75, ("train.epochs=4", "model.widths=[6400]", "hp.readout=delta",
                                                   "hp.lr=3e-3", "hp.schedule=cosine", "hp.plastic_epochs=1"),
                   "project target; STDP for 1 epoch, then the readout on the frozen layer (with STDP throughout, "
-                  "validation peaks after the first epoch); readout lr and schedule, plastic epochs, width and "
+                  "validation is best at epoch 1 and 9 pt lower); readout lr and schedule, plastic epochs, width and "
                   "epochs chosen on validation accuracy (docs/provenance.md)"),
         Benchmark("cnn", "mnist", 0.80, ("train.epochs=2", "data.train_limit=1000", "data.test_limit=500",
                                           "model.channels=[16]", "model.kernel=5", "train.batch_size=32", "hp.steps=20",
